@@ -1,0 +1,93 @@
+"""Every option of the backend and every ATTNCOMPILER_* environment variable, validated in one place.
+
+Precedence: ``options=`` passed to ``torch.compile`` > environment variable > default.
+
+| option   | environment           | values                                   | default    |
+|----------|-----------------------|------------------------------------------|------------|
+| inner    | ATTNCOMPILER_INNER    | "inductor", "eager"                      | "inductor" |
+| kernel   | ATTNCOMPILER_KERNEL   | "auto", "triton", "reference"            | "auto"     |
+| rewrite  | ATTNCOMPILER_REWRITE  | True, False (False: only report sites)   | True       |
+| inductor | –                     | dict of Inductor config overrides        | {}         |
+| –        | ATTNCOMPILER_CACHE_DIR| directory for generated kernels & tuning | XDG cache  |
+
+``kernel="auto"`` runs the Triton kernel on CUDA tensors, and on CPU tensors when
+``TRITON_INTERPRET=1``; otherwise the PyTorch reference. ``mode`` is ``torch.compile``'s mode
+and is passed on to Inductor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CHOICES = {
+    "inner": ("inductor", "eager"),
+    "kernel": ("auto", "triton", "reference"),
+}
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class OptionError(ValueError):
+    """A bad option key or value."""
+
+
+@dataclass(frozen=True)
+class Options:
+    inner: str = "inductor"
+    kernel: str = "auto"
+    rewrite: bool = True
+    inductor: dict = field(default_factory=dict)
+    mode: str | None = None
+
+    @classmethod
+    def resolve(cls, options: dict[str, Any] | None = None, mode: str | None = None) -> "Options":
+        """Validate ``options`` (a dict) and ``mode``, fill the rest from the environment and defaults."""
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise OptionError(f"attncompiler options must be a dict, got {type(options).__name__}")
+        valid = sorted(f.name for f in fields(cls) if f.name != "mode")
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise OptionError(f"unknown attncompiler option(s) {unknown}; valid keys are {valid}")
+        if mode not in MODES:
+            raise OptionError(f"unknown mode {mode!r}; valid modes are {[m for m in MODES if m]}")
+        merged = {**_from_environment(), **options}
+        for key, allowed in CHOICES.items():
+            if key in merged and merged[key] not in allowed:
+                raise OptionError(f"option {key!r} must be one of {list(allowed)}, got {merged[key]!r}")
+        if not isinstance(merged.get("rewrite", True), bool):
+            raise OptionError(f"option 'rewrite' must be True or False, got {merged['rewrite']!r}")
+        if not isinstance(merged.get("inductor", {}), dict):
+            raise OptionError("option 'inductor' must be a dict of Inductor config overrides")
+        return cls(**merged, mode=mode)
+
+
+def _from_environment() -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    for key in CHOICES:
+        raw = os.environ.get(f"ATTNCOMPILER_{key.upper()}")
+        if raw:
+            env[key] = raw.strip().lower()
+    raw = os.environ.get("ATTNCOMPILER_REWRITE")
+    if raw:
+        if raw.strip().lower() not in ("0", "1", "true", "false"):
+            raise OptionError(f"ATTNCOMPILER_REWRITE must be 0/1/true/false, got {raw!r}")
+        env["rewrite"] = raw.strip().lower() in ("1", "true")
+    return env
+
+
+def cache_dir() -> Path:
+    """Where generated kernels and tuning results live: ``$ATTNCOMPILER_CACHE_DIR`` or the XDG cache."""
+    explicit = os.environ.get("ATTNCOMPILER_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attncompiler"
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")

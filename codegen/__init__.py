@@ -1,0 +1,1 @@
+"""Triton code generation: kernels specialized from matched attention sites, and their launchers."""

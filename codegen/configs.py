@@ -1,0 +1,59 @@
+"""Launch configurations of the generated kernels: the space, its prune predicate, the defaults."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def shared_memory_bytes(c: FlashConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
+    """Shared memory the forward needs: the Q tile plus ``num_stages`` K and V tiles."""
+    d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    return itemsize * (c.block_m * d + c.num_stages * c.block_n * (d + dv))
+
+
+def keep(c: FlashConfig, head_dim: int, head_dim_v: int, itemsize: int, smem_limit: int) -> bool:
+    """Prune configs that cannot fit on the device or waste most of a warp group."""
+    if shared_memory_bytes(c, head_dim, head_dim_v, itemsize) > smem_limit:
+        return False
+    if c.block_m * c.block_n // (32 * c.num_warps) < 16:
+        return False
+    return not (max(head_dim, head_dim_v) > 128 and c.block_m * c.block_n > 128 * 64)
+
+
+CONFIG_SPACE = [
+    FlashConfig(bm, bn, w, s)
+    for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+]
+
+
+def default_config(q: torch.Tensor, head_dim_v: int, interpret: bool) -> FlashConfig:
+    """A good untuned config for this query shape, dtype and device."""
+    seq_q, head_dim = q.shape[-2], q.shape[-1]
+    if interpret:
+        return FlashConfig(min(64, _pow2_at_least(seq_q)), 32, 4, 1)
+    widest = max(head_dim, head_dim_v)
+    if q.dtype == torch.float32:
+        config = FlashConfig(64, 32, 4, 2) if widest > 64 else FlashConfig(64, 64, 4, 2)
+    elif widest <= 64:
+        config = FlashConfig(128, 64, 4, 3)
+    elif widest <= 128:
+        config = FlashConfig(128, 64, 8, 3)
+    else:
+        config = FlashConfig(64, 32, 4, 2)
+    return FlashConfig(min(config.block_m, _pow2_at_least(seq_q)), config.block_n, config.num_warps,
+                       config.num_stages)

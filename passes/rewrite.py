@@ -1,0 +1,146 @@
+"""Replace matched regions with one ``attncompiler::attention`` call each.
+
+Graph surgery happens on a copy of the graph; the copy replaces the original only when it
+lints. Each site is handled inside its own guard: any failure removes what was inserted for
+that site, leaves the region as it was and records the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from attncompiler.options import Options
+from attncompiler.report import Site
+
+from . import normalize as nz
+from .match import Input, Match, NearMiss, find_sdpa, find_softmaxes, match_sdpa, match_softmax
+from .score_mod import scale_of
+
+log = logging.getLogger("attncompiler")
+
+def candidate_sites(graph: Graph) -> list[Node]:
+    """Every softmax and every SDPA call, in graph order."""
+    found = set(find_softmaxes(graph)) | set(find_sdpa(graph))
+    return [n for n in graph.nodes if n in found]
+
+
+def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> list[Site]:
+    """Rewrite every matched site of ``gm`` in place; return one :class:`Site` per candidate."""
+    from attncompiler.ops import resolve_kernel  # also registers the op
+
+    work = Graph(owning_module=gm)
+    work.output(work.graph_copy(gm.graph, {}))
+    sites = []
+    for node in candidate_sites(work):
+        site = Site(graph=graph_index, node=node.name, rewritten=False)
+        sites.append(site)
+        try:
+            match = match_sdpa(node) if nz.as_sdpa(node) else match_softmax(node)
+            site.summary = summarize(match)
+            if not options.rewrite:
+                raise NearMiss("rewriting is disabled (option rewrite=False)")
+            kernel = resolve_kernel(options.kernel, nz.tensor(match.q.node).device)
+            site.kernel, site.source = _prepare_kernel(kernel, str(match.program))
+            _replace(work, match, kernel)
+            site.rewritten = True
+        except NearMiss as e:
+            site.reason = str(e)
+        except Exception as e:  # never fail the user's model: leave the site as it was
+            site.reason = f"{type(e).__name__} while rewriting: {e}"
+            site.kernel = None
+            log.warning("attncompiler: site %s left as it was: %s", node.name, site.reason)
+    if any(s.rewritten for s in sites):
+        work.lint()
+        gm.graph = work
+        gm.recompile()
+    return sites
+
+
+def _prepare_kernel(kernel: str, program: str) -> tuple[str, str | None]:
+    """Generate (and load) the Triton kernel now, so codegen errors surface at compile time."""
+    if kernel != "triton":
+        return "reference", None
+    from attncompiler.codegen.common import kernel_dir
+    from attncompiler.codegen.flash import load_kernel
+
+    name, _ = load_kernel(program)
+    return f"triton:{name}", str(kernel_dir() / f"{name}.py")
+
+
+def _replace(graph: Graph, match: Match, kernel: str) -> None:
+    inserted: list[Node] = []
+
+    def add(op: str, target: Any, args: tuple) -> Node:
+        with graph.inserting_before(match.pv):
+            node = graph.create_node(op, target, args)
+        inserted.append(node)
+        _set_example_value(node)
+        return node
+
+    try:
+        q, k, v = (_materialize(x, add) for x in (match.q, match.k, match.v))
+        out = add("call_function", torch.ops.attncompiler.attention.default, (q, k, v, list(match.operands), str(match.program), kernel))
+        if match.out_permute is not None:
+            out = add("call_method", "permute", (out, *match.out_permute))
+        expected, got = nz.tensor(match.pv), nz.tensor(out)
+        if expected is not None and got is not None and (expected.shape != got.shape or expected.dtype != got.dtype):
+            raise NearMiss(f"replacement would give {got.dtype}{list(got.shape)}, "
+                           f"the region gives {expected.dtype}{list(expected.shape)}")
+    except BaseException:
+        for node in reversed(inserted):
+            graph.erase_node(node)
+        raise
+    match.pv.replace_all_uses_with(out)
+    transposed_k = [a for a in match.qk.all_input_nodes]
+    for node in reversed(match.region):
+        graph.erase_node(node)
+    for node in transposed_k:
+        if not node.users and node.op in ("call_method", "call_function") and nz.as_transpose_last2(node):
+            graph.erase_node(node)
+
+
+def _materialize(x: Input, add) -> Node:
+    node = x.node
+    if x.permute is not None:
+        node = add("call_method", "permute", (node, *x.permute))
+    if x.swap_last2:
+        node = add("call_method", "transpose", (node, -2, -1))
+    return node
+
+
+def _set_example_value(node: Node) -> None:
+    """Propagate fake values to an inserted node, so later sites and passes see its shape."""
+    args = torch.fx.node.map_arg(node.args, nz.value)
+    fake = next((a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
+    mode = getattr(fake, "fake_mode", None)
+    if mode is None:
+        return
+    with mode:
+        if node.op == "call_method":
+            node.meta["example_value"] = getattr(args[0], node.target)(*args[1:])
+        else:
+            node.meta["example_value"] = node.target(*args)
+
+
+def summarize(match: Match) -> dict:
+    """A readable account of what was matched: shapes, dtype, scale, mask/bias operands, program."""
+    def shape(x: Input) -> str:
+        return "[" + ", ".join(str(d) for d in x.shape()) + "]"
+
+    operands = []
+    for node in match.operands:
+        t = nz.tensor(node)
+        kind = "bool mask" if t.dtype == torch.bool else "bias"
+        operands.append(f"{kind} {str(t.dtype).replace('torch.', '')}[{', '.join(str(d) for d in t.shape)}]")
+    scale = scale_of(match.program)
+    return {
+        "q": shape(match.q), "k": shape(match.k), "v": shape(match.v),
+        "dtype": str(nz.tensor(match.q.node).dtype).replace("torch.", ""),
+        "scale": "-" if scale is None else f"{scale:.6g}",
+        "mask": "; ".join(operands) or "none",
+        "program": str(match.program),
+    }

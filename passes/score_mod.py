@@ -1,0 +1,190 @@
+"""Score programs: the elementwise work between QKᵀ and softmax as a small expression IR.
+
+A program is a tree over the raw score ``s = q·kᵀ`` (fp32), constants and *operands*
+(tensors broadcastable to the score shape, e.g. a bias or a boolean mask). It is carried
+through the custom op as a compact s-expression string, evaluated with PyTorch by the
+reference and emitted as Triton code into the kernel's inner loop.
+
+Text form::
+
+    s                score            1.25, -inf      constant
+    $0               operand 0        (mul a b)       binary op (see BINARY)
+    (neg a)          unary op         (where c a b)   select
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+BINARY: dict[str, tuple[Callable, str]] = {
+    # name: (torch function, Triton format string)
+    "add": (torch.add, "({a} + {b})"),
+    "sub": (torch.sub, "({a} - {b})"),
+    "mul": (torch.mul, "({a} * {b})"),
+    "div": (torch.div, "({a} / {b})"),
+}
+UNARY: dict[str, tuple[Callable, str]] = {
+    "neg": (torch.neg, "(-{a})"),
+}
+
+
+class Expr:
+    """Base class of program nodes."""
+
+
+@dataclass(frozen=True)
+class Score(Expr):
+    def __str__(self) -> str:
+        return "s"
+
+
+@dataclass(frozen=True)
+class Const(Expr):
+    value: float
+
+    def __str__(self) -> str:
+        return repr(float(self.value))
+
+
+@dataclass(frozen=True)
+class Operand(Expr):
+    index: int
+
+    def __str__(self) -> str:
+        return f"${self.index}"
+
+
+@dataclass(frozen=True)
+class Unary(Expr):
+    op: str
+    a: Expr
+
+    def __str__(self) -> str:
+        return f"({self.op} {self.a})"
+
+
+@dataclass(frozen=True)
+class Binary(Expr):
+    op: str
+    a: Expr
+    b: Expr
+
+    def __str__(self) -> str:
+        return f"({self.op} {self.a} {self.b})"
+
+
+@dataclass(frozen=True)
+class Where(Expr):
+    cond: Expr
+    a: Expr
+    b: Expr
+
+    def __str__(self) -> str:
+        return f"(where {self.cond} {self.a} {self.b})"
+
+
+SCORE = Score()
+
+
+def parse(text: str) -> Expr:
+    """Parse the text form back into an expression tree."""
+    tokens = text.replace("(", " ( ").replace(")", " ) ").split()
+    pos = 0
+
+    def atom(tok: str) -> Expr:
+        if tok == "s":
+            return SCORE
+        if tok.startswith("$"):
+            return Operand(int(tok[1:]))
+        return Const(float(tok))
+
+    def read() -> Expr:
+        nonlocal pos
+        tok = tokens[pos]
+        pos += 1
+        if tok != "(":
+            return atom(tok)
+        head = tokens[pos]
+        pos += 1
+        args = []
+        while tokens[pos] != ")":
+            args.append(read())
+        pos += 1
+        if head == "where":
+            return Where(*args)
+        if head in BINARY:
+            return Binary(head, *args)
+        if head in UNARY:
+            return Unary(head, *args)
+        raise ValueError(f"unknown operation {head!r} in score program {text!r}")
+
+    expr = read()
+    if pos != len(tokens):
+        raise ValueError(f"trailing tokens in score program {text!r}")
+    return expr
+
+
+def operand_indices(expr: Expr) -> set[int]:
+    """Indices of the operands an expression reads."""
+    if isinstance(expr, Operand):
+        return {expr.index}
+    children = [getattr(expr, f) for f in ("a", "b", "cond") if hasattr(expr, f)]
+    return set().union(*(operand_indices(c) for c in children)) if children else set()
+
+
+def evaluate(expr: Expr, scores: torch.Tensor, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Evaluate with PyTorch; ``scores`` and float operands are used in their given dtype."""
+    if isinstance(expr, Score):
+        return scores
+    if isinstance(expr, Const):
+        return torch.tensor(expr.value, dtype=scores.dtype, device=scores.device)
+    if isinstance(expr, Operand):
+        t = operands[expr.index]
+        return t if t.dtype == torch.bool else t.to(scores.dtype)
+    if isinstance(expr, Unary):
+        return UNARY[expr.op][0](evaluate(expr.a, scores, operands))
+    if isinstance(expr, Binary):
+        return BINARY[expr.op][0](evaluate(expr.a, scores, operands), evaluate(expr.b, scores, operands))
+    if isinstance(expr, Where):
+        cond = evaluate(expr.cond, scores, operands)
+        return torch.where(cond, evaluate(expr.a, scores, operands), evaluate(expr.b, scores, operands))
+    raise TypeError(f"not a score expression: {expr!r}")
+
+
+def to_triton(expr: Expr, score: str = "s", operand: str = "t{}") -> str:
+    """Emit a Triton expression; operand ``i`` is the already loaded tile named ``operand.format(i)``."""
+    if isinstance(expr, Score):
+        return score
+    if isinstance(expr, Const):
+        v = float(expr.value)
+        if math.isnan(v):
+            return 'float("nan")'
+        if math.isinf(v):
+            return 'float("inf")' if v > 0 else '(-float("inf"))'
+        return repr(v)
+    if isinstance(expr, Operand):
+        return operand.format(expr.index)
+    if isinstance(expr, Unary):
+        return UNARY[expr.op][1].format(a=to_triton(expr.a, score, operand))
+    if isinstance(expr, Binary):
+        return BINARY[expr.op][1].format(a=to_triton(expr.a, score, operand), b=to_triton(expr.b, score, operand))
+    if isinstance(expr, Where):
+        parts = (to_triton(e, score, operand) for e in (expr.cond, expr.a, expr.b))
+        return "tl.where({}, {}, {})".format(*parts)
+    raise TypeError(f"not a score expression: {expr!r}")
+
+
+def scale_of(expr: Expr) -> float | None:
+    """The constant factor applied directly to the raw score (``s·c`` or ``s/c``), 1.0 if none, for reports."""
+    if isinstance(expr, Binary) and expr.op in ("mul", "div"):
+        pair = (expr.a, expr.b) if isinstance(expr.a, Score) else (expr.b, expr.a)
+        if isinstance(pair[0], Score) and isinstance(pair[1], Const):
+            c = pair[1].value
+            return c if expr.op == "mul" else (1.0 / c if expr.a is pair[0] else None)
+    children = [getattr(expr, f) for f in ("a", "b", "cond") if hasattr(expr, f)]
+    found = [f for f in (scale_of(c) for c in children) if f is not None and f != 1.0]
+    return found[0] if found else 1.0
