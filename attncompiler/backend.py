@@ -41,5 +41,5 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs, opts: Options):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {**list_mode_options(opts.mode), **opts.inductor}
+    patches = {**(list_mode_options(opts.mode) if opts.mode else {}), **opts.inductor}
     return compile_fx(gm, example_inputs, config_patches=patches or None)

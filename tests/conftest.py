@@ -1,0 +1,38 @@
+"""Test setup: Triton kernels run through the interpreter on CPU; generated code goes to a temp cache."""
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ATTNCOMPILER_CACHE_DIR", tempfile.mkdtemp(prefix="attncompiler-test-cache-"))
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/
+
+import torch  # noqa: E402
+
+import attncompiler  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_calls():
+    """The op's run counters, cleared before the test."""
+    attncompiler.KERNEL_CALLS.clear()
+    return attncompiler.KERNEL_CALLS
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch.compiler.reset()
+    yield
