@@ -30,14 +30,19 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """What ``kernel`` means for tensors on ``device``: "triton" or "reference"."""
+def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What ``kernel`` means for ``dtype`` tensors on ``device``: "triton" or "reference".
+
+    The Triton interpreter cannot compute bf16 dot products (it multiplies the raw bits), so on
+    CPU bf16 runs the reference.
+    """
     if kernel == "reference":
         return "reference"
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpret()))
+    interpretable = device.type == "cpu" and triton_interpret() and dtype != torch.bfloat16
+    runnable = triton_available() and (device.type == "cuda" or interpretable)
     if kernel == "triton" and not runnable:
-        raise RuntimeError(f"the Triton attention kernel cannot run on {device.type} tensors here "
-                           "(on CPU it needs TRITON_INTERPRET=1)")
+        raise RuntimeError(f"the Triton attention kernel cannot run on {dtype} {device.type} tensors here "
+                           "(on CPU it needs TRITON_INTERPRET=1 and fp16 or fp32)")
     return "triton" if runnable else "reference"
 
 
@@ -45,7 +50,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
               program: str, kernel: str) -> torch.Tensor:
     """softmax(program(q·kᵀ, operands))·v. q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``."""
-    if resolve_kernel(kernel, q.device) == "triton" and program not in _failed_programs:
+    if resolve_kernel(kernel, q.device, q.dtype) == "triton" and program not in _failed_programs:
         from attncompiler.codegen.flash import flash_forward
 
         try:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from attncompiler.passes.score_mod import evaluate, parse
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
-                        program: str, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        program: str, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax(program(q·kᵀ, operands)) · v computed in ``compute_dtype``, returned in v's dtype.
+
+    ``compute_dtype`` defaults to float32, or to the inputs' dtype where that is wider (float64).
 
     q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``; operands broadcast to ``[..., Sq, Sk]``.
     """
+    if compute_dtype is None:
+        compute_dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype), torch.float32)
     scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1))
     scores = evaluate(parse(program), scores, operands)
     probs = torch.softmax(scores, dim=-1)

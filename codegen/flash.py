@@ -138,6 +138,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: l
     seq_k, head_dv = v.shape[-2:]
     if out.numel() == 0:
         return out
+    if seq_k == 0:  # softmax over no keys, times an empty v: zeros, as in eager
+        return out.zero_()
     q4 = as_4d(q.expand(*batch, seq_q, head_d))
     k4 = as_4d(k.expand(*batch, seq_k, head_d))
     v4 = as_4d(v.expand(*batch, seq_k, head_dv))

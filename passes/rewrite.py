@@ -32,8 +32,7 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
     """Rewrite every matched site of ``gm`` in place; return one :class:`Site` per candidate."""
     from attncompiler.ops import resolve_kernel  # also registers the op
 
-    work = Graph(owning_module=gm)
-    work.output(work.graph_copy(gm.graph, {}))
+    work = _working_copy(gm)
     sites = []
     for node in candidate_sites(work):
         site = Site(graph=graph_index, node=node.name, rewritten=False)
@@ -43,9 +42,11 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
             site.summary = summarize(match)
             if not options.rewrite:
                 raise NearMiss("rewriting is disabled (option rewrite=False)")
-            kernel = resolve_kernel(options.kernel, nz.tensor(match.q.node).device)
-            site.kernel, site.source = _prepare_kernel(kernel, str(match.program))
+            q = nz.tensor(match.q.node)
+            kernel = resolve_kernel(options.kernel, q.device, q.dtype)
+            prepared = _prepare_kernel(kernel, str(match.program))
             _replace(work, match, kernel)
+            site.kernel, site.source = prepared
             site.rewritten = True
         except NearMiss as e:
             site.reason = str(e)
@@ -58,6 +59,17 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
         gm.graph = work
         gm.recompile()
     return sites
+
+
+def _working_copy(gm: GraphModule) -> Graph:
+    """A copy of ``gm.graph`` whose placeholders keep the ``_dynamo_source`` that AOTAutograd reads."""
+    work = Graph(owning_module=gm)
+    copies: dict[Node, Node] = {}
+    work.output(work.graph_copy(gm.graph, copies))
+    for node, copy in copies.items():
+        if hasattr(node, "_dynamo_source"):
+            copy._dynamo_source = node._dynamo_source
+    return work
 
 
 def _prepare_kernel(kernel: str, program: str) -> tuple[str, str | None]:

@@ -122,7 +122,10 @@ def parse(text: str) -> Expr:
             return Unary(head, *args)
         raise ValueError(f"unknown operation {head!r} in score program {text!r}")
 
-    expr = read()
+    try:
+        expr = read()
+    except (IndexError, TypeError) as e:
+        raise ValueError(f"malformed score program {text!r}") from e
     if pos != len(tokens):
         raise ValueError(f"trailing tokens in score program {text!r}")
     return expr

@@ -6,12 +6,14 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("ATTNCOMPILER_CACHE_DIR", tempfile.mkdtemp(prefix="attncompiler-test-cache-"))
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/
 
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # CPU: run the Triton kernels through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import attncompiler  # noqa: E402
 
