@@ -15,6 +15,7 @@ import torch
 
 from .options import triton_interpret
 from .reference import attention_reference
+from .spec import output_shape
 
 log = logging.getLogger("attncompiler")
 
@@ -68,8 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[
 
 @attention.register_fake
 def _(q, k, v, operands, program, kernel):
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    return q.new_empty((*batch, q.shape[-2], v.shape[-1]), dtype=v.dtype)
+    return q.new_empty(output_shape(q.shape, k.shape, v.shape), dtype=v.dtype)
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,6 +7,7 @@ import functools
 import torch
 
 from attncompiler.passes.score_mod import evaluate, parse
+from attncompiler.spec import align, ungroup
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
@@ -15,10 +16,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opera
 
     ``compute_dtype`` defaults to float32, or to the inputs' dtype where that is wider (float64).
 
-    q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``; operands broadcast to ``[..., Sq, Sk]``.
+    q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]`` with grouped heads as in
+    :mod:`attncompiler.spec`; operands broadcast to ``[..., Sq, Sk]``.
     """
     if compute_dtype is None:
         compute_dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype), torch.float32)
+    q, k, v, group = align(q, k, v)
+    k, v = ungroup(k, group), ungroup(v, group)
     scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1))
     scores = evaluate(parse(program), scores, operands)
     probs = torch.softmax(scores, dim=-1)

@@ -12,7 +12,9 @@ import math
 
 import torch
 
-from attncompiler.passes.score_mod import Expr, operand_indices, parse, to_triton
+from attncompiler.passes.score_mod import Expr, key_limit, operand_indices, parse, to_triton
+
+from attncompiler.spec import align, output_shape
 
 from .common import load_source, source_hash
 from .configs import FlashConfig, _pow2_at_least, default_config
@@ -32,7 +34,7 @@ def {name}(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, SEQ_Q, SEQ_K, NUM_M_BLOCKS,
+    H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -43,6 +45,7 @@ def {name}(
     pid_bh = pid // NUM_M_BLOCKS
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    kh = h // GROUP                                                       # shared key/value head
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM]
     offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
@@ -54,10 +57,11 @@ def {name}(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] running max
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] running sum
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)                       # [BM, BDV]
-    for start_n in range(0, SEQ_K, BLOCK_N):
+{key_end}
+    for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)                          # [BN]
         col_ok = offs_n < SEQ_K
-        p_k = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        p_k = K + b * stride_kb + kh * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
         b_kt = tl.load(p_k, mask=col_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BN]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)              # [BM, BN] fp32
 {operand_loads}
@@ -68,7 +72,7 @@ def {name}(
         alpha = tl.exp(m_i - m_use)                                       # [BM]
         p = tl.exp(s - m_use[:, None])                                    # [BM, BN]
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_v = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        p_v = V + b * stride_vb + kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         b_v = tl.load(p_v, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BN, BDV]
         acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -84,6 +88,22 @@ OPERAND_LOAD = (
 )
 
 
+KEY_END_ALL = "    kv_end = SEQ_K"
+KEY_END_BOUNDED = (
+    "    q_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1              # last row of this block\n"
+    "    kv_end = tl.minimum(SEQ_K, tl.maximum(0, ({bound} + 1).to(tl.int32)))  # later keys are masked"
+)
+
+
+def _key_end(expr: Expr) -> str:
+    """Code for the loop end: every key of a skipped block is masked to -inf for every row."""
+    limit = key_limit(expr)
+    if limit is None:
+        return KEY_END_ALL
+    index = {"q": "q_last", "Sq": "SEQ_Q", "Sk": "SEQ_K"}
+    return KEY_END_BOUNDED.format(bound=to_triton(limit[0], index=index))
+
+
 def generate(program: Expr | str) -> tuple[str, str]:
     """``(kernel_name, source)`` of the forward kernel for one score program."""
     expr = parse(program) if isinstance(program, str) else program
@@ -93,7 +113,7 @@ def generate(program: Expr | str) -> tuple[str, str]:
     params = "".join(f"\n    T{i}, stride_t{i}_b, stride_t{i}_h, stride_t{i}_m, stride_t{i}_n," for i in used)
     loads = "\n".join(OPERAND_LOAD.format(i=i) for i in used) or "        pass"
     body = TEMPLATE.format(program=expr, name="{name}", operand_params=params, operand_loads=loads,
-                           score=to_triton(expr))
+                           score=to_triton(expr), key_end=_key_end(expr))
     name = f"flash_fwd_{source_hash(body)}"
     return name, body.replace("{name}", name)
 
@@ -113,22 +133,17 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
-def output_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    return (*batch, q.shape[-2], v.shape[-1])
-
-
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
                   program: str, config: FlashConfig | None = None, interpret: bool = False,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(program(q·kᵀ, operands)) · v.
 
-    q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]`` (batch dims broadcast), each
-    operand broadcastable to ``[..., Sq, Sk]``. Returns ``[..., Sq, Dv]`` in v's dtype, written
+    q ``[..., Hq, Sq, D]``, k ``[..., Hk, Sk, D]``, v ``[..., Hk, Sk, Dv]`` (batch dims broadcast,
+    heads grouped as in :mod:`attncompiler.spec`), each operand broadcastable to ``[..., Sq, Sk]``. Returns ``[..., Sq, Dv]`` in v's dtype, written
     into ``out`` when given (it must be contiguous and of that shape and dtype).
     """
     _, kernel = load_kernel(program)
-    shape = output_shape(q, k, v)
+    shape = output_shape(q.shape, k.shape, v.shape)
     if out is None:
         out = torch.empty(shape, dtype=v.dtype, device=q.device)
     elif tuple(out.shape) != tuple(shape) or out.dtype != v.dtype or not out.is_contiguous():
@@ -140,10 +155,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: l
         return out
     if seq_k == 0:  # softmax over no keys, times an empty v: zeros, as in eager
         return out.zero_()
-    q4 = as_4d(q.expand(*batch, seq_q, head_d))
-    k4 = as_4d(k.expand(*batch, seq_k, head_d))
-    v4 = as_4d(v.expand(*batch, seq_k, head_dv))
-    o4 = as_4d(out)
+    q, k, v, group = align(q, k, v)
+    q4, k4, v4, o4 = as_4d(q), as_4d(k), as_4d(v), as_4d(out)
     t4 = [as_4d(t.expand(*batch, seq_q, seq_k)) for t in operands]
     config = config or default_config(q, head_dv, interpret)
     num_m = math.ceil(seq_q / config.block_m)
@@ -151,7 +164,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: l
     kernel[grid](
         q4, k4, v4, o4, *[x for t in t4 for x in (t, *t.stride())],
         *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(),
-        o4.shape[1], seq_q, seq_k, num_m,
+        o4.shape[1], group, seq_q, seq_k, num_m,
         HEAD_D=head_d, HEAD_DV=head_dv,
         BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,

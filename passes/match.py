@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
+from attncompiler.spec import output_shape
+
 from . import normalize as nz
-from .score_mod import SCORE, Binary, Const, Expr, Operand, Unary, Where
+from .score_mod import SCORE, Binary, Const, Expr, Index, Operand, Unary, Where
 
 
 class NearMiss(Exception):
@@ -74,7 +76,7 @@ def match_softmax(sm: Node) -> Match:
     q, k = _qk_inputs(builder.qk)
     post, pv = _probability_chain(sm)
     v, out_permute = _pv_inputs(pv, scores.dim())
-    if tuple(scores.shape[:-2]) != tuple(torch.broadcast_shapes(tuple(q.shape()[:-2]), tuple(k.shape()[:-2]))):
+    if tuple(scores.shape[:-2]) != tuple(output_shape(q.shape(), k.shape(), k.shape())[:-2]):
         raise NearMiss(f"score batch dims at {name(builder.qk)} are not those of q and k")
     region = [n for n in sm.graph.nodes if n in set(builder.nodes) | set(post) | {sm, pv}]
     return Match(sm, builder.qk, pv, q, k, v, program, builder.operands, region, out_permute)
@@ -176,7 +178,7 @@ def _qk_inputs(qk: Node) -> tuple[Input, Input]:
     if mm is not None:
         a, b = mm
         k = nz.as_transpose_last2(b)
-        return Input(a), (Input(k) if k is not None else Input(b, swap_last2=True))
+        return Input(a), (Input(_unrepeated(k)) if k is not None else Input(b, swap_last2=True))
     equation, a, b = nz.as_einsum(qk)
     (sa, sb), out = _einsum_terms(equation, a, b, qk)
     d = set(sa) & set(sb) - set(out)
@@ -220,7 +222,7 @@ def _pv_inputs(pv: Node, rank: int) -> tuple[Input, tuple[int, ...] | None]:
     if mm is not None:
         if nz.tensor(pv).dtype != nz.tensor(mm[1]).dtype:
             raise NearMiss(f"P·V at {name(pv)} changes dtype")
-        return Input(mm[1]), None
+        return Input(_unrepeated(mm[1])), None
     equation, p, v = nz.as_einsum(pv)
     (sp, sv), out = _einsum_terms(equation, p, v, pv)
     batch, (lq, lk) = sp[:-2], sp[-2:]
@@ -255,6 +257,12 @@ def _einsum_terms(equation: str, a: Node, b: Node, at: Node) -> tuple[tuple[str,
     return (terms[0], terms[1]), out
 
 
+def _unrepeated(node: Node) -> Node:
+    """The source of repeated key/value heads (the kernel indexes the shared head), else ``node``."""
+    repeated = nz.as_repeated_heads(node)
+    return repeated[0] if repeated is not None else node
+
+
 def _permuted(node: Node, have: str, want: str) -> Input:
     perm = tuple(have.index(c) for c in want)
     return Input(node, None if perm == tuple(range(len(perm))) else perm)
@@ -269,12 +277,12 @@ def match_sdpa(node: Node) -> Match:
     call = nz.as_sdpa(node)
     if call.dropout_p not in (0, 0.0):
         raise NearMiss(f"scaled_dot_product_attention at {name(node)} uses dropout_p={call.dropout_p}")
-    if call.is_causal is not False:
-        raise NearMiss(f"scaled_dot_product_attention at {name(node)} uses is_causal (in-kernel causal masks "
-                       "are not supported yet)")
-    if call.enable_gqa is not False:
-        raise NearMiss(f"scaled_dot_product_attention at {name(node)} uses enable_gqa")
-    q = nz.tensor(call.query)
+    if call.is_causal not in (True, False) or call.enable_gqa not in (True, False):
+        raise NearMiss(f"scaled_dot_product_attention at {name(node)} has a non-constant is_causal/enable_gqa")
+    q, k = nz.tensor(call.query), nz.tensor(call.key)
+    if q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3] and not call.enable_gqa:
+        raise NearMiss(f"scaled_dot_product_attention at {name(node)} has {q.shape[-3]} query and "
+                       f"{k.shape[-3]} key heads without enable_gqa")
     if call.scale is None:
         scale = 1.0 / float(q.shape[-1]) ** 0.5
     else:
@@ -283,6 +291,8 @@ def match_sdpa(node: Node) -> Match:
             raise NearMiss(f"scaled_dot_product_attention at {name(node)} has a non-constant scale")
     program: Expr = Binary("mul", SCORE, Const(scale))
     operands: list[Node] = []
+    if call.is_causal:  # top-left aligned, as torch defines it: key k is visible to query q when k <= q
+        program = Where(Binary("le", Index("k"), Index("q")), program, Const(float("-inf")))
     if call.attn_mask is not None:
         mask = nz.tensor(call.attn_mask)
         if mask is None:

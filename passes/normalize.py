@@ -239,3 +239,47 @@ def as_sdpa(node: Any) -> SDPA | None:
     if not _is(node, (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention), ()):
         return None
     return SDPA(*(_arg(node, i, p, d) for i, (p, d) in enumerate(zip(_SDPA_PARAMS, _SDPA_DEFAULTS))))
+
+
+# --- repeated key/value heads (GQA written out) -----------------------------------------
+
+def _full_slices(index: Any, none_at: int) -> bool:
+    """``index`` is ``(:, :, None, :, ...)`` with the ``None`` at position ``none_at``."""
+    if not isinstance(index, tuple) or len(index) <= none_at or index[none_at] is not None:
+        return False
+    rest = index[:none_at] + index[none_at + 1:]
+    return all(isinstance(i, slice) and i == slice(None, None, None) for i in rest)
+
+
+def as_repeated_heads(node: Any) -> tuple[Node, int] | None:
+    """``(x, n)`` if ``node`` repeats each head of a ``[B, H, S, D]`` tensor ``x`` n times along dim 1.
+
+    Spellings: Hugging Face's ``repeat_kv`` (``x[:, :, None].expand(B, H, n, S, D).reshape(B, H·n, S, D)``)
+    and ``x.repeat_interleave(n, dim=1)``.
+    """
+    out = tensor(node)
+    if out is None or out.dim() != 4:
+        return None
+    if _is(node, (torch.repeat_interleave,), ("repeat_interleave",)):
+        x, n, dim = node.args[0], _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        ok = isinstance(n, int) and dim in (1, -3) and tensor(x) is not None and tensor(x).dim() == 4
+        return (x, n) if ok else None
+    if not _is(node, (torch.reshape,), ("reshape", "view")):
+        return None
+    expanded = node.args[0]
+    if not _is(expanded, (), ("expand",)):
+        return None
+    unsqueezed = expanded.args[0]
+    if _is(unsqueezed, (operator.getitem,), ()) and _full_slices(unsqueezed.args[1], 2):
+        x = unsqueezed.args[0]
+    elif _is(unsqueezed, (torch.unsqueeze,), ("unsqueeze",)) and _arg(unsqueezed, 1, "dim") == 2:
+        x = unsqueezed.args[0]
+    else:
+        return None
+    tx, te = tensor(x), tensor(expanded)
+    if tx is None or tx.dim() != 4 or te is None or te.dim() != 5:
+        return None
+    b, h, s, d = tx.shape
+    n = te.shape[2]
+    same = tuple(te.shape) == (b, h, n, s, d) and tuple(out.shape) == (b, h * n, s, d)
+    return (x, n) if same else None

@@ -14,6 +14,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from attncompiler.options import Options
+from attncompiler.spec import group_of
 from attncompiler.report import Site
 
 from . import normalize as nz
@@ -107,12 +108,20 @@ def _replace(graph: Graph, match: Match, kernel: str) -> None:
             graph.erase_node(node)
         raise
     match.pv.replace_all_uses_with(out)
-    transposed_k = [a for a in match.qk.all_input_nodes]
+    inputs = {a for n in match.region for a in n.all_input_nodes} - set(match.region)
     for node in reversed(match.region):
         graph.erase_node(node)
-    for node in transposed_k:
-        if not node.users and node.op in ("call_method", "call_function") and nz.as_transpose_last2(node):
-            graph.erase_node(node)
+    _erase_dead(graph, inputs)
+
+
+def _erase_dead(graph: Graph, candidates: set[Node]) -> None:
+    """Erase pure nodes left without users (e.g. a transpose of K, repeated K/V heads), transitively."""
+    while candidates:
+        node = candidates.pop()
+        if node.users or node.op not in ("call_method", "call_function") or node.is_impure():
+            continue
+        candidates |= set(node.all_input_nodes)
+        graph.erase_node(node)
 
 
 def _materialize(x: Input, add) -> Node:
@@ -151,6 +160,7 @@ def summarize(match: Match) -> dict:
     scale = scale_of(match.program)
     return {
         "q": shape(match.q), "k": shape(match.k), "v": shape(match.v),
+        "group": group_of(match.q.shape(), match.k.shape(), match.v.shape()),
         "dtype": str(nz.tensor(match.q.node).dtype).replace("torch.", ""),
         "scale": "-" if scale is None else f"{scale:.6g}",
         "mask": "; ".join(operands) or "none",

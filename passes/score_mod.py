@@ -10,6 +10,10 @@ Text form::
     s                score            1.25, -inf      constant
     $0               operand 0        (mul a b)       binary op (see BINARY)
     (neg a)          unary op         (where c a b)   select
+    q, k             query / key index of the score   Sq, Sk    sequence lengths
+
+Index leaves make masks such as causal (``(where (le k q) (mul s 0.125) -inf)``) computable
+from positions inside the kernel, with no mask tensor read.
 """
 
 from __future__ import annotations
@@ -26,10 +30,20 @@ BINARY: dict[str, tuple[Callable, str]] = {
     "sub": (torch.sub, "({a} - {b})"),
     "mul": (torch.mul, "({a} * {b})"),
     "div": (torch.div, "({a} / {b})"),
+    "le": (torch.le, "({a} <= {b})"),
+    "lt": (torch.lt, "({a} < {b})"),
+    "ge": (torch.ge, "({a} >= {b})"),
+    "gt": (torch.gt, "({a} > {b})"),
+    "eq": (torch.eq, "({a} == {b})"),
+    "ne": (torch.ne, "({a} != {b})"),
+    "and": (torch.logical_and, "({a} & {b})"),
+    "or": (torch.logical_or, "({a} | {b})"),
 }
 UNARY: dict[str, tuple[Callable, str]] = {
     "neg": (torch.neg, "(-{a})"),
+    "not": (torch.logical_not, "({a} == 0)"),
 }
+INDEX_NAMES = ("q", "k", "Sq", "Sk")
 
 
 class Expr:
@@ -56,6 +70,16 @@ class Operand(Expr):
 
     def __str__(self) -> str:
         return f"${self.index}"
+
+
+@dataclass(frozen=True)
+class Index(Expr):
+    """A position of the score element: query index ``q``, key index ``k``, or a length ``Sq``/``Sk``."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -100,6 +124,8 @@ def parse(text: str) -> Expr:
             return SCORE
         if tok.startswith("$"):
             return Operand(int(tok[1:]))
+        if tok in INDEX_NAMES:
+            return Index(tok)
         return Const(float(tok))
 
     def read() -> Expr:
@@ -148,6 +174,8 @@ def evaluate(expr: Expr, scores: torch.Tensor, operands: Sequence[torch.Tensor])
     if isinstance(expr, Operand):
         t = operands[expr.index]
         return t if t.dtype == torch.bool else t.to(scores.dtype)
+    if isinstance(expr, Index):
+        return _index_tensor(expr.name, scores)
     if isinstance(expr, Unary):
         return UNARY[expr.op][0](evaluate(expr.a, scores, operands))
     if isinstance(expr, Binary):
@@ -158,8 +186,24 @@ def evaluate(expr: Expr, scores: torch.Tensor, operands: Sequence[torch.Tensor])
     raise TypeError(f"not a score expression: {expr!r}")
 
 
-def to_triton(expr: Expr, score: str = "s", operand: str = "t{}") -> str:
-    """Emit a Triton expression; operand ``i`` is the already loaded tile named ``operand.format(i)``."""
+def _index_tensor(name: str, scores: torch.Tensor) -> torch.Tensor:
+    seq_q, seq_k = scores.shape[-2:]
+    if name in ("Sq", "Sk"):
+        return torch.tensor(seq_q if name == "Sq" else seq_k, device=scores.device)
+    if name == "q":
+        return torch.arange(seq_q, device=scores.device)[:, None]
+    return torch.arange(seq_k, device=scores.device)[None, :]
+
+
+TRITON_INDEX = {"q": "offs_m[:, None]", "k": "offs_n[None, :]", "Sq": "SEQ_Q", "Sk": "SEQ_K"}
+
+
+def to_triton(expr: Expr, score: str = "s", operand: str = "t{}", index: dict[str, str] | None = None) -> str:
+    """Emit a Triton expression; operand ``i`` is the already loaded tile named ``operand.format(i)``,
+    index leaves are spelled as in ``index`` (default: the forward kernel's tile offsets)."""
+    index = TRITON_INDEX if index is None else index
+    if isinstance(expr, Index):
+        return index[expr.name]
     if isinstance(expr, Score):
         return score
     if isinstance(expr, Const):
@@ -172,11 +216,12 @@ def to_triton(expr: Expr, score: str = "s", operand: str = "t{}") -> str:
     if isinstance(expr, Operand):
         return operand.format(expr.index)
     if isinstance(expr, Unary):
-        return UNARY[expr.op][1].format(a=to_triton(expr.a, score, operand))
+        return UNARY[expr.op][1].format(a=to_triton(expr.a, score, operand, index))
     if isinstance(expr, Binary):
-        return BINARY[expr.op][1].format(a=to_triton(expr.a, score, operand), b=to_triton(expr.b, score, operand))
+        return BINARY[expr.op][1].format(a=to_triton(expr.a, score, operand, index),
+                                         b=to_triton(expr.b, score, operand, index))
     if isinstance(expr, Where):
-        parts = (to_triton(e, score, operand) for e in (expr.cond, expr.a, expr.b))
+        parts = (to_triton(e, score, operand, index) for e in (expr.cond, expr.a, expr.b))
         return "tl.where({}, {}, {})".format(*parts)
     raise TypeError(f"not a score expression: {expr!r}")
 
@@ -191,3 +236,29 @@ def scale_of(expr: Expr) -> float | None:
     children = [getattr(expr, f) for f in ("a", "b", "cond") if hasattr(expr, f)]
     found = [f for f in (scale_of(c) for c in children) if f is not None and f != 1.0]
     return found[0] if found else 1.0
+
+
+def leaves(expr: Expr) -> set[Expr]:
+    children = [getattr(expr, f) for f in ("cond", "a", "b") if hasattr(expr, f)]
+    return set().union(*(leaves(c) for c in children)) if children else {expr}
+
+
+def key_limit(expr: Expr) -> tuple[Expr, bool] | None:
+    """``(bound, inclusive)`` when every key beyond ``bound`` (a function of ``q`` and lengths only)
+    is masked to ``-inf`` by the outermost select: ``(where (... and (le k bound) ...) x -inf)``.
+    Such keys contribute nothing, so a query block may stop at the bound of its last row."""
+    if not (isinstance(expr, Where) and isinstance(expr.b, Const) and expr.b.value == -math.inf):
+        return None
+    allowed = {Index("q"), Index("Sq"), Index("Sk")}
+    for term in _conjuncts(expr.cond):
+        if isinstance(term, Binary) and term.op in ("le", "lt") and term.a == Index("k"):
+            bound_leaves = leaves(term.b)
+            if all(isinstance(x, Const) or x in allowed for x in bound_leaves) and bound_leaves & allowed:
+                return term.b, term.op == "le"
+    return None
+
+
+def _conjuncts(expr: Expr) -> list[Expr]:
+    if isinstance(expr, Binary) and expr.op == "and":
+        return _conjuncts(expr.a) + _conjuncts(expr.b)
+    return [expr]

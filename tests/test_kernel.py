@@ -16,7 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from attncompiler.codegen.common import kernel_dir, source_hash
 from attncompiler.codegen.configs import FlashConfig
-from attncompiler.codegen.flash import flash_forward, generate, load_kernel, output_shape
+from attncompiler.codegen.flash import flash_forward, generate, load_kernel
+from attncompiler.spec import output_shape
 from attncompiler.options import triton_interpret
 from attncompiler.passes.score_mod import parse
 from attncompiler.reference import attention_reference
@@ -59,7 +60,7 @@ def eager(q, k, v, operands, program):
 
 def run(q, k, v, operands, program, config=None):
     """The kernel's output, written into a NaN-poisoned ``out`` so that unwritten elements fail."""
-    out = torch.full(output_shape(q, k, v), math.nan, dtype=v.dtype, device=DEVICE)
+    out = torch.full(output_shape(q.shape, k.shape, v.shape), math.nan, dtype=v.dtype, device=DEVICE)
     result = flash_forward(q, k, v, operands, program, config=config, interpret=INTERPRET, out=out)
     assert result is out
     return out
@@ -183,6 +184,24 @@ def test_mqa_broadcast_heads_and_batch():
     q, k, v = randn(2, 4, 37, 64), randn(1, 1, 50, 64), randn(2, 1, 50, 64)
     out = check(q, k, v, [randn(2, 4, 37, 50)], BIASED)
     assert out.shape == (2, 4, 37, 64)
+
+
+@pytest.mark.parametrize("hq, hk", [(8, 2), (6, 3), (4, 1)])
+def test_grouped_query_heads(hq, hk):
+    """GQA: query head h reads key/value head h // (hq / hk); no repeated k/v is materialized."""
+    q, k, v = randn(2, hq, 37, 64), randn(2, hk, 50, 64), randn(2, hk, 50, 32)
+    mask = torch.rand(2, 1, 37, 50, device=DEVICE) > 0.2
+    out = check(q, k, v, [mask], MASKED)
+    assert out.shape == (2, hq, 37, 32)
+    repeated = [t.repeat_interleave(hq // hk, dim=1) for t in (k, v)]
+    torch.testing.assert_close(out, run(q, *repeated, [mask], MASKED), rtol=0, atol=0)
+
+
+def test_grouped_query_heads_3d():
+    """Grouping on a flattened [B·H, S, D] index pairs the same heads as on [B, H, S, D]."""
+    q, k, v = randn(2, 8, 37, 64), randn(2, 2, 50, 64), randn(2, 2, 50, 64)
+    out3 = run(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), [], SCALED)
+    torch.testing.assert_close(out3, run(q, k, v, [], SCALED).flatten(0, 1), rtol=0, atol=0)
 
 
 def test_gqa_5d_broadcast():
