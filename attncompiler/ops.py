@@ -1,8 +1,10 @@
 """The ``attncompiler::attention`` custom op: dispatch to a kernel, fake implementation, autograd.
 
-``attention(q, k, v, operands, program, kernel)`` computes
+``attention(q, k, v, operands, program, kernel, zero_empty_rows)`` computes
 ``softmax(program(q·kᵀ, operands)) · v`` where ``program`` is a score program in text form
 (see :mod:`attncompiler.passes.score_mod`). ``kernel`` is "triton", "reference" or "auto".
+A query row with no visible key gives NaN as ``torch.softmax`` does, or zeros with
+``zero_empty_rows`` as ``scaled_dot_product_attention`` does.
 Every run is counted in :data:`KERNEL_CALLS` by the name of what actually ran.
 """
 
@@ -49,13 +51,14 @@ def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str
 
 @torch.library.custom_op("attncompiler::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
-              program: str, kernel: str) -> torch.Tensor:
+              program: str, kernel: str, zero_empty_rows: bool = False) -> torch.Tensor:
     """softmax(program(q·kᵀ, operands))·v. q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``."""
     if resolve_kernel(kernel, q.device, q.dtype) == "triton" and program not in _failed_programs:
         from attncompiler.codegen.flash import flash_forward
 
         try:
-            out = flash_forward(q, k, v, list(operands), program, interpret=q.device.type == "cpu")
+            out = flash_forward(q, k, v, list(operands), program, interpret=q.device.type == "cpu",
+                                zero_empty_rows=zero_empty_rows)
         except Exception as e:  # a kernel that cannot compile or launch: keep the model running
             _failed_programs.add(program)
             log.warning("attncompiler: Triton kernel failed for %s (%s: %s); using the reference",
@@ -64,17 +67,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[
             KERNEL_CALLS["triton"] += 1
             return out
     KERNEL_CALLS["reference"] += 1
-    return attention_reference(q, k, v, list(operands), program)
+    return attention_reference(q, k, v, list(operands), program, zero_empty_rows)
 
 
 @attention.register_fake
-def _(q, k, v, operands, program, kernel):
+def _(q, k, v, operands, program, kernel, zero_empty_rows=False):
     return q.new_empty(output_shape(q.shape, k.shape, v.shape), dtype=v.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, operands, program, _ = inputs
+    q, k, v, operands, program, _, zero_empty_rows = inputs
     ctx.program = program
+    ctx.zero_empty_rows = zero_empty_rows
     ctx.num_operands = len(operands)
     ctx.save_for_backward(q, k, v, *operands)
 
@@ -84,12 +88,12 @@ def _backward(ctx, grad_out):
     q, k, v, *operands = ctx.saved_tensors
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in (q, k, v, *operands)]
-        out = attention_reference(*inputs[:3], inputs[3:], ctx.program)
+        out = attention_reference(*inputs[:3], inputs[3:], ctx.program, ctx.zero_empty_rows)
         wrt = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
     result = [next(grads) if t.requires_grad else None for t in inputs]
     result = [g.to(t.dtype) if g is not None else None for g, t in zip(result, inputs)]
-    return result[0], result[1], result[2], result[3:], None, None
+    return result[0], result[1], result[2], result[3:], None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

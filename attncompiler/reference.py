@@ -11,8 +11,12 @@ from attncompiler.spec import align, ungroup
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
-                        program: str, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                        program: str, zero_empty_rows: bool = False,
+                        compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax(program(q·kᵀ, operands)) · v computed in ``compute_dtype``, returned in v's dtype.
+
+    A query row whose scores are all ``-inf`` gives NaN, as ``torch.softmax`` does, or zeros with
+    ``zero_empty_rows`` (the rule of ``scaled_dot_product_attention``).
 
     ``compute_dtype`` defaults to float32, or to the inputs' dtype where that is wider (float64).
 
@@ -26,4 +30,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opera
     scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1))
     scores = evaluate(parse(program), scores, operands)
     probs = torch.softmax(scores, dim=-1)
+    if zero_empty_rows:
+        probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
     return torch.matmul(probs, v.to(compute_dtype)).to(v.dtype)

@@ -3,7 +3,8 @@
 The kernel keeps a ``[BLOCK_M, D]`` query tile on chip, streams ``[BLOCK_N, D]`` key and value
 tiles, applies the site's score program to each ``[BLOCK_M, BLOCK_N]`` score tile in fp32 and
 folds it into an online softmax. No ``Sq × Sk`` matrix is written to memory. Rows whose scores
-are all ``-inf`` give NaN, as ``torch.softmax`` does.
+are all ``-inf`` give NaN, as ``torch.softmax`` does, or zeros under ``ZERO_EMPTY_ROWS`` (the
+rule of ``scaled_dot_product_attention``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def {name}(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % NUM_M_BLOCKS
@@ -78,6 +79,8 @@ def {name}(
         m_i = m_new
 
     b_o = acc / l_i[:, None]                                              # [BM, BDV]
+    if ZERO_EMPTY_ROWS:
+        b_o = tl.where(l_i[:, None] > 0, b_o, 0.0)
     p_o = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 '''
@@ -135,8 +138,8 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
                   program: str, config: FlashConfig | None = None, interpret: bool = False,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(program(q·kᵀ, operands)) · v.
+                  out: torch.Tensor | None = None, zero_empty_rows: bool = False) -> torch.Tensor:
+    """softmax(program(q·kᵀ, operands)) · v; a row with no visible key gives NaN, or 0 with ``zero_empty_rows``.
 
     q ``[..., Hq, Sq, D]``, k ``[..., Hk, Sk, D]``, v ``[..., Hk, Sk, Dv]`` (batch dims broadcast,
     heads grouped as in :mod:`attncompiler.spec`), each operand broadcastable to ``[..., Sq, Sk]``. Returns ``[..., Sq, Dv]`` in v's dtype, written
@@ -168,7 +171,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: l
         HEAD_D=head_d, HEAD_DV=head_dv,
         BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ZERO_EMPTY_ROWS=zero_empty_rows,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

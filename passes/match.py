@@ -51,6 +51,7 @@ class Match:
     operands: list[Node]
     region: list[Node]  # every node the op replaces, in graph order, ``pv`` last
     out_permute: tuple[int, ...] | None = None
+    zero_empty_rows: bool = False  # SDPA's rule: a query row with no visible key gives 0, not NaN
     notes: list[str] = field(default_factory=list)
 
 
@@ -303,4 +304,4 @@ def match_sdpa(node: Node) -> Match:
         else:
             program = Binary("add", program, Operand(0))
     return Match(node, node, node, Input(call.query), Input(call.key), Input(call.value), program, operands,
-                 [node])
+                 [node], zero_empty_rows=True)

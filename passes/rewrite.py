@@ -96,7 +96,8 @@ def _replace(graph: Graph, match: Match, kernel: str) -> None:
 
     try:
         q, k, v = (_materialize(x, add) for x in (match.q, match.k, match.v))
-        out = add("call_function", torch.ops.attncompiler.attention.default, (q, k, v, list(match.operands), str(match.program), kernel))
+        out = add("call_function", torch.ops.attncompiler.attention.default, (q, k, v, list(match.operands), str(match.program), kernel,
+                                                                                 match.zero_empty_rows))
         if match.out_permute is not None:
             out = add("call_method", "permute", (out, *match.out_permute))
         expected, got = nz.tensor(match.pv), nz.tensor(out)

@@ -50,7 +50,7 @@ def randn(*shape, dtype=torch.float32):
 
 def exact(q, k, v, operands, program):
     """The float64 result (kept in float64, not rounded to the input dtype)."""
-    return attention_reference(q.double(), k.double(), v.double(), operands, program, torch.float64)
+    return attention_reference(q.double(), k.double(), v.double(), operands, program, compute_dtype=torch.float64)
 
 
 def eager(q, k, v, operands, program):
@@ -152,6 +152,19 @@ def test_fully_masked_rows_neg_inf_give_nan(dtype):
     eager_out = torch.softmax(scores, dim=-1) @ v
     assert torch.equal(out.isnan(), eager_out.isnan())
     assert out[:, :, [0, 5, 36]].isnan().all() and not out[:, :, 1:5].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fully_masked_rows_give_zeros_under_the_sdpa_rule(dtype):
+    """With ``zero_empty_rows`` a row with no visible key is 0, as eager SDPA gives; others unchanged."""
+    q, k, v = randn(1, 2, 37, 64, dtype=dtype), randn(1, 2, 45, 64, dtype=dtype), randn(1, 2, 45, 64, dtype=dtype)
+    mask = torch.ones(37, 45, dtype=torch.bool, device=DEVICE)
+    mask[[0, 5, 36]] = False
+    out = torch.full((1, 2, 37, 64), math.nan, dtype=dtype, device=DEVICE)
+    flash_forward(q, k, v, [mask], MASKED, interpret=INTERPRET, out=out, zero_empty_rows=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
+    assert (out[:, :, [0, 5, 36]] == 0).all()
+    assert_as_accurate_as_torch(out, exact(q, k, v, [mask], MASKED).nan_to_num(0.0), sdpa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
