@@ -8,6 +8,7 @@ Precedence: ``options=`` passed to ``torch.compile`` > environment variable > de
 | kernel   | ATTNCOMPILER_KERNEL   | "auto", "triton", "reference"            | "auto"     |
 | rewrite  | ATTNCOMPILER_REWRITE  | True, False (False: only report sites)   | True       |
 | inductor | –                     | dict of Inductor config overrides        | {}         |
+| saa      | –                     | None, or dict of SAAConfig fields        | None       |
 | –        | ATTNCOMPILER_CACHE_DIR| directory for generated kernels & tuning | XDG cache  |
 
 ``kernel="auto"`` runs the Triton kernel on CUDA tensors, and on CPU tensors when
@@ -20,7 +21,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .saa_config import SAAConfig
 
 CHOICES = {
     "inner": ("inductor", "eager"),
@@ -39,6 +43,7 @@ class Options:
     kernel: str = "auto"
     rewrite: bool = True
     inductor: dict = field(default_factory=dict)
+    saa: SAAConfig | None = None  # approximate attention allowed, at this operating point
     mode: str | None = None
 
     @classmethod
@@ -62,7 +67,21 @@ class Options:
             raise OptionError(f"option 'rewrite' must be True or False, got {merged['rewrite']!r}")
         if not isinstance(merged.get("inductor", {}), dict):
             raise OptionError("option 'inductor' must be a dict of Inductor config overrides")
+        if merged.get("saa") is not None:
+            merged["saa"] = _saa_config(merged["saa"])
         return cls(**merged, mode=mode)
+
+
+def _saa_config(value: Any) -> SAAConfig:
+    """The SAA operating point of option 'saa' (a dict of SAAConfig fields, or an SAAConfig)."""
+    from .saa_config import SAAConfig, SAAConfigError
+
+    if isinstance(value, SAAConfig):
+        return value
+    try:
+        return SAAConfig.from_dict(value)
+    except (SAAConfigError, TypeError) as e:
+        raise OptionError(f"option 'saa': {e}") from None
 
 
 def _from_environment() -> dict[str, Any]:

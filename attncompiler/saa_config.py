@@ -1,0 +1,83 @@
+"""SAA operating points: the knobs of sparse-aggregate attention, validated in one place.
+
+An operating point says how finely queries and keys are blocked, how many key blocks each query
+block computes exactly (``top_k`` routed blocks, or the fewest reaching estimated mass ``tau``,
+on top of the ``sinks`` first blocks and the ``local_blocks`` diagonal blocks, which are always
+exact), how many centroids stand in for each remaining key block, and the error budget
+``max_error``: the largest relative error (Frobenius norm, against dense attention) a site may
+show on its first call before it falls back to dense.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class SAAConfigError(ValueError):
+    """An invalid SAA operating point."""
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class SAAConfig:
+    block_m: int = 64            # queries per query block (the routing granularity and kernel tile)
+    block_n: int = 64            # keys per key block
+    top_k: int | None = 16       # routed exact blocks per query block, beyond sinks and local blocks
+    tau: float | None = None     # or: the fewest routed blocks whose estimated mass reaches tau
+    sinks: int = 1               # first key blocks, always exact
+    local_blocks: int = 2        # key blocks ending at the diagonal, always exact
+    centroids: int = 2           # centroids per key block that is not computed exactly
+    max_error: float = 0.1       # relative error budget against dense attention
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not _is_pow2(value) or value < 16:
+                raise SAAConfigError(f"SAA {name} must be a power of two >= 16, got {value!r}")
+        for name in ("sinks", "local_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SAAConfigError(f"SAA {name} must be an integer >= 0, got {value!r}")
+        if self.top_k is None and self.tau is None:
+            raise SAAConfigError("an SAA operating point needs top_k, tau or both")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 0):
+            raise SAAConfigError(f"SAA top_k must be None or an integer >= 0, got {self.top_k!r}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and 0.0 < self.tau <= 1.0):
+            raise SAAConfigError(f"SAA tau must be None or in (0, 1], got {self.tau!r}")
+        if (not isinstance(self.centroids, int) or isinstance(self.centroids, bool) or self.centroids < 1
+                or self.block_n % self.centroids):
+            raise SAAConfigError(f"SAA centroids must be an integer >= 1 dividing block_n={self.block_n}, "
+                                 f"got {self.centroids!r}")
+        if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error > 0):
+            raise SAAConfigError(f"SAA max_error must be a finite number > 0, got {self.max_error!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SAAConfig":
+        """An operating point from a dict of some of its fields (the rest keep their defaults)."""
+        if not isinstance(values, dict):
+            raise SAAConfigError(f"SAA options must be a dict, got {type(values).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise SAAConfigError(f"unknown SAA option(s) {unknown}; valid keys are {valid}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        """The canonical text form carried through the custom op."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SAAConfig":
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def sub_block(self) -> int:
+        """Keys per centroid."""
+        return self.block_n // self.centroids

@@ -1,0 +1,113 @@
+"""The ``attncompiler::saa_attention`` custom op: SAA within an error budget, else dense attention.
+
+``saa_attention(q, k, v, program, config, site, kernel, zero_empty_rows)`` computes attention for a score program
+that SAA applies to (:func:`attncompiler.saa.saa_applicable`) at the operating point ``config``
+(:meth:`SAAConfig.to_json` text); rows that see no key are NaN, or zeros with ``zero_empty_rows``
+(as in :mod:`attncompiler.ops`). The first call for a ``site`` also computes dense attention and
+measures SAA's relative error against it (Frobenius norm); above the budget ``max_error``, or if
+SAA fails, the site runs dense attention from then on and the reason is logged once. Per-site
+measurements are kept in :data:`SAA_SITES`, and every call is counted in :data:`SAA_CALLS` as
+"saa" or "dense". Forward only: SAA sites are for inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from . import ops  # noqa: F401  (registers attncompiler::attention, the dense path)
+from .saa import saa_forward, saa_program
+from .saa_config import SAAConfig
+from .spec import output_shape
+
+log = logging.getLogger("attncompiler")
+
+SAA_CALLS: Counter = Counter()
+
+
+@dataclass
+class SiteRecord:
+    """What the first call measured at one site, and why it fell back to dense (None: it did not)."""
+
+    density: float | None = None
+    error: float | None = None
+    fallback: str | None = None
+
+
+SAA_SITES: dict[str, SiteRecord] = {}
+_sites_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _config(text: str) -> SAAConfig:
+    return SAAConfig.from_json(text)
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """``‖out − exact‖ / ‖exact‖`` (Frobenius) over the elements where ``exact`` is a number;
+    infinite where ``out`` has NaN elsewhere, or misses one."""
+    defined = ~torch.isnan(exact)
+    if not torch.equal(torch.isnan(out), ~defined):
+        return math.inf
+    diff = (out.float() - exact.float())[defined].norm().item()
+    norm = exact.float()[defined].norm().item()
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _dense(q, k, v, program: str, kernel: str, zero_empty_rows: bool) -> torch.Tensor:
+    SAA_CALLS["dense"] += 1
+    out, _ = torch.ops.attncompiler.attention(q, k, v, [], program, kernel, zero_empty_rows)
+    return out
+
+
+def _fall_back(site: str, record: SiteRecord, reason: str) -> None:
+    record.fallback = reason
+    log.warning("attncompiler: SAA site %s runs dense attention: %s", site, reason)
+
+
+@torch.library.custom_op("attncompiler::saa_attention", mutates_args=())
+def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: str, config: str, site: str,
+                  kernel: str, zero_empty_rows: bool = False) -> torch.Tensor:
+    """SAA of q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``, or dense attention where it
+    did not meet its error budget at ``site``."""
+    with _sites_lock:
+        record = SAA_SITES.get(site)
+        first = record is None
+        if first:
+            record = SAA_SITES[site] = SiteRecord()
+    if record.fallback is not None:
+        return _dense(q, k, v, program, kernel, zero_empty_rows)
+    form = saa_program(program)
+    if form is None:
+        _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
+        return _dense(q, k, v, program, kernel, zero_empty_rows)
+    operating_point = _config(config)
+    try:
+        out, stats = saa_forward(q, k, v, form.scale, form.causal, operating_point,
+                                 bottom_right=form.bottom_right, zero_empty_rows=zero_empty_rows,
+                                 kernel=kernel)
+    except Exception as e:  # a kernel that cannot compile or launch: keep the model running
+        _fall_back(site, record, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return _dense(q, k, v, program, kernel, zero_empty_rows)
+    if first:
+        exact = _dense(q, k, v, program, kernel, zero_empty_rows)
+        record.density, record.error = stats.density, relative_error(out, exact)
+        if not record.error <= operating_point.max_error:
+            _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
+                                     f"{operating_point.max_error:.3g} (density {record.density:.2f})")
+            return exact
+        log.info("attncompiler: SAA site %s: density %.3f, relative error %.3g", site, record.density,
+                 record.error)
+    SAA_CALLS["saa"] += 1
+    return out
+
+
+@saa_attention.register_fake
+def _(q, k, v, program, config, site, kernel, zero_empty_rows=False):
+    return q.new_empty(output_shape(q.shape, k.shape, v.shape), dtype=v.dtype)

@@ -1,0 +1,159 @@
+"""SAA routing: which key blocks each query block computes exactly, chosen from pooled queries and keys.
+
+Queries are split into blocks of ``block_m`` rows, keys into blocks of ``block_n``. Under a causal
+predicate (key ``j`` visible to query ``i`` when ``j <= i + key_offset``) a key block is *allowed*
+for a query block when some of its keys are visible to some of the block's queries, and *full*
+when all of its keys are visible to all of them. Allowed blocks that are not full straddle the
+diagonal; they are always computed exactly, because their visible keys differ from row to row.
+
+The estimated logit of key block ``n`` for query block ``m`` is ``scale · q̄_m · k̄_n + log |n|``
+(mean query, mean key, number of keys), and its estimated mass the softmax of these logits over
+the allowed blocks. Exact blocks are the forced ones (the first ``sinks`` blocks, the
+``local_blocks`` blocks ending at the diagonal, every partial block) plus, in order of estimated
+logit, the ``top_k`` best others, or the fewest others that bring the estimated mass of the exact
+blocks to ``tau`` (at most ``top_k`` when both are set).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .saa_config import SAAConfig
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Block sizes and visibility of one call. Non-causal calls see every key."""
+
+    seq_q: int
+    seq_k: int
+    block_m: int
+    block_n: int
+    causal: bool
+    key_offset: int = 0
+
+    @property
+    def num_m(self) -> int:
+        return math.ceil(self.seq_q / self.block_m)
+
+    @property
+    def num_n(self) -> int:
+        return math.ceil(self.seq_k / self.block_n)
+
+    def query_rows(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last row of each query block, ``[num_m]`` each."""
+        first = torch.arange(self.num_m, device=device) * self.block_m
+        return first, torch.clamp(first + self.block_m, max=self.seq_q) - 1
+
+    def allowed_blocks(self, device) -> torch.Tensor:
+        """``[num_m]``: key blocks ``0 .. allowed-1`` hold keys visible to some row of the query block."""
+        if not self.causal:
+            return torch.full((self.num_m,), self.num_n, device=device)
+        _, last = self.query_rows(device)
+        visible = torch.clamp(last + self.key_offset + 1, 0, self.seq_k)
+        return (visible + self.block_n - 1) // self.block_n
+
+    def full_blocks(self, device) -> torch.Tensor:
+        """``[num_m]``: key blocks ``0 .. full-1`` are visible entirely to every row of the query block."""
+        if not self.causal:
+            return torch.full((self.num_m,), self.num_n, device=device)
+        first, _ = self.query_rows(device)
+        visible = torch.clamp(first + self.key_offset + 1, 0, self.seq_k)
+        return torch.where(visible == self.seq_k, self.num_n, visible // self.block_n)
+
+    def diagonal_block(self, device) -> torch.Tensor:
+        """``[num_m]``: the key block holding the last row's position (bottom-right aligned when not causal)."""
+        if self.causal:
+            return self.allowed_blocks(device) - 1
+        _, last = self.query_rows(device)
+        position = torch.clamp(last + self.seq_k - self.seq_q, 0, self.seq_k - 1)
+        return position // self.block_n
+
+    def forced_partial_blocks(self) -> int:
+        """An upper bound on the partial (diagonal-straddling) blocks of one query block."""
+        return (self.block_m + self.block_n - 2) // self.block_n + 1
+
+
+def group_counts(seq: int, group: int, groups: int, device) -> torch.Tensor:
+    """``[groups]``: rows in each run of ``group`` consecutive rows out of ``seq`` (0 past the end)."""
+    starts = torch.arange(groups, device=device) * group
+    return torch.clamp(seq - starts, 0, group)
+
+
+def block_means(centroid_means: torch.Tensor, counts: torch.Tensor, centroids: int) -> torch.Tensor:
+    """Mean of each key block ``[..., num_n, D]`` from its sub-block means ``[..., num_n·centroids, D]``."""
+    *lead, n, d = centroid_means.shape
+    weights = counts.to(centroid_means.dtype).view(n // centroids, centroids, 1)
+    sums = (centroid_means.reshape(*lead, n // centroids, centroids, d) * weights).sum(-2)
+    return sums / weights.sum(-2)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The key blocks computed exactly, per batch, query head and query block.
+
+    ``indices[..., :counts]`` lists them (in decreasing priority; the rest is padding), ``exact`` is
+    the same set as a mask over all key blocks, ``full`` the number of full blocks per query block.
+    """
+
+    indices: torch.Tensor    # [B, H, num_m, K] int32
+    counts: torch.Tensor     # [B, H, num_m] int32
+    exact: torch.Tensor      # [B, H, num_m, num_n] bool
+    allowed: torch.Tensor    # [num_m] allowed key blocks
+    full: torch.Tensor       # [num_m] full key blocks
+
+    @property
+    def exact_blocks(self) -> torch.Tensor:
+        """Key blocks computed exactly, summed over every (batch, head, query block)."""
+        return self.counts.sum()
+
+    def allowed_total(self) -> int:
+        """Allowed key blocks, summed over every (batch, head, query block)."""
+        batch, heads = self.counts.shape[:2]
+        return int(self.allowed.sum()) * batch * heads
+
+
+def route(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor, scale: float,
+          geometry: BlockGeometry, config: SAAConfig) -> Selection:
+    """Choose the exact key blocks from mean queries ``[B, H, num_m, D]`` and mean keys ``[B, Hk, num_n, D]``.
+
+    Query head ``h`` reads key head ``h // (H / Hk)``; ``key_counts`` ``[num_n]`` are the block sizes.
+    """
+    batch, heads, num_m, dim = q_means.shape
+    kv_heads, num_n = k_means.shape[1], k_means.shape[2]
+    device = q_means.device
+    grouped = q_means.float().reshape(batch, kv_heads, (heads // kv_heads) * num_m, dim)
+    logits = torch.matmul(grouped, k_means.float().transpose(-2, -1)) * scale
+    logits = logits.reshape(batch, heads, num_m, num_n) + key_counts.float().log()  # [B, H, M, N]
+
+    blocks = torch.arange(num_n, device=device)                                      # [N]
+    allowed = geometry.allowed_blocks(device)
+    full = geometry.full_blocks(device)
+    diagonal = geometry.diagonal_block(device)
+    is_allowed = blocks < allowed[:, None]                                           # [M, N]
+    forced = is_allowed & ((blocks < config.sinks) | (blocks >= full[:, None])
+                           | ((blocks <= diagonal[:, None]) & (blocks > diagonal[:, None] - config.local_blocks)))
+
+    priority = torch.where(forced, math.inf, torch.where(is_allowed, logits, -math.inf))
+    forced_bound = config.sinks + config.local_blocks + geometry.forced_partial_blocks()
+    width = num_n if config.top_k is None else min(num_n, forced_bound + config.top_k)
+    ranked, order = torch.topk(priority, width, dim=-1, sorted=True)                  # [B, H, M, K]
+    num_forced = forced.sum(-1)                                                       # [M]
+    position = torch.arange(width, device=device)
+    keep = ranked > -math.inf
+    if config.top_k is not None:
+        keep &= position < (num_forced[:, None] + config.top_k)
+    if config.tau is not None:
+        mass = torch.softmax(torch.where(is_allowed, logits, -math.inf), dim=-1)      # [B, H, M, N]
+        forced_mass = torch.where(forced, mass, 0.0).sum(-1, keepdim=True)
+        routed_mass = torch.where(ranked < math.inf, torch.gather(mass, -1, order), 0.0)
+        before = forced_mass + torch.cumsum(routed_mass, -1) - routed_mass             # mass before each entry
+        keep &= (ranked == math.inf) | (before < config.tau)
+    counts = keep.sum(-1, dtype=torch.int32)
+    indices = torch.where(keep, order, 0).to(torch.int32)
+    exact = torch.zeros(batch, heads, num_m, num_n + 1, dtype=torch.bool, device=device)
+    exact.scatter_(-1, torch.where(keep, order, num_n), True)
+    return Selection(indices, counts, exact[..., :num_n], allowed, full)

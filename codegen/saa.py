@@ -1,0 +1,187 @@
+"""SAA Triton kernels: block means, and one attend-and-aggregate pass per query block.
+
+``saa_pool_kernel`` averages runs of consecutive rows (mean queries for routing, key and value
+centroids). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]`` query tile on chip and folds two kinds
+of entries into one online softmax (base 2): the keys of the key blocks routed to this query
+block, exactly, and then the centroids of every other full key block, whose logits carry
+``log2 n`` for the ``n`` keys each stands for. The PyTorch oracle is
+:func:`attncompiler.saa_reference.attend_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from attncompiler.saa_config import SAAConfig
+from attncompiler.saa_routing import BlockGeometry, Selection
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def saa_pool_kernel(
+    X, OUT,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    stride_ob, stride_oh, stride_og, stride_od,
+    H, SEQ, HEAD_D,
+    GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = pid_g * GROUP
+    offs_s = start + tl.arange(0, GROUP)                                  # [G]
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    p_x = X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd
+    b_x = tl.load(p_x, mask=(offs_s[:, None] < SEQ) & (offs_d[None, :] < HEAD_D), other=0.0)  # [G, BD]
+    count = tl.maximum(tl.minimum(SEQ - start, GROUP), 1)
+    b_mean = tl.sum(b_x.to(tl.float32), 0) / count                        # [BD]
+    p_o = OUT + b * stride_ob + h * stride_oh + pid_g * stride_og + offs_d * stride_od
+    tl.store(p_o, b_mean, mask=offs_d < HEAD_D)
+
+
+@triton.jit
+def saa_attend_kernel(
+    Q, K, V, KC, VC, LC, IDX, CNT, EXACT, FULL, O,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_cb, stride_ch, stride_cn, stride_cd,
+    stride_wb, stride_wh, stride_wn, stride_wd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET,
+    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_M_BLOCKS
+    pid_bh = pid // NUM_M_BLOCKS
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kh = h // GROUP                                                       # shared key/value head
+    row = pid_bh.to(tl.int64) * NUM_M_BLOCKS + pid_m                      # (b, h, query block)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM]
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    offs_dv = tl.arange(0, BLOCK_DV)                                      # [BDV]
+    row_ok = offs_m < SEQ_Q
+    p_q = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] running max (log2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] running sum
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)                       # [BM, BDV]
+
+    # Exact key blocks, in the routed order.
+    num_exact = tl.load(CNT + row)
+    for i in range(0, num_exact):
+        n = tl.load(IDX + row * MAX_EXACT + i)
+        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        col_ok = offs_n < SEQ_K
+        p_k = K + b * stride_kb + kh * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=col_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BN]
+        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                             # [BM]
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)                                      # [BM]
+        p = tl.exp2(s - m_use[:, None])                                   # [BM, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_v = V + b * stride_vb + kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        b_v = tl.load(p_v, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BN, BDV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Centroids of the full key blocks that were not computed exactly.
+    num_centroids = tl.load(FULL + pid_m) * CENTROIDS
+    for start_c in range(0, num_centroids, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)                          # [BC]
+        c_ok = offs_c < num_centroids
+        is_exact = tl.load(EXACT + row * NUM_N_BLOCKS + offs_c // CENTROIDS, mask=c_ok, other=1)  # [BC]
+        b_lc = tl.load(LC + offs_c, mask=c_ok, other=float("-inf"))       # [BC] log2 of keys behind each
+        p_kc = KC + b * stride_cb + kh * stride_ch + offs_c[None, :] * stride_cn + offs_d[:, None] * stride_cd
+        b_kct = tl.load(p_kc, mask=c_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BC]
+        s = tl.dot(b_q, b_kct.to(b_q.dtype), input_precision=DOT_PRECISION) * qk_scale + b_lc[None, :]
+        s = tl.where((c_ok & (is_exact == 0))[None, :], s, float("-inf"))  # [BM, BC]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])                                   # [BM, BC]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_vc = VC + b * stride_wb + kh * stride_wh + offs_c[:, None] * stride_wn + offs_dv[None, :] * stride_wd
+        b_vc = tl.load(p_vc, mask=c_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BC, BDV]
+        b_vc = b_vc.to(V.dtype.element_ty)
+        acc = acc * alpha[:, None] + tl.dot(p.to(b_vc.dtype), b_vc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    b_o = acc / l_i[:, None]                                              # [BM, BDV]
+    p_o = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
+    """fp32 means ``[B, H, groups, D]`` of runs of ``group`` (a power of two) consecutive rows of
+    ``x`` ``[B, H, S, D]``; runs past the end give 0."""
+    batch, heads, seq, dim = x.shape
+    out = torch.zeros(batch, heads, groups, dim, dtype=torch.float32, device=x.device)
+    filled = math.ceil(seq / group)
+    if filled == 0 or batch * heads == 0:
+        return out
+    saa_pool_kernel[(filled, batch * heads)](
+        x, out, *x.stride(), *out.stride(), heads, seq, dim,
+        GROUP=group, BLOCK_D=_pow2_at_least(dim, floor=1),
+    )
+    return out
+
+
+def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,
+               value_centroids: torch.Tensor, centroid_counts: torch.Tensor, selection: Selection,
+               scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``,
+    centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` with ``centroid_counts`` ``[N·C]``.
+
+    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given).
+    """
+    batch, heads, seq_q, head_d = q.shape
+    head_dv = v.shape[-1]
+    if out is None:
+        out = torch.empty(batch, heads, seq_q, head_dv, dtype=v.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    indices = selection.indices.contiguous()
+    counts = selection.counts.contiguous()
+    exact = selection.exact.to(torch.int8).contiguous()
+    full = selection.full.to(torch.int32).contiguous()
+    log2_counts = centroid_counts.float().log2().contiguous()
+    widest = max(head_d, head_dv)
+    grid = (geometry.num_m * batch * heads,)
+    saa_attend_kernel[grid](
+        q, k, v, key_centroids, value_centroids, log2_counts, indices, counts, exact, full, out,
+        *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
+        *out.stride(),
+        scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
+        indices.shape[-1], geometry.key_offset,
+        CAUSAL=geometry.causal, CENTROIDS=config.centroids,
+        HEAD_D=head_d, HEAD_DV=head_dv,
+        BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if widest <= 64 else 8, num_stages=1 if interpret else 2,
+    )
+    return out

@@ -1,0 +1,292 @@
+"""SAA: the Triton kernels against the PyTorch reference, routing, density, and the error-budget gate.
+
+Without a GPU the kernels run on CPU through Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1``).
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from attncompiler.codegen.saa import pool_means
+from attncompiler.options import OptionError, Options, triton_interpret
+from attncompiler.reference import attention_reference
+from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_program, saa_triton
+from attncompiler.saa_config import SAAConfig, SAAConfigError
+from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
+from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
+                                        saa_reference, select)
+from attncompiler.saa_routing import BlockGeometry, route
+from tolerance import assert_as_accurate_as_torch
+
+INTERPRET = triton_interpret()
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+# Padding rows of a query tile compute 0/0 in numpy; they are not stored.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+
+SMALL = dict(block_m=16, block_n=16)
+CAUSAL_FORMS = {  # name: (causal, bottom_right, score program)
+    "full": (False, False, "(mul s {scale})"),
+    "causal": (True, False, "(where (le k q) (mul s {scale}) -inf)"),
+    "bottom-right": (True, True, "(where (le k (add q (sub Sk Sq))) (mul s {scale}) -inf)"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def qkv(b, h, hk, sq, sk, d, dv, dtype=torch.float32):
+    return randn(b, h, sq, d, dtype=dtype), randn(b, hk, sk, d, dtype=dtype), randn(b, hk, sk, dv, dtype=dtype)
+
+
+def geometry_of(q, k, config, causal, bottom_right):
+    sq, sk = q.shape[-2], k.shape[-2]
+    return BlockGeometry(sq, sk, config.block_m, config.block_n, causal, sk - sq if bottom_right else 0)
+
+
+def double(centroids: Centroids) -> Centroids:
+    return Centroids(centroids.keys.double(), centroids.values.double(), centroids.counts)
+
+
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b, h, hk, sq, sk, d, dv, config", [
+    (1, 2, 2, 37, 37, 64, 64, SAAConfig(**SMALL, top_k=0, sinks=1, local_blocks=1, centroids=1)),
+    (2, 4, 2, 45, 61, 80, 64, SAAConfig(**SMALL, top_k=1, sinks=0, local_blocks=1, centroids=4)),
+    (1, 3, 1, 113, 70, 128, 128, SAAConfig(block_m=32, block_n=16, top_k=None, tau=0.5, centroids=2)),
+    (1, 2, 1, 1, 50, 64, 32, SAAConfig(**SMALL, top_k=1, local_blocks=0, centroids=2)),
+])
+def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
+    """The attend-and-aggregate kernel against the fp64 reference with the same routing: odd sizes,
+    GQA, Sq != Sk, one query, causal alignments, top-k and tau; as accurate as PyTorch in ``dtype``."""
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    q, k, v = qkv(b, h, hk, sq, sk, d, dv, dtype)
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    poisoned = torch.full((b, h, sq, dv), math.nan, dtype=dtype, device=DEVICE)
+    out, selection, centroids = saa_triton(q, k, v, 0.3, geometry, config, out=poisoned)
+    assert out is poisoned
+    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
+                             config, torch.float64)
+    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=dtype)
+    assert_as_accurate_as_torch(out, exact, ours_torch.to(dtype))
+    if not (form == "causal" and sq == 1):  # one query sees one key block
+        assert selection.counts.sum() < selection.allowed_total()  # some blocks enter through centroids
+
+
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+def test_triton_path_routes_as_the_reference(form):
+    """The kernels' pooling gives the same centroids and the same selection as the reference."""
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    config = SAAConfig(**SMALL, top_k=2, centroids=4)
+    q, k, v = qkv(2, 4, 2, 77, 93, 64, 64)
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    out, selection, centroids = saa_triton(q, k, v, 0.125, geometry, config)
+    expected = centroids_reference(k, v, geometry, config)
+    torch.testing.assert_close(centroids.keys, expected.keys)
+    torch.testing.assert_close(centroids.values, expected.values)
+    assert torch.equal(centroids.counts, expected.counts)
+    reference_out, reference_selection = saa_reference(q, k, v, 0.125, causal, config, geometry.key_offset)
+    assert torch.equal(selection.exact, reference_selection.exact)
+    assert torch.equal(selection.counts, reference_selection.counts)
+    torch.testing.assert_close(out, reference_out, atol=2e-5, rtol=2e-5)
+
+
+def test_pool_means_short_last_run():
+    x = randn(2, 3, 37, 80)
+    torch.testing.assert_close(pool_means(x, 16, 4), pool_reference(x, 16, 4))
+    assert torch.equal(pool_means(x, 16, 4)[:, :, 3], torch.zeros(2, 3, 80))  # a run past the end
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+@pytest.mark.parametrize("b, h, hk, sq, sk, d", [(2, 4, 2, 37, 37, 64), (1, 2, 1, 50, 21, 128), (1, 3, 3, 1, 45, 64)])
+def test_all_blocks_exact_is_dense(kernel, form, b, h, hk, sq, sk, d):
+    """With every allowed block exact, SAA is dense attention (NaN rows included)."""
+    causal, bottom_right, program = CAUSAL_FORMS[form]
+    q, k, v = qkv(b, h, hk, sq, sk, d, d)
+    config = SAAConfig(**SMALL, top_k=sk, centroids=2)
+    out, stats = saa_forward(q, k, v, 0.125, causal, config, bottom_right=bottom_right, kernel=kernel)
+    dense = attention_reference(q.double(), k.double(), v.double(), [], program.format(scale=0.125),
+                                compute_dtype=torch.float64)
+    assert stats.density == 1.0
+    assert_as_accurate_as_torch(out, dense, attention_reference(q, k, v, [], program.format(scale=0.125)))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_rows_seeing_no_key_are_zero_on_request(kernel):
+    """Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key (zeros, as SDPA gives)."""
+    q, k, v = qkv(1, 2, 1, 50, 21, 64, 64)
+    program = CAUSAL_FORMS["bottom-right"][2].format(scale=0.125)
+    config = SAAConfig(**SMALL, top_k=0, local_blocks=1)
+    out, _ = saa_forward(q, k, v, 0.125, True, config, bottom_right=True, zero_empty_rows=True, kernel=kernel)
+    assert torch.equal(out[..., :29, :], torch.zeros(1, 2, 29, 64))
+    assert not out[..., 29:, :].isnan().any()
+    dense = attention_reference(q, k, v, [], program, zero_empty_rows=True)
+    assert relative_error(out, dense) < 1e-5  # 21 keys: the sink and diagonal blocks are all of them
+
+
+@pytest.mark.parametrize("causal, expected", [(False, 11 / 16), (True, 9 / 10)])
+def test_density_counts_exact_blocks_over_allowed_blocks(causal, expected):
+    """4×4 blocks, one sink, the diagonal, one routed block each: non-causal 2+3+3+3 of 16 exact;
+    causal 1+2+3+3 of 1+2+3+4 allowed."""
+    q, k, v = qkv(1, 2, 1, 64, 64, 64, 64)
+    config = SAAConfig(**SMALL, top_k=1, sinks=1, local_blocks=1)
+    _, stats = saa_forward(q, k, v, 0.125, causal, config)
+    assert stats.allowed_blocks == (16 if not causal else 10) * 2
+    assert stats.density == pytest.approx(expected)
+
+
+def test_sinks_and_local_blocks_are_kept_when_routing_prefers_others():
+    """Keys of the sink and diagonal blocks point away from every query; they are exact anyway."""
+    direction = torch.nn.functional.normalize(randn(64), dim=0)
+    q = (direction + 0.01 * randn(1, 1, 128, 64)).contiguous()
+    k = (direction + 0.01 * randn(1, 1, 128, 64))
+    k[..., :16, :] = -k[..., :16, :]
+    for start in range(16, 128, 32):  # every other block, including each diagonal one
+        k[..., start:start + 16, :] = -k[..., start:start + 16, :]
+    config = SAAConfig(**SMALL, top_k=1, sinks=1, local_blocks=2)
+    for causal in (False, True):
+        _, selection = saa_reference(q, k, k, 1.0, causal, config)
+        exact = selection.exact[0, 0]                                            # [M, N]
+        for m in range(8):
+            assert exact[m, 0] and exact[m, m] and exact[m, max(m - 1, 0)]
+            others = [n for n in range(1, m - 1)] if causal else [n for n in range(8) if n not in (0, m - 1, m)]
+            routed = [n for n in others if exact[m, n]]
+            assert len(routed) == min(1, len(others))
+            if any(n % 2 == 0 for n in others):  # the routed block is one whose keys align with q
+                assert routed[0] % 2 == 0
+
+
+def test_top_k_and_tau_rank_by_estimated_mass():
+    """One query block over five key blocks with estimated logits 3, 1, 2, 0, -1 (no forced blocks)."""
+    logits = torch.tensor([3.0, 1.0, 2.0, 0.0, -1.0])
+    geometry = BlockGeometry(16, 80, 16, 16, causal=False)
+    q_means, k_means, counts = torch.ones(1, 1, 1, 1), logits.view(1, 1, 5, 1), torch.ones(5)
+    mass = torch.softmax(logits, 0)                                           # 0.636, 0.086, 0.234, 0.032, 0.012
+
+    def chosen(**knobs):
+        config = SAAConfig(**SMALL, sinks=0, local_blocks=0, **knobs)
+        selection = route(q_means, k_means, counts, 1.0, geometry, config)
+        return selection.indices[0, 0, 0, :selection.counts[0, 0, 0]].tolist()
+
+    assert chosen(top_k=2) == [0, 2]
+    assert chosen(top_k=None, tau=0.5) == [0]
+    assert chosen(top_k=None, tau=float(mass[0] + 0.01)) == [0, 2]
+    assert chosen(top_k=None, tau=0.95) == [0, 2, 1]
+    assert chosen(top_k=None, tau=0.97) == [0, 2, 1, 3]
+    assert chosen(top_k=2, tau=0.95) == [0, 2]
+    assert chosen(top_k=0) == []
+
+
+@pytest.mark.parametrize("program, expected", [
+    ("(mul s 0.125)", SAAProgram(0.125, False)),
+    ("(mul 0.125 s)", SAAProgram(0.125, False)),
+    ("(where (le k q) (mul s 0.125) -inf)", SAAProgram(0.125, True)),
+    ("(where (ge q k) (mul s 0.125) -inf)", SAAProgram(0.125, True)),
+    ("(where (lt k (add q 1.0)) (mul s 0.125) -inf)", SAAProgram(0.125, True)),
+    ("(where (le k (add q (sub Sk Sq))) (mul s 0.125) -inf)", SAAProgram(0.125, True, bottom_right=True)),
+    ("(where (le k (sub (add q Sk) Sq)) (mul s 0.125) -inf)", SAAProgram(0.125, True, bottom_right=True)),
+    ("s", None),
+    ("(add (mul s 0.125) $0)", None),
+    ("(where $0 (mul s 0.125) -inf)", None),
+    ("(where (le k (add q 1.0)) (mul s 0.125) -inf)", None),
+    ("(where (and (le k q) (gt k (sub q 4.0))) (mul s 0.125) -inf)", None),
+    ("(where (le k q) (mul s 0.125) 0.0)", None),
+])
+def test_applicable_programs(program, expected):
+    assert saa_program(program) == expected
+    assert saa_applicable(program) == (expected is not None)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"block_n": 48}, "block_n must be a power of two"),
+    ({"top_k": None}, "needs top_k, tau or both"),
+    ({"tau": 1.5}, "tau must be"),
+    ({"centroids": 3}, "centroids must be"),
+    ({"max_error": 0}, "max_error"),
+    ({"sinks": -1}, "sinks"),
+    ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
+])
+def test_config_validation(values, message):
+    with pytest.raises(SAAConfigError, match=message):
+        SAAConfig.from_dict(values)
+    with pytest.raises(OptionError, match=message):
+        Options.resolve({"saa": values})
+
+
+def test_saa_option_gives_an_operating_point():
+    assert Options.resolve({}).saa is None
+    assert Options.resolve({"saa": {"top_k": 4}}).saa == SAAConfig(top_k=4)
+    assert SAAConfig.from_json(SAAConfig(tau=0.9, top_k=None).to_json()) == SAAConfig(tau=0.9, top_k=None)
+
+
+@pytest.fixture
+def gate():
+    SAA_SITES.clear()
+    SAA_CALLS.clear()
+    yield SAA_SITES
+    SAA_SITES.clear()
+
+
+def test_gate_keeps_saa_within_budget(gate):
+    q, k, v = qkv(1, 2, 1, 40, 40, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    config = SAAConfig(**SMALL, top_k=8, max_error=1e-3).to_json()
+    op = torch.ops.attncompiler.saa_attention
+    first = op(q, k, v, program, config, "graph0:site", "auto")
+    second = op(q, k, v, program, config, "graph0:site", "auto")
+    record = gate["graph0:site"]
+    assert record.fallback is None and record.density == 1.0 and record.error < 1e-5
+    assert SAA_CALLS == {"saa": 2, "dense": 1}  # the first call also measured dense attention
+    assert torch.equal(first, second)
+
+
+def test_gate_rejects_an_operating_point_over_budget(gate, caplog):
+    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    config = SAAConfig(**SMALL, top_k=0, sinks=0, local_blocks=0, centroids=1, max_error=0.01)
+    saa_out, _ = saa_forward(q, k, v, 0.125, True, config)
+    dense = attention_reference(q, k, v, [], program)
+    assert relative_error(saa_out, dense) > 0.01
+    op = torch.ops.attncompiler.saa_attention
+    with caplog.at_level(logging.WARNING, logger="attncompiler"):
+        outs = [op(q, k, v, program, config.to_json(), "graph0:site", "auto") for _ in range(2)]
+    record = gate["graph0:site"]
+    assert record.fallback.startswith("relative error") and "exceeds max_error 0.01" in record.fallback
+    assert record.error > 0.01 and record.density < 1
+    assert sum("runs dense attention" in r.message for r in caplog.records) == 1
+    assert SAA_CALLS == {"dense": 2}
+    for out in outs:
+        assert relative_error(out, dense) < 1e-5
+
+
+def test_gate_falls_back_for_programs_saa_cannot_compute(gate):
+    q, k, v = qkv(1, 2, 2, 20, 20, 64, 64)
+    op = torch.ops.attncompiler.saa_attention
+    out = op(q, k, v, "(mul s (neg 0.125))", SAAConfig(**SMALL).to_json(), "site", "auto")
+    assert "not a scale or a causal scale" in gate["site"].fallback
+    torch.testing.assert_close(out, attention_reference(q, k, v, [], "(mul s (neg 0.125))"))
+
+
+def test_relative_error_requires_the_same_nan_rows():
+    exact = torch.tensor([[1.0, 2.0], [math.nan, math.nan]])
+    assert relative_error(exact.clone(), exact) == 0.0
+    assert relative_error(torch.zeros(2, 2), exact) == math.inf
+
+
+def test_fake_impl_gives_the_grouped_output_shape():
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 8, 33, 64), torch.empty(2, 2, 33, 64), torch.empty(2, 2, 33, 32)
+        out = torch.ops.attncompiler.saa_attention(q, k, v, "(mul s 0.125)", SAAConfig().to_json(), "s", "auto")
+    assert out.shape == (2, 8, 33, 32)
