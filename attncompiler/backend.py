@@ -21,6 +21,9 @@ def attncompiler_backend(gm: torch.fx.GraphModule, example_inputs, *, options: d
     """
     opts = Options.resolve(options, mode)
     from . import ops  # noqa: F401  (registers attncompiler::attention)
+    from . import tuner
+
+    tuner.configure(opts)
     from .passes import PIPELINE
 
     index = next_graph_index()

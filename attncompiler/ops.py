@@ -55,10 +55,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[
     """softmax(program(q·kᵀ, operands))·v. q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``."""
     if resolve_kernel(kernel, q.device, q.dtype) == "triton" and program not in _failed_programs:
         from attncompiler.codegen.flash import flash_forward
+        from attncompiler.tuner import select_config
 
         try:
             out = flash_forward(q, k, v, list(operands), program, interpret=q.device.type == "cpu",
-                                zero_empty_rows=zero_empty_rows)
+                                zero_empty_rows=zero_empty_rows,
+                                config=select_config(q, k, v, operands, program))
         except Exception as e:  # a kernel that cannot compile or launch: keep the model running
             _failed_programs.add(program)
             log.warning("attncompiler: Triton kernel failed for %s (%s: %s); using the reference",

@@ -8,12 +8,19 @@ Precedence: ``options=`` passed to ``torch.compile`` > environment variable > de
 | kernel   | ATTNCOMPILER_KERNEL   | "auto", "triton", "reference"            | "auto"     |
 | rewrite  | ATTNCOMPILER_REWRITE  | True, False (False: only report sites)   | True       |
 | inductor | –                     | dict of Inductor config overrides        | {}         |
+| tune     | ATTNCOMPILER_TUNE     | "off", "cached", "on-first-use",         | "cached"   |
+|          |                       | "exhaustive"                             |            |
+| cache_url| ATTNCOMPILER_CACHE_URL| None or "redis://host:port/db"           | None       |
 | saa      | –                     | None, or dict of SAAConfig fields        | None       |
 | –        | ATTNCOMPILER_CACHE_DIR| directory for generated kernels & tuning | XDG cache  |
 
 ``kernel="auto"`` runs the Triton kernel on CUDA tensors, and on CPU tensors when
 ``TRITON_INTERPRET=1``; otherwise the PyTorch reference. ``mode`` is ``torch.compile``'s mode
-and is passed on to Inductor.
+and is passed on to Inductor; ``mode="max-autotune"`` also means ``tune="exhaustive"`` unless
+``tune`` is given. ``tune`` picks kernel configs per shape bucket (see :mod:`attncompiler.tuner`):
+"off" uses the defaults, "cached" the tuning cache (defaults on a miss), "on-first-use" tunes a
+bucket the first time it runs, "exhaustive" searches every config that fits. ``cache_url`` adds
+a shared Redis level to the cache (see :mod:`attncompiler.fleet`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
 CHOICES = {
     "inner": ("inductor", "eager"),
     "kernel": ("auto", "triton", "reference"),
+    "tune": ("off", "cached", "on-first-use", "exhaustive"),
 }
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -43,6 +51,8 @@ class Options:
     kernel: str = "auto"
     rewrite: bool = True
     inductor: dict = field(default_factory=dict)
+    tune: str = "cached"
+    cache_url: str | None = None
     saa: SAAConfig | None = None  # approximate attention allowed, at this operating point
     mode: str | None = None
 
@@ -67,6 +77,10 @@ class Options:
             raise OptionError(f"option 'rewrite' must be True or False, got {merged['rewrite']!r}")
         if not isinstance(merged.get("inductor", {}), dict):
             raise OptionError("option 'inductor' must be a dict of Inductor config overrides")
+        if merged.get("cache_url") is not None:
+            _check_cache_url(merged["cache_url"])
+        if mode in ("max-autotune", "max-autotune-no-cudagraphs") and "tune" not in options:
+            merged["tune"] = "exhaustive"
         if merged.get("saa") is not None:
             merged["saa"] = _saa_config(merged["saa"])
         return cls(**merged, mode=mode)
@@ -95,7 +109,21 @@ def _from_environment() -> dict[str, Any]:
         if raw.strip().lower() not in ("0", "1", "true", "false"):
             raise OptionError(f"ATTNCOMPILER_REWRITE must be 0/1/true/false, got {raw!r}")
         env["rewrite"] = raw.strip().lower() in ("1", "true")
+    raw = os.environ.get("ATTNCOMPILER_CACHE_URL")
+    if raw:
+        env["cache_url"] = raw.strip()
     return env
+
+
+def _check_cache_url(url: Any) -> None:
+    from .fleet import parse_url
+
+    if not isinstance(url, str):
+        raise OptionError(f"option 'cache_url' must be a redis:// URL string, got {url!r}")
+    try:
+        parse_url(url)
+    except ValueError as e:
+        raise OptionError(f"option 'cache_url': {e}") from None
 
 
 def cache_dir() -> Path:

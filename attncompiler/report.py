@@ -8,6 +8,28 @@ from typing import Any, Iterator
 
 
 @dataclass
+class KernelChoice:
+    """The kernel config an attention call ran with, for its shape bucket, and where it came from."""
+
+    bucket: str
+    source: str  # "tuned" (in this run), "cache", or "default" (untuned)
+    config: str | None = None
+    ms: float | None = None
+    baseline: str | None = None  # the fastest SDPA backend when tuned
+    baseline_ms: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        return self.baseline_ms / self.ms if self.baseline_ms and self.ms else None
+
+    def describe(self) -> str:
+        if self.config is None:
+            return "config default (untuned)"
+        text = f"config {self.config} ({self.source}, {self.ms:.3g} ms"
+        return text + (f", {self.speedup:.2f}x vs {self.baseline})" if self.speedup else ")")
+
+
+@dataclass
 class Site:
     """One candidate attention site: a softmax or a ``scaled_dot_product_attention`` call."""
 
@@ -18,9 +40,11 @@ class Site:
     kernel: str | None = None
     summary: dict = field(default_factory=dict)
     source: str | None = None  # generated kernel file, when a generated kernel runs
+    choice: KernelChoice | None = None  # the config it ran with, once it has run
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.summary.items())
+        what = ", ".join(f"{k}={v}" for k, v in self.summary.items())
+        return f"{what}; {self.choice.describe()}" if self.choice else what
 
 
 @dataclass
@@ -34,6 +58,7 @@ class GraphRecord:
 class Report:
     sites: list[Site] = field(default_factory=list)
     graphs: list[GraphRecord] = field(default_factory=list)
+    choices: list[KernelChoice] = field(default_factory=list)  # one per shape bucket that ran
     output: Any = field(default=None, repr=False)  # what the call returned, for explain()
 
     @property
@@ -81,6 +106,22 @@ def publish(record: GraphRecord, sites: list[Site]) -> None:
     for report in _active:
         report.graphs.append(record)
         report.sites.extend(sites)
+
+
+def collecting() -> bool:
+    """Whether any :func:`collect` block is active (so that run-time choices are worth recording)."""
+    return bool(_active)
+
+
+def record_choice(program: str, choice: KernelChoice) -> None:
+    """Note the config chosen for a call of score program ``program``: on each active report, once
+    per bucket, and on the rewritten sites of that program that have no choice yet."""
+    for report in _active:
+        if all(c.bucket != choice.bucket for c in report.choices):
+            report.choices.append(choice)
+        for site in report.sites:
+            if site.rewritten and site.choice is None and site.summary.get("program") == program:
+                site.choice = choice
 
 
 @contextlib.contextmanager
