@@ -7,6 +7,7 @@ decides the winner, so no test depends on how fast this machine is.
 import dataclasses
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import attncompiler
 from attncompiler import tuner
-from attncompiler.cache import Entry, LocalCache, current_environment
+from attncompiler.cache import Entry, LocalCache, current_environment, tuning_dir
 from attncompiler.codegen.configs import CONFIG_SPACE, FlashConfig, keep
 from attncompiler.options import Options, triton_interpret
 from attncompiler.reference import attention_reference
@@ -29,12 +30,14 @@ H100_SMEM = 232448
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNCOMPILER_CACHE_DIR", str(tmp_path))
+def _no_tuning_results():
+    """Each test starts without tuning results (generated kernels stay where the session put them)."""
+    shutil.rmtree(tuning_dir(), ignore_errors=True)
     tuner.forget_caches()
     yield
     tuner.configure(Options.resolve())
     tuner.forget_caches()
+    shutil.rmtree(tuning_dir(), ignore_errors=True)
 
 
 def qkv(batch=1, heads=2, seq=16, dim=16, kv_heads=None, seq_k=None, dtype=torch.float32):
