@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         report = attncompiler.explain(model, **inputs, options={"inner": args.inner})
         print(report.table())
         print(f"\n{report.num_rewritten} of {len(report.sites)} attention sites rewritten")
-        error = (report.output.logits.float() - expected.float()).abs().max().item()
-        print(f"max |logits - eager logits| = {error:.3g} (logit range {expected.abs().max().item():.1f})")
+        accurate = check_logits(model, inputs, report.output.logits, expected)
 
         model.forward = torch.compile(model.forward, backend="attncompiler", options={"inner": args.inner})
         attncompiler.KERNEL_CALLS.clear()
@@ -82,8 +81,34 @@ def main(argv: list[str] | None = None) -> int:
         eager_text = greedy(model, tokenizer, inputs, args.tokens)
         print(f"eager: {args.prompt}{eager_text}")
     same = compiled_text == eager_text
-    print("generated text identical" if same else "generated text DIFFERS")
-    return 0 if same and report.num_rewritten == len(report.sites) > 0 else 1
+    print("generated text identical" if same else
+          f"generated text identical for the first {common_prefix_words(compiled_text, eager_text)} words")
+    # In fp32 the texts must agree; in bf16 two correct computations may round a close call apart.
+    texts_ok = same or dtype != torch.float32
+    return 0 if accurate and texts_ok and report.num_rewritten == len(report.sites) > 0 else 1
+
+
+def check_logits(model, inputs, compiled: torch.Tensor, eager: torch.Tensor) -> bool:
+    """Print the compiled logits' error; in low precision judge it against eager's own error in fp32."""
+    error = (compiled.float() - eager.float()).abs().max().item()
+    print(f"max |logits - eager logits| = {error:.3g} (logit range {eager.abs().max().item():.1f})")
+    if eager.dtype == torch.float32:
+        return error <= 1e-3 * eager.abs().max().item()
+    dtype = next(model.parameters()).dtype
+    exact = model.float()(**inputs).logits  # the weights are exactly representable in fp32 and back
+    model.to(dtype)
+    ours, theirs = ((t.float() - exact).abs().max().item() for t in (compiled, eager))
+    print(f"against fp32 eager: attncompiler {ours:.3g}, eager {dtype} {theirs:.3g} (ratio {ours / theirs:.2f})")
+    return ours <= 2 * theirs
+
+
+def common_prefix_words(a: str, b: str) -> int:
+    count = 0
+    for x, y in zip(a.split(), b.split()):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 if __name__ == "__main__":

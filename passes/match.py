@@ -15,7 +15,7 @@ from torch.fx import Node
 from attncompiler.spec import output_shape
 
 from . import normalize as nz
-from .score_mod import SCORE, Binary, Const, Expr, Index, Operand, Unary, Where
+from .score_mod import SCORE, UNARY, Binary, Const, Expr, Index, Operand, Unary, Where
 
 
 class NearMiss(Exception):
@@ -24,14 +24,18 @@ class NearMiss(Exception):
 
 @dataclass(frozen=True)
 class Input:
-    """A kernel input taken from the graph: ``node``, then ``permute`` (if any), then a last-two swap."""
+    """A kernel input taken from the graph: ``node``, its dim 0 split by ``lead`` (if any), then
+    ``permute`` (if any), then a last-two swap."""
 
     node: Node
     permute: tuple[int, ...] | None = None
     swap_last2: bool = False
+    lead: nz.Unflatten | None = None
 
     def shape(self) -> tuple:
         shape = tuple(nz.tensor(self.node).shape)
+        if self.lead is not None:
+            shape = tuple(self.lead.shape) + shape[1:]
         if self.permute is not None:
             shape = tuple(shape[i] for i in self.permute)
         if self.swap_last2:
@@ -51,6 +55,8 @@ class Match:
     operands: list[Node]
     region: list[Node]  # every node the op replaces, in graph order, ``pv`` last
     out_permute: tuple[int, ...] | None = None
+    out_flatten: int = 0  # leading dims of the kernel output merged back into one, as the region did
+    operand_leads: dict[Node, nz.Unflatten] = field(default_factory=dict)  # operands given before a split
     zero_empty_rows: bool = False  # SDPA's rule: a query row with no visible key gives 0, not NaN
     notes: list[str] = field(default_factory=list)
 
@@ -74,13 +80,32 @@ def match_softmax(sm: Node) -> Match:
 
     builder = _ScoreProgram(scores.shape)
     program = builder.build(soft.input, sm)
-    q, k = _qk_inputs(builder.qk)
-    post, pv = _probability_chain(sm)
-    v, out_permute = _pv_inputs(pv, scores.dim())
+    q, k = (_with_lead(x, builder.lead) for x in _qk_inputs(builder.qk))
+    post, pv, flattened = _probability_chain(sm)
+    v, out_permute = _pv_inputs(pv, scores.dim() - 1 if flattened else scores.dim())
+    if flattened:
+        lead = builder.lead or _static_lead(scores.shape[:-2], pv)
+        v = _with_lead(v, lead)  # a flattened product is a matmul: no output permute
     if tuple(scores.shape[:-2]) != tuple(output_shape(q.shape(), k.shape(), k.shape())[:-2]):
         raise NearMiss(f"score batch dims at {name(builder.qk)} are not those of q and k")
     region = [n for n in sm.graph.nodes if n in set(builder.nodes) | set(post) | {sm, pv}]
-    return Match(sm, builder.qk, pv, q, k, v, program, builder.operands, region, out_permute)
+    return Match(sm, builder.qk, pv, q, k, v, program, builder.operands, region, out_permute,
+                 out_flatten=scores.dim() - 2 if flattened else 0, operand_leads=builder.operand_leads)
+
+
+def _with_lead(x: Input, lead: nz.Unflatten | None) -> Input:
+    """``x`` with its dim 0 split as the scores' leading dims were (for ``[B·H, S, D]`` inputs)."""
+    if lead is None:
+        return x
+    if x.permute is not None or nz.tensor(x.node).dim() != 3:
+        raise NearMiss(f"{name(x.node)} is not a [N, S, D] input that the scores' view splits")
+    return Input(x.node, None, x.swap_last2, lead)
+
+
+def _static_lead(lead: tuple, at: Node) -> nz.Unflatten:
+    if not all(isinstance(d, int) for d in lead):
+        raise NearMiss(f"probabilities are flattened before {name(at)} with symbolic leading dims")
+    return nz.Unflatten(tuple(lead), tuple(lead))
 
 
 class _ScoreProgram:
@@ -91,18 +116,44 @@ class _ScoreProgram:
         self.qk: Node | None = None
         self.nodes: list[Node] = []
         self.operands: list[Node] = []
+        self.lead: nz.Unflatten | None = None  # set below a view that splits the scores' dim 0
+        self.operand_leads: dict[Node, nz.Unflatten] = {}
+
+    def _state(self) -> tuple:
+        return self.qk, list(self.nodes), list(self.operands), self.lead, self.shape, dict(self.operand_leads)
+
+    def _restore(self, state: tuple) -> None:
+        self.qk, self.nodes, self.operands, self.lead, self.shape, self.operand_leads = state
 
     def build(self, node: Node, user: Node) -> Expr:
         others = [u for u in node.users if u is not user]
         if others:
             raise NearMiss(f"scores at {name(node)} also used by {name(others[0])}")
         t = nz.tensor(node)
+        split = nz.as_unflatten_leading(node)
+        if split is not None and self.lead is None and t is not None and tuple(t.shape) == tuple(self.shape):
+            self.nodes.append(node)
+            self.lead, self.shape = split[1], nz.tensor(split[0]).shape
+            return self.build(split[0], node)
         if t is None or tuple(t.shape) != tuple(self.shape) or not t.is_floating_point():
             raise NearMiss(f"{name(node)} changes the shape or dtype kind of the scores")
         if nz.as_matmul(node) or nz.as_einsum(node):
             self.qk = node
             self.nodes.append(node)
             return SCORE
+        fused = nz.as_baddbmm(node)
+        if fused is not None:
+            self.qk = node
+            self.nodes.append(node)
+            bias, _, _, beta, alpha = fused
+            beta, alpha = nz.constant_scalar(beta), nz.constant_scalar(alpha)
+            if beta is None or alpha is None:
+                raise NearMiss(f"baddbmm at {name(node)} has a non-constant beta or alpha")
+            score = SCORE if alpha == 1 else Binary("mul", SCORE, Const(alpha))
+            if beta == 0:
+                return score
+            term = self._side(bias, node, False, self.shape, self.lead)
+            return Binary("add", score, term if beta == 1 else Binary("mul", term, Const(beta)))
         inner = nz.as_cast(node)
         if inner is not None:
             self.nodes.append(node)
@@ -122,16 +173,17 @@ class _ScoreProgram:
         if not candidates:
             raise NearMiss(f"no argument of {name(node)} carries the scores")
         failure = None
+        here = (self.shape, self.lead)  # the scores' space at this node, for the side operands
         for i in candidates:
-            saved = (self.qk, list(self.nodes), list(self.operands))
+            saved = self._state()
             try:
                 score = self.build(ew.args[i], node)
             except NearMiss as e:
                 failure = failure or e
-                self.qk, self.nodes, self.operands = saved
+                self._restore(saved)
                 continue
             self.nodes.append(node)
-            args = [score if j == i else self._side(a, node, boolean=self._is_condition(ew.op, j))
+            args = [score if j == i else self._side(a, node, self._is_condition(ew.op, j), *here)
                     for j, a in enumerate(ew.args)]
             return self._combine(ew.op, args)
         raise failure
@@ -144,7 +196,7 @@ class _ScoreProgram:
     def _is_condition(op: str, index: int) -> bool:
         return (op == "masked_fill" and index == 1) or (op == "where" and index == 0)
 
-    def _side(self, arg, at: Node, boolean: bool) -> Expr:
+    def _side(self, arg, at: Node, boolean: bool, shape: torch.Size, lead: nz.Unflatten | None) -> Expr:
         c = nz.constant_scalar(arg)
         if c is not None and not boolean:
             return Const(c)
@@ -154,19 +206,23 @@ class _ScoreProgram:
         if (t.dtype == torch.bool) != boolean:
             raise NearMiss(f"{name(at)} uses a {t.dtype} tensor where a {'boolean' if boolean else 'number'} is expected")
         try:
-            fits = tuple(torch.broadcast_shapes(tuple(t.shape), tuple(self.shape))) == tuple(self.shape)
+            fits = tuple(torch.broadcast_shapes(tuple(t.shape), tuple(shape))) == tuple(shape)
         except RuntimeError:
             fits = False
         if not fits:
             raise NearMiss(f"operand {arg} of {name(at)} does not broadcast to the score shape")
+        if lead is not None and t.dim() == len(shape):
+            if self.operand_leads.get(arg, lead) != lead:
+                raise NearMiss(f"operand {arg} of {name(at)} is used on both sides of a view of the scores")
+            self.operand_leads[arg] = lead
         if arg not in self.operands:
             self.operands.append(arg)
         return Operand(self.operands.index(arg))
 
     @staticmethod
     def _combine(op: str, args: list[Expr]) -> Expr:
-        if op == "neg":
-            return Unary("neg", args[0])
+        if op in UNARY:
+            return Unary(op, args[0])
         if op == "masked_fill":
             return Where(args[1], args[2], args[0])
         if op == "where":
@@ -175,7 +231,8 @@ class _ScoreProgram:
 
 
 def _qk_inputs(qk: Node) -> tuple[Input, Input]:
-    mm = nz.as_matmul(qk)
+    mm = nz.as_matmul(qk) or (nz.as_baddbmm(qk) or (None,) * 3)[1:3]
+    mm = None if mm[0] is None else mm
     if mm is not None:
         a, b = mm
         k = nz.as_transpose_last2(b)
@@ -192,10 +249,12 @@ def _qk_inputs(qk: Node) -> tuple[Input, Input]:
     return _permuted(a, sa, batch + lq + ld), _permuted(b, sb, batch + lk + ld)
 
 
-def _probability_chain(sm: Node) -> tuple[list[Node], Node]:
-    """Casts and eval-mode dropout after the softmax, then the P·V product."""
+def _probability_chain(sm: Node) -> tuple[list[Node], Node, bool]:
+    """Casts, eval-mode dropout and a view merging the leading dims after the softmax, then the P·V
+    product; also whether the view was there."""
     post: list[Node] = []
     cur = sm
+    flattened = False
     while True:
         users = list(cur.users)
         if len(users) != 1:
@@ -207,14 +266,18 @@ def _probability_chain(sm: Node) -> tuple[list[Node], Node]:
             post.append(user)
             cur = user
             continue
+        if not flattened and nz.as_flatten_leading(user) is cur:
+            post.append(user)
+            cur, flattened = user, True
+            continue
         if drop is not None:
             raise NearMiss(f"dropout in training mode (p={drop.p}) at {name(user)}")
         mm = nz.as_matmul(user)
         if mm is not None and mm[0] is cur and mm[1] is not cur:
-            return post, user
+            return post, user, flattened
         es = nz.as_einsum(user)
-        if es is not None and es[1] is cur and es[2] is not cur:
-            return post, user
+        if es is not None and es[1] is cur and es[2] is not cur and not flattened:
+            return post, user, flattened
         raise NearMiss(f"probabilities at {name(cur)} are used by {name(user)} ({user.target}), not a P·V product")
 
 
@@ -281,7 +344,7 @@ def match_sdpa(node: Node) -> Match:
     if call.is_causal not in (True, False) or call.enable_gqa not in (True, False):
         raise NearMiss(f"scaled_dot_product_attention at {name(node)} has a non-constant is_causal/enable_gqa")
     q, k = nz.tensor(call.query), nz.tensor(call.key)
-    if q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3] and not call.enable_gqa:
+    if q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3] != 1 and not call.enable_gqa:
         raise NearMiss(f"scaled_dot_product_attention at {name(node)} has {q.shape[-3]} query and "
                        f"{k.shape[-3]} key heads without enable_gqa")
     if call.scale is None:

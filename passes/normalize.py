@@ -63,6 +63,16 @@ def as_matmul(node: Any) -> tuple[Node, Node] | None:
     return a, b
 
 
+def as_baddbmm(node: Any) -> tuple[Node, Node, Node, Any, Any] | None:
+    """``(input, a, b, beta, alpha)`` of ``beta·input + alpha·(a @ b)`` written with ``baddbmm``."""
+    if not _is(node, (torch.baddbmm, torch.Tensor.baddbmm), ("baddbmm",)):
+        return None
+    bias, a, b = (_arg(node, i, n) for i, n in enumerate(("input", "batch1", "batch2")))
+    if tensor(a) is None or tensor(b) is None:
+        return None
+    return bias, a, b, node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+
+
 def as_einsum(node: Any) -> tuple[str, Node, Node] | None:
     """``(equation, a, b)`` of a two-operand ``torch.einsum`` with no spaces in the equation."""
     if not _is(node, (torch.einsum, torch.functional.einsum), ()):
@@ -102,6 +112,57 @@ def as_transpose_last2(node: Any) -> Node | None:
     if _is(node, (torch.t,), ("t",)) and rank == 2:
         return x
     return None
+
+
+@dataclass(frozen=True)
+class Unflatten:
+    """Dim 0 split into leading dims: ``args`` for the graph (ints or SymInt nodes), ``shape`` their sizes."""
+
+    args: tuple
+    shape: tuple
+
+
+_RESHAPES = ((torch.reshape,), ("view", "reshape"))
+
+
+def _reshape_target(node: Node) -> tuple | None:
+    if not _is(node, *_RESHAPES) or len(node.args) < 2:
+        return None
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+        shape = tuple(shape[0])
+    return tuple(shape)
+
+
+def as_unflatten_leading(node: Any) -> tuple[Node, Unflatten] | None:
+    """``(x, how)`` when ``node`` views a ``[N, m, n]`` tensor ``x`` as ``[*lead, m, n]`` (prod(lead) = N)."""
+    if not isinstance(node, Node):
+        return None
+    target = _reshape_target(node)
+    x = node.args[0] if node.args else None
+    before, after = tensor(x), tensor(node)
+    if target is None or before is None or after is None or before.dim() != 3 or after.dim() < 4:
+        return None
+    if tuple(after.shape[-2:]) != tuple(before.shape[-2:]) or len(target) != after.dim():
+        return None
+    lead = tuple(after.shape[:-2])
+    args = tuple(a if not (isinstance(a, int) and a < 0) else lead[i] for i, a in enumerate(target[:-2]))
+    if any(isinstance(a, int) and a < 0 for a in args):
+        return None
+    return x, Unflatten(args, lead)
+
+
+def as_flatten_leading(node: Any) -> Node | None:
+    """``x`` when ``node`` views ``x [*lead, m, n]`` (two or more leading dims) as ``[prod(lead), m, n]``."""
+    if not isinstance(node, Node):
+        return None
+    x = node.args[0] if node.args else None
+    before, after = tensor(x), tensor(node)
+    if _reshape_target(node) is None or before is None or after is None:
+        return None
+    if after.dim() != 3 or before.dim() < 4 or tuple(after.shape[-2:]) != tuple(before.shape[-2:]):
+        return None
+    return x
 
 
 # --- dtype casts and no-ops ---------------------------------------------------------
@@ -167,6 +228,7 @@ ELEMENTWISE = {
     "div": ((operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.Tensor.div),
             ("div", "div_", "true_divide", "__truediv__")),
     "neg": ((operator.neg, torch.neg), ("neg", "__neg__")),
+    "tanh": ((torch.tanh, torch.Tensor.tanh, F.tanh), ("tanh",)),
     "masked_fill": ((torch.masked_fill, torch.Tensor.masked_fill), ("masked_fill", "masked_fill_")),
     "where": ((torch.where,), ()),
 }
@@ -192,7 +254,7 @@ def as_elementwise(node: Any) -> Elementwise | None:
             return Elementwise(op, (*node.args, kwargs.pop("value")))
         if kwargs:
             return None
-        arity = {"neg": 1, "masked_fill": 3, "where": 3}.get(op, 2)
+        arity = {"neg": 1, "tanh": 1, "masked_fill": 3, "where": 3}.get(op, 2)
         return Elementwise(op, tuple(node.args)) if len(node.args) == arity else None
     return None
 

@@ -96,10 +96,13 @@ def _replace(graph: Graph, match: Match, kernel: str) -> None:
 
     try:
         q, k, v = (_materialize(x, add) for x in (match.q, match.k, match.v))
-        out = add("call_function", torch.ops.attncompiler.attention.default, (q, k, v, list(match.operands), str(match.program), kernel,
-                                                                                 match.zero_empty_rows))
+        operands = [_materialize_operand(t, match.operand_leads.get(t), add) for t in match.operands]
+        out = add("call_function", torch.ops.attncompiler.attention.default,
+                  (q, k, v, operands, str(match.program), kernel, match.zero_empty_rows))
         if match.out_permute is not None:
             out = add("call_method", "permute", (out, *match.out_permute))
+        if match.out_flatten:
+            out = add("call_method", "flatten", (out, 0, match.out_flatten - 1))
         expected, got = nz.tensor(match.pv), nz.tensor(out)
         if expected is not None and got is not None and (expected.shape != got.shape or expected.dtype != got.dtype):
             raise NearMiss(f"replacement would give {got.dtype}{list(got.shape)}, "
@@ -127,11 +130,22 @@ def _erase_dead(graph: Graph, candidates: set[Node]) -> None:
 
 def _materialize(x: Input, add) -> Node:
     node = x.node
+    if x.lead is not None:
+        node = add("call_method", "unflatten", (node, 0, x.lead.args))
     if x.permute is not None:
         node = add("call_method", "permute", (node, *x.permute))
     if x.swap_last2:
         node = add("call_method", "transpose", (node, -2, -1))
     return node
+
+
+def _materialize_operand(node: Node, lead: nz.Unflatten | None, add) -> Node:
+    """An operand given in the flattened ``[N, m, n]`` space, viewed in the split ``[*lead, m, n]`` one."""
+    if lead is None:
+        return node
+    if nz.tensor(node).shape[0] == 1:
+        return add("call_method", "view", (node, *([1] * len(lead.args)), *nz.tensor(node).shape[1:]))
+    return add("call_method", "unflatten", (node, 0, lead.args))
 
 
 def _set_example_value(node: Node) -> None:

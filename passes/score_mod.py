@@ -42,6 +42,7 @@ BINARY: dict[str, tuple[Callable, str]] = {
 UNARY: dict[str, tuple[Callable, str]] = {
     "neg": (torch.neg, "(-{a})"),
     "not": (torch.logical_not, "({a} == 0)"),
+    "tanh": (torch.tanh, "(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)"),
 }
 INDEX_NAMES = ("q", "k", "Sq", "Sk")
 
