@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
-             vocab_size=128, max_position_embeddings=512)
+             vocab_size=128, max_position_embeddings=4096)
 DECODER = dict(SMALL, num_key_value_heads=2)
 
 
@@ -28,7 +28,7 @@ class Arch:
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch("GPT2Config", "GPT2LMHeadModel",
-                 dict(n_embd=64, n_head=4, n_layer=2, vocab_size=128, n_positions=512,
+                 dict(n_embd=64, n_head=4, n_layer=2, vocab_size=128, n_positions=4096,
                       scale_attn_by_inverse_layer_idx=True)),
     "llama": Arch("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": Arch("MistralConfig", "MistralForCausalLM", dict(DECODER, sliding_window=8)),
@@ -43,7 +43,7 @@ ARCHS: dict[str, Arch] = {
     "starcoder2": Arch("Starcoder2Config", "Starcoder2ForCausalLM", DECODER),
     "opt": Arch("OPTConfig", "OPTForCausalLM",
                 dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=128,
-                     vocab_size=128, max_position_embeddings=512, word_embed_proj_dim=64)),
+                     vocab_size=128, max_position_embeddings=4096, word_embed_proj_dim=64)),
     "bloom": Arch("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=128),
                   sdpa=False),
     "gpt_neox": Arch("GPTNeoXConfig", "GPTNeoXForCausalLM", SMALL),
@@ -56,7 +56,7 @@ ARCHS: dict[str, Arch] = {
     "bart": Arch("BartConfig", "BartForConditionalGeneration",
                  dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2,
                       decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
-                      max_position_embeddings=512), inputs="seq2seq", sites_per_layer=3),
+                      max_position_embeddings=4096), inputs="seq2seq", sites_per_layer=3),
     "bert": Arch("BertConfig", "BertModel", SMALL, inputs="padded tokens"),
     "roberta": Arch("RobertaConfig", "RobertaModel", dict(SMALL, pad_token_id=1), inputs="padded tokens"),
     "distilbert": Arch("DistilBertConfig", "DistilBertModel",

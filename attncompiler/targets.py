@@ -22,10 +22,6 @@ from typing import Any
 
 import torch
 
-TINY_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096)
-
-
 class TargetError(Exception):
     """A target that cannot be loaded; its message is one readable line."""
 
@@ -72,16 +68,13 @@ def load_file_target(spec: str) -> Target:
 
 
 def hf_target(architecture: str, seq: int, batch: int, device: str, dtype: torch.dtype) -> Target:
-    """A tiny ``architecture`` causal LM with random weights on ``device``, and random token ids."""
+    """A tiny ``architecture`` model (see :mod:`attncompiler.hf_zoo`) with random weights and eager
+    attention on ``device``, and its example inputs."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from attncompiler.hf_zoo import build
+        model, inputs = build(architecture, "eager", seq=seq, batch=batch, dtype=dtype, device=device)
     except ImportError:
         raise TargetError("--hf needs transformers: pip install 'attncompiler[hf]'") from None
-    try:
-        config = AutoConfig.for_model(architecture, **TINY_CONFIG)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
-    except ValueError as e:
-        raise TargetError(f"--hf {architecture}: {str(e).splitlines()[0]}") from None
-    torch.manual_seed(0)
-    input_ids = torch.randint(0, TINY_CONFIG["vocab_size"], (batch, seq), device=device)
-    return Target(f"{architecture} (tiny, random weights)", model.to(device).eval(), kwargs={"input_ids": input_ids})
+    except (KeyError, ValueError) as e:
+        raise TargetError(f"--hf {architecture}: {str(e.args[0]).splitlines()[0]}") from None
+    return Target(f"{architecture} (tiny, random weights)", model, kwargs=inputs)
