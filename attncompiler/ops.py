@@ -16,13 +16,15 @@ from collections import Counter
 import torch
 
 from .options import triton_interpret
-from .reference import attention_reference
+from .reference import attention_reference, attention_reference_with_lse
 from .spec import output_shape
 
 log = logging.getLogger("attncompiler")
 
 KERNEL_CALLS: Counter = Counter()
 _failed_programs: set[str] = set()
+_failed_backward_programs: set[str] = set()
+BACKWARD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the saved lse is fp32
 
 
 def triton_available() -> bool:
@@ -51,43 +53,83 @@ def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str
 
 @torch.library.custom_op("attncompiler::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
-              program: str, kernel: str, zero_empty_rows: bool = False) -> torch.Tensor:
-    """softmax(program(q·kᵀ, operands))·v. q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``."""
+              program: str, kernel: str, zero_empty_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: softmax(program(q·kᵀ, operands))·v and the float32 row logsumexp of the scores.
+
+    q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``; out ``[..., Sq, Dv]``, lse ``[..., Sq]``.
+    """
     if resolve_kernel(kernel, q.device, q.dtype) == "triton" and program not in _failed_programs:
         from attncompiler.codegen.flash import flash_forward
         from attncompiler.tuner import select_config
 
         try:
-            out = flash_forward(q, k, v, list(operands), program, interpret=q.device.type == "cpu",
-                                zero_empty_rows=zero_empty_rows,
-                                config=select_config(q, k, v, operands, program))
+            out, lse = flash_forward(q, k, v, list(operands), program, interpret=q.device.type == "cpu",
+                                     zero_empty_rows=zero_empty_rows,
+                                     config=select_config(q, k, v, operands, program))
         except Exception as e:  # a kernel that cannot compile or launch: keep the model running
             _failed_programs.add(program)
             log.warning("attncompiler: Triton kernel failed for %s (%s: %s); using the reference",
                         program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         else:
             KERNEL_CALLS["triton"] += 1
-            return out
+            return out, lse
     KERNEL_CALLS["reference"] += 1
-    return attention_reference(q, k, v, list(operands), program, zero_empty_rows)
+    out, lse = attention_reference_with_lse(q, k, v, list(operands), program, zero_empty_rows)
+    return out, lse.float()
 
 
 @attention.register_fake
 def _(q, k, v, operands, program, kernel, zero_empty_rows=False):
-    return q.new_empty(output_shape(q.shape, k.shape, v.shape), dtype=v.dtype)
+    shape = output_shape(q.shape, k.shape, v.shape)
+    return q.new_empty(shape, dtype=v.dtype), q.new_empty(shape[:-1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, operands, program, _, zero_empty_rows = inputs
+    q, k, v, operands, program, kernel, zero_empty_rows = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.program = program
+    ctx.kernel = resolve_kernel(kernel, q.device, q.dtype)
     ctx.zero_empty_rows = zero_empty_rows
-    ctx.num_operands = len(operands)
-    ctx.save_for_backward(q, k, v, *operands)
+    ctx.save_for_backward(q, k, v, out, lse, *operands)
 
 
-def _backward(ctx, grad_out):
-    """Gradients by differentiating the reference (recomputes the scores)."""
-    q, k, v, *operands = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse):
+    """The Triton backward where the forward could run Triton on fp16, bf16 or fp32 inputs and no
+    operand needs a gradient (a learned bias needs dBias); otherwise, or for a program without
+    derivative rules, the reference."""
+    q, k, v, out, lse, *operands = ctx.saved_tensors
+    wants_operand_grads = any(ctx.needs_input_grad[3])
+    grads = None
+    if (ctx.kernel == "triton" and q.dtype in BACKWARD_DTYPES and not wants_operand_grads
+            and ctx.program not in _failed_backward_programs):
+        grads = _triton_backward(ctx, q, k, v, out, lse, grad_out, operands)
+    if grads is None:
+        KERNEL_CALLS["reference_bwd"] += 1
+        grads = _reference_backward(ctx, q, k, v, grad_out, operands)
+    else:
+        KERNEL_CALLS["triton_bwd"] += 1
+        grads = (*grads, [None] * len(operands))
+    # One gradient per argument the caller passed: the dispatcher drops arguments left at their default.
+    return (*grads, None, None, None)[:len(ctx.needs_input_grad)]
+
+
+def _triton_backward(ctx, q, k, v, out, lse, grad_out, operands):
+    """``(dq, dk, dv)`` from the generated backward kernels, or None when they cannot be built or run."""
+    from attncompiler.codegen.flash_bwd import flash_backward
+
+    try:
+        return flash_backward(q, k, v, out, lse, grad_out, operands, ctx.program, ctx.zero_empty_rows,
+                              interpret=q.device.type == "cpu")
+    except Exception as e:  # no derivative rule, or a kernel that cannot compile or launch
+        _failed_backward_programs.add(ctx.program)
+        log.warning("attncompiler: Triton backward failed for %s (%s: %s); using the reference",
+                    ctx.program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+def _reference_backward(ctx, q, k, v, grad_out, operands):
+    """``(dq, dk, dv, operand grads)`` by differentiating the reference (recomputes the scores)."""
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in (q, k, v, *operands)]
         out = attention_reference(*inputs[:3], inputs[3:], ctx.program, ctx.zero_empty_rows)
@@ -95,7 +137,7 @@ def _backward(ctx, grad_out):
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
     result = [next(grads) if t.requires_grad else None for t in inputs]
     result = [g.to(t.dtype) if g is not None else None for g, t in zip(result, inputs)]
-    return result[0], result[1], result[2], result[3:], None, None, None
+    return result[0], result[1], result[2], result[3:]
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

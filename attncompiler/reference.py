@@ -23,6 +23,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opera
     q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]`` with grouped heads as in
     :mod:`attncompiler.spec`; operands broadcast to ``[..., Sq, Sk]``.
     """
+    return attention_reference_with_lse(q, k, v, operands, program, zero_empty_rows, compute_dtype)[0]
+
+
+def attention_reference_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
+                                 program: str, zero_empty_rows: bool = False,
+                                 compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: :func:`attention_reference` and the row logsumexp ``[..., Sq]`` of the program's
+    scores in ``compute_dtype`` (``-inf`` for a row with no visible key)."""
     if compute_dtype is None:
         compute_dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype), torch.float32)
     q, k, v, group = align(q, k, v)
@@ -32,4 +40,4 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opera
     probs = torch.softmax(scores, dim=-1)
     if zero_empty_rows:
         probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
-    return torch.matmul(probs, v.to(compute_dtype)).to(v.dtype)
+    return torch.matmul(probs, v.to(compute_dtype)).to(v.dtype), torch.logsumexp(scores, dim=-1)

@@ -57,3 +57,49 @@ def default_config(q: torch.Tensor, head_dim_v: int, interpret: bool) -> FlashCo
         config = FlashConfig(64, 32, 4, 2)
     return FlashConfig(min(config.block_m, _pow2_at_least(seq_q)), config.block_n, config.num_warps,
                        config.num_stages)
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Tiles of the backward kernels. Each program keeps a *resident* tile and accumulates into it
+    while streaming the other side: keys (dK, dV) over query tiles, queries (dQ) over key tiles."""
+
+    block_resident: int
+    block_streamed: int
+    num_warps: int
+    num_stages: int
+
+
+def bwd_shared_memory_bytes(c: BwdConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
+    """Shared memory of the heavier backward kernel: two resident tiles plus ``num_stages`` pairs of
+    streamed tiles (k, v for dQ; q, dO for dK/dV)."""
+    d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    return itemsize * (c.block_resident + c.num_stages * c.block_streamed) * (d + dv)
+
+
+def bwd_keep(c: BwdConfig, head_dim: int, head_dim_v: int, itemsize: int, smem_limit: int) -> bool:
+    """Prune backward configs that overflow shared memory or the registers of the fp32 accumulators."""
+    if bwd_shared_memory_bytes(c, head_dim, head_dim_v, itemsize) > smem_limit:
+        return False
+    accumulators = c.block_resident * (_pow2_at_least(head_dim) + _pow2_at_least(head_dim_v))
+    if accumulators // (32 * c.num_warps) > 128:
+        return False
+    return c.block_resident * c.block_streamed // (32 * c.num_warps) >= 4
+
+
+BWD_CONFIG_SPACE = [
+    BwdConfig(r, s, w, st)
+    for r, s, w, st in itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3, 4, 5))
+]
+
+
+def default_bwd_config(q: torch.Tensor, head_dim_v: int, interpret: bool) -> BwdConfig:
+    """A good untuned backward config for this query shape, dtype and device."""
+    widest = max(q.shape[-1], head_dim_v)
+    if interpret:
+        return BwdConfig(64, 32, 4, 1)
+    if q.dtype == torch.float32:
+        return BwdConfig(64, 32, 4, 2) if widest <= 64 else BwdConfig(64 if widest <= 128 else 32, 16, 4, 1)
+    if widest <= 128:
+        return BwdConfig(128, 32, 8 if widest > 64 else 4, 3 if widest > 64 else 4)
+    return BwdConfig(64, 32, 8, 2)

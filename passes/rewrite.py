@@ -8,6 +8,7 @@ that site, leaves the region as it was and records the reason.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -97,8 +98,9 @@ def _replace(graph: Graph, match: Match, kernel: str) -> None:
     try:
         q, k, v = (_materialize(x, add) for x in (match.q, match.k, match.v))
         operands = [_materialize_operand(t, match.operand_leads.get(t), add) for t in match.operands]
-        out = add("call_function", torch.ops.attncompiler.attention.default,
-                  (q, k, v, operands, str(match.program), kernel, match.zero_empty_rows))
+        attention = add("call_function", torch.ops.attncompiler.attention.default,
+                        (q, k, v, operands, str(match.program), kernel, match.zero_empty_rows))
+        out = add("call_function", operator.getitem, (attention, 0))  # (out, lse): lse serves the backward
         if match.out_permute is not None:
             out = add("call_method", "permute", (out, *match.out_permute))
         if match.out_flatten:

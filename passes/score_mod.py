@@ -263,3 +263,106 @@ def _conjuncts(expr: Expr) -> list[Expr]:
     if isinstance(expr, Binary) and expr.op == "and":
         return _conjuncts(expr.a) + _conjuncts(expr.b)
     return [expr]
+
+
+def without_key_limit(expr: Expr) -> Expr:
+    """``expr`` as it reads for keys inside its :func:`key_limit`, where the bounding term is true:
+    that term leaves the outer select's condition, and the select goes when nothing else is left."""
+    limit = key_limit(expr)
+    if limit is None:
+        return expr
+    bound, inclusive = limit
+    term = Binary("le" if inclusive else "lt", Index("k"), bound)
+    rest = [c for c in _conjuncts(expr.cond) if c != term]
+    if not rest:
+        return expr.a
+    cond = rest[0]
+    for c in rest[1:]:
+        cond = Binary("and", cond, c)
+    return Where(cond, expr.a, expr.b)
+
+
+# f'(a) for each unary op f, as an expression of its argument a.
+UNARY_DERIVATIVES: dict[str, Callable[[Expr], Expr]] = {
+    "neg": lambda a: Const(-1.0),
+    "tanh": lambda a: _sub(ONE, _mul(Unary("tanh", a), Unary("tanh", a))),
+}
+# Comparisons and logic are piecewise constant in the score: their derivative is 0.
+PIECEWISE_CONSTANT = {"le", "lt", "ge", "gt", "eq", "ne", "and", "or", "not"}
+ZERO, ONE = Const(0.0), Const(1.0)
+
+
+def score_derivative(expr: Expr) -> Expr:
+    """∂expr/∂s as an expression over the same leaves (constants folded), for the backward kernel.
+
+    A select differentiates branch-wise. Raises ValueError for a unary op without a rule in
+    :data:`UNARY_DERIVATIVES`.
+    """
+    if SCORE not in leaves(expr):
+        return ZERO
+    if isinstance(expr, Score):
+        return ONE
+    if isinstance(expr, Where):
+        da, db = score_derivative(expr.a), score_derivative(expr.b)
+        return da if da == db else Where(expr.cond, da, db)
+    if isinstance(expr, Unary):
+        if expr.op in PIECEWISE_CONSTANT:
+            return ZERO
+        if expr.op not in UNARY_DERIVATIVES:
+            raise ValueError(f"score program {expr} has no derivative rule for {expr.op!r}")
+        return _mul(UNARY_DERIVATIVES[expr.op](expr.a), score_derivative(expr.a))
+    if isinstance(expr, Binary):
+        if expr.op in PIECEWISE_CONSTANT:
+            return ZERO
+        a, b = expr.a, expr.b
+        da, db = score_derivative(a), score_derivative(b)
+        if expr.op == "add":
+            return _add(da, db)
+        if expr.op == "sub":
+            return _sub(da, db)
+        if expr.op == "mul":
+            return _add(_mul(da, b), _mul(a, db))
+        if expr.op == "div":
+            if db == ZERO:
+                return _div(da, b)
+            return _div(_sub(_mul(da, b), _mul(a, db)), _mul(b, b))
+        raise ValueError(f"score program {expr} has no derivative rule for {expr.op!r}")
+    raise TypeError(f"not a score expression: {expr!r}")
+
+
+def _add(a: Expr, b: Expr) -> Expr:
+    if a == ZERO:
+        return b
+    if b == ZERO:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value + b.value)
+    return Binary("add", a, b)
+
+
+def _sub(a: Expr, b: Expr) -> Expr:
+    if b == ZERO:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value - b.value)
+    return Unary("neg", b) if a == ZERO else Binary("sub", a, b)
+
+
+def _mul(a: Expr, b: Expr) -> Expr:
+    if ZERO in (a, b):
+        return ZERO
+    if a == ONE:
+        return b
+    if b == ONE:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value * b.value)
+    return Binary("mul", a, b)
+
+
+def _div(a: Expr, b: Expr) -> Expr:
+    if a == ZERO or b == ONE:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value / b.value)
+    return Binary("div", a, b)

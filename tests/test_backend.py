@@ -272,7 +272,7 @@ def test_rejected_replacement_reports_no_kernel(monkeypatch):
     def wrong_dtype(node):
         real(node)
         if node.target is torch.ops.attncompiler.attention.default:
-            node.meta["example_value"] = node.meta["example_value"].to(torch.float64)
+            node.meta["example_value"] = tuple(t.to(torch.float64) for t in node.meta["example_value"])
 
     monkeypatch.setattr(rewrite, "_set_example_value", wrong_dtype)
     q, k, v = qkv()

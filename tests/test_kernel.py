@@ -19,7 +19,7 @@ from attncompiler.codegen.configs import FlashConfig
 from attncompiler.codegen.flash import flash_forward, generate, load_kernel
 from attncompiler.spec import output_shape
 from attncompiler.options import triton_interpret
-from attncompiler.passes.score_mod import parse
+from attncompiler.passes.score_mod import evaluate, parse
 from attncompiler.reference import attention_reference
 from tolerance import assert_as_accurate_as_torch
 
@@ -58,11 +58,21 @@ def eager(q, k, v, operands, program):
     return attention_reference(q, k, v, operands, program, compute_dtype=q.dtype)
 
 
+def exact_lse(q, k, operands, program):
+    """The float64 row logsumexp of the program's scores."""
+    return torch.logsumexp(evaluate(parse(program), q.double() @ k.double().transpose(-2, -1), operands), dim=-1)
+
+
+def eager_lse(q, k, operands, program):
+    """PyTorch's row logsumexp in the input dtype."""
+    return torch.logsumexp(evaluate(parse(program), q @ k.transpose(-2, -1), operands), dim=-1)
+
+
 def run(q, k, v, operands, program, config=None):
     """The kernel's output, written into a NaN-poisoned ``out`` so that unwritten elements fail."""
     out = torch.full(output_shape(q.shape, k.shape, v.shape), math.nan, dtype=v.dtype, device=DEVICE)
-    result = flash_forward(q, k, v, operands, program, config=config, interpret=INTERPRET, out=out)
-    assert result is out
+    result, lse = flash_forward(q, k, v, operands, program, config=config, interpret=INTERPRET, out=out)
+    assert result is out and lse.shape == out.shape[:-1] and lse.dtype == torch.float32
     return out
 
 
@@ -179,6 +189,31 @@ def test_fully_masked_rows_finfo_min_give_uniform_average(dtype):
     assert not torch.allclose(out[:, :, 1:5].double(), average[:, :, :1].expand(1, 2, 4, 64), atol=0.1)
 
 
+def test_fully_masked_rows_by_a_finfo_min_bias_give_uniform_average():
+    """An fp32 additive mask of finfo.min on every key of a row (as models build it) gives the plain
+    average of v, as in eager: scaling such scores by log2(e) must not overflow to -inf."""
+    q, k, v = randn(1, 2, 37, 64), randn(1, 2, 45, 64), randn(1, 2, 45, 64)
+    bias = torch.zeros(37, 45, device=DEVICE)
+    bias[[0, 5, 36]] = torch.finfo(torch.float32).min
+    out = check(q, k, v, [bias], BIASED)
+    average = v.double().mean(dim=-2, keepdim=True).expand(1, 2, 3, 64)
+    assert_as_accurate_as_torch(out[:, :, [0, 5, 36]], average, v.mean(dim=-2, keepdim=True).expand(1, 2, 3, 64))
+
+
+@pytest.mark.parametrize("program", [
+    "(where (le k q) (mul s 0.125) -inf)",
+    "(where (le k (add q (sub Sk Sq))) (mul s 0.125) -inf)",
+    "(where (and (le k q) (gt k (sub q 20.0))) (mul s 0.125) -inf)",
+    "(where (lt k (add q 1.5)) (mul s 0.125) -inf)",
+])
+@pytest.mark.parametrize("sq, sk", [(113, 113), (100, 150), (37, 200)])
+def test_index_predicates(program, sq, sk):
+    """Causal (top-left, bottom-right), a sliding window and a fractional strict bound: key tiles in
+    the unmasked phase, the masked phase, and skipped ones."""
+    q, k, v = randn(1, 2, sq, 32), randn(1, 2, sk, 32), randn(1, 2, sk, 32)
+    check(q, k, v, [], program)
+
+
 def test_3d_inputs():
     """[B·H, S, D] inputs with a [Sq, Sk] mask."""
     q, k, v = randn(6, 37, 64), randn(6, 113, 64), randn(6, 113, 48)
@@ -255,24 +290,27 @@ def test_op_auto_runs_the_triton_kernel(kernel_calls):
     """kernel="auto" runs the Triton kernel here (interpreter or GPU) and counts it."""
     q, k, v = randn(2, 2, 37, 64), randn(2, 2, 50, 64), randn(2, 2, 50, 64)
     mask = torch.ones(37, 50, dtype=torch.bool, device=DEVICE).tril(13)
-    out = op(q, k, v, [mask], MASKED, "auto")
+    out, lse = op(q, k, v, [mask], MASKED, "auto")
     assert dict(kernel_calls) == {"triton": 1}
     assert_as_accurate_as_torch(out, exact(q, k, v, [mask], MASKED), eager(q, k, v, [mask], MASKED))
+    assert_as_accurate_as_torch(lse, exact_lse(q, k, [mask], MASKED), eager_lse(q, k, [mask], MASKED))
 
 
 def test_op_reference_runs_the_reference(kernel_calls):
     """kernel="reference" runs the PyTorch reference and counts it."""
     q, k, v = randn(2, 2, 37, 64), randn(2, 2, 50, 64), randn(2, 2, 50, 64)
-    out = op(q, k, v, [], SCALED, "reference")
+    out, lse = op(q, k, v, [], SCALED, "reference")
     assert dict(kernel_calls) == {"reference": 1}
     assert_as_accurate_as_torch(out, exact(q, k, v, [], SCALED), eager(q, k, v, [], SCALED))
+    assert lse.dtype == torch.float32
+    assert_as_accurate_as_torch(lse, exact_lse(q, k, [], SCALED), eager_lse(q, k, [], SCALED))
 
 
 @pytest.mark.skipif(not INTERPRET, reason="about the CPU interpreter")
 def test_op_auto_runs_bf16_on_cpu_with_the_reference(kernel_calls):
     """The interpreter cannot do bf16 dots, so kernel="auto" picks the reference; "triton" refuses."""
     q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.bfloat16) for _ in range(3))
-    out = op(q, k, v, [], SCALED, "auto")
+    out, _ = op(q, k, v, [], SCALED, "auto")
     assert dict(kernel_calls) == {"reference": 1}
     torch.testing.assert_close(out, attention_reference(q, k, v, [], SCALED))
     with pytest.raises(RuntimeError, match="fp16 or fp32"):
@@ -285,9 +323,10 @@ def test_op_fake_tensor_mode(kernel_calls):
         q = torch.empty(2, 4, 37, 64, dtype=torch.float16)
         k = torch.empty(1, 1, 50, 64, dtype=torch.float16)
         v = torch.empty(2, 1, 50, 32, dtype=torch.float16)
-        out = op(q, k, v, [torch.empty(37, 50, dtype=torch.bool)], MASKED, "auto")
-    assert isinstance(out, FakeTensor)
+        out, lse = op(q, k, v, [torch.empty(37, 50, dtype=torch.bool)], MASKED, "auto")
+    assert isinstance(out, FakeTensor) and isinstance(lse, FakeTensor)
     assert out.shape == (2, 4, 37, 32) and out.dtype == torch.float16
+    assert lse.shape == (2, 4, 37) and lse.dtype == torch.float32
     assert not kernel_calls
 
 
@@ -296,7 +335,7 @@ def test_op_symbolic_sizes(kernel_calls):
     counter = CompileCounterWithBackend("eager")
 
     def fn(q, k, v, bias):
-        return torch.ops.attncompiler.attention(q, k, v, [bias], BIASED, "auto") * 2
+        return torch.ops.attncompiler.attention(q, k, v, [bias], BIASED, "auto")[0] * 2
 
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
     for sq, sk in ((5, 7), (9, 13), (17, 3)):
@@ -307,7 +346,7 @@ def test_op_symbolic_sizes(kernel_calls):
     assert counter.frame_count == 1
     assert kernel_calls["triton"] == 3
     [node] = [n for n in counter.graphs[0].graph.nodes if n.target is torch.ops.attncompiler.attention]
-    assert all(isinstance(d, torch.SymInt) for d in node.meta["example_value"].shape)
+    assert all(isinstance(d, torch.SymInt) for d in node.meta["example_value"][0].shape)
 
 
 def test_op_gradcheck_float64():
@@ -316,7 +355,7 @@ def test_op_gradcheck_float64():
     bias = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
     program = "(add (where $0 (mul s 0.5) -inf) $1)"
-    assert torch.autograd.gradcheck(lambda q, k, v, b: op(q, k, v, [mask, b], program, "reference"),
+    assert torch.autograd.gradcheck(lambda q, k, v, b: op(q, k, v, [mask, b], program, "reference")[0],
                                     (q, k, v, bias))
 
 
@@ -335,7 +374,7 @@ def test_op_gradients_match_eager_autograd():
 
     grad_out = torch.randn(2, 3, 37, 16, device=DEVICE)
     q, k, v, bias = inputs(torch.float32)
-    op(q, k, v, [bias], BIASED, "auto").backward(grad_out)
+    op(q, k, v, [bias], BIASED, "auto")[0].backward(grad_out)
     for ours, exact_grad, torch_grad in zip((q.grad, k.grad, v.grad, bias.grad),
                                             eager_grads(torch.float64), eager_grads(torch.float32)):
         assert ours.shape == exact_grad.shape
