@@ -18,7 +18,7 @@ from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_progra
 from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
-                                        saa_reference, select)
+                                        saa_reference)
 from attncompiler.saa_routing import BlockGeometry, route
 from tolerance import assert_as_accurate_as_torch
 

@@ -1,0 +1,122 @@
+"""SAA forward on the GPU against dense attention, in one run: causal prefill, bf16.
+
+SAA's time includes everything one call does (pooling, routing, centroids, the attend-and-
+aggregate kernel). Peers: attncompiler's dense kernel (``codegen.flash``), SDPA with cuDNN and
+SDPA with the flash backend. One sequence, heads·head_dim = 2048, random inputs. Prints a
+markdown table (milliseconds, SAA's density and relative error against dense, speedups) and
+records it, dated, in ``benchmarks/RESULTS.md`` unless ``--no-record``.
+
+    python benchmarks/saa.py [--seqs 8192 16384 32768 65536 131072] [--head-dims 64 128]
+                             [--saa '{"top_k": 16}'] [--kv-heads N] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from attncompiler.codegen.flash import flash_forward
+from attncompiler.saa import saa_forward
+from attncompiler.saa_config import SAAConfig
+from attncompiler.saa_ops import relative_error
+
+HIDDEN = 2048
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def implementations(scale: float, config: SAAConfig) -> dict:
+    """Name → causal forward of (q, k, v) in [B, H, S, D] (k, v may have fewer heads)."""
+    program = f"(where (le k q) (mul s {scale!r}) -inf)"
+
+    def with_backend(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return run
+
+    return {
+        "saa": lambda q, k, v: saa_forward(q, k, v, scale, True, config, kernel="triton")[0],
+        "attncompiler": lambda q, k, v: flash_forward(q, k, v, [], program)[0],
+        "sdpa-cudnn": with_backend(SDPBackend.CUDNN_ATTENTION),
+        "sdpa-flash": with_backend(SDPBackend.FLASH_ATTENTION),
+    }
+
+
+def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig) -> dict:
+    """Milliseconds of each implementation at one shape (None where it cannot run), SAA's density
+    and its relative error against the first dense peer that ran."""
+    heads = HIDDEN // head_dim
+    kv = kv_heads or heads
+    q = torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    scale = head_dim ** -0.5
+    result: dict = {"density": None, "error": None}
+    outputs = {}
+    for name, fn in implementations(scale, config).items():
+        try:
+            outputs[name] = fn(q, k, v)
+            result[name] = triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+        except (RuntimeError, ValueError) as e:
+            print(f"  {name}: {str(e).splitlines()[0]}", file=sys.stderr)
+            result[name] = None
+    dense = next((outputs[n] for n in ("sdpa-cudnn", "sdpa-flash", "attncompiler") if n in outputs), None)
+    if "saa" in outputs and dense is not None:
+        result["error"] = relative_error(outputs["saa"], dense)
+        result["density"] = saa_forward(q, k, v, scale, True, config, kernel="triton")[1].density
+    return result
+
+
+def record(table: str, command: str) -> None:
+    """Insert ``table`` as the newest dated section of RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = f"{table.splitlines()[0]}\n\n`{command}`\n\n" + "\n".join(table.splitlines()[2:]) + "\n\n"
+    at = text.find("\n## ")
+    text = text.rstrip("\n") + "\n\n" + section if at < 0 else text[:at + 1] + section + text[at + 1:]
+    RESULTS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: as many as query heads)")
+    parser.add_argument("--saa", default="{}", help="SAA operating point as JSON (SAAConfig fields)")
+    parser.add_argument("--no-record", action="store_true", help="do not write to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/saa.py needs a CUDA GPU")
+    config = SAAConfig.from_dict(json.loads(args.saa))
+
+    peers = ["attncompiler", "sdpa-cudnn", "sdpa-flash"]
+    header = (f"## {datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · "
+              f"triton {triton.__version__} · SAA forward, causal, bf16, batch 1, hidden {HIDDEN}"
+              f"{f', {args.kv_heads} kv heads' if args.kv_heads else ''}")
+    lines = [header, "", f"SAA operating point: {config}", "",
+             "| D | S | density | rel. error | SAA ms | " + " | ".join(f"{p} ms" for p in peers) + " | "
+             + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (5 + 2 * len(peers)) + "|"]
+    for d in args.head_dims:
+        for s in args.seqs:
+            r = measure(s, d, args.kv_heads, config)
+            cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
+                     f"{r['error']:.3f}" if r["error"] is not None else "–"]
+            cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", *peers]]
+            cells += [f"{r[p] / r['saa']:.2f}×" if r[p] and r["saa"] else "–" for p in peers]
+            lines.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print("\n" + table)
+    if not args.no_record:
+        record(table, "python benchmarks/saa.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

