@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-import attncompiler
 from attncompiler.codegen.flash import flash_forward
 from attncompiler.codegen.flash_bwd import flash_backward, generate
 from attncompiler.options import triton_interpret
