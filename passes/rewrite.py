@@ -15,10 +15,11 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from attncompiler.options import Options
-from attncompiler.spec import group_of
+from attncompiler.spec import group_of, output_shape
 from attncompiler.report import Site
 
 from . import normalize as nz
+from .masks import understand_masks
 from .match import Input, Match, NearMiss, find_sdpa, find_softmaxes, match_sdpa, match_softmax
 from .score_mod import scale_of
 
@@ -41,6 +42,7 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
         sites.append(site)
         try:
             match = match_sdpa(node) if nz.as_sdpa(node) else match_softmax(node)
+            _understand_masks(match)
             site.summary = summarize(match)
             if not options.rewrite:
                 raise NearMiss("rewriting is disabled (option rewrite=False)")
@@ -61,6 +63,15 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
         gm.graph = work
         gm.recompile()
     return sites
+
+
+def _understand_masks(match: Match) -> None:
+    """Compute the masks that positions determine inside the kernel instead of loading them."""
+    q, k = match.q.shape(), match.k.shape()
+    scores = (*output_shape(q, k, k)[:-1], k[-2])
+    match.program, match.operands, understood = understand_masks(
+        match.program, match.operands, scores, keep=set(match.operand_leads))
+    match.notes.extend(understood)
 
 
 def _working_copy(gm: GraphModule) -> Graph:
@@ -172,7 +183,7 @@ def summarize(match: Match) -> dict:
     operands = []
     for node in match.operands:
         t = nz.tensor(node)
-        kind = "bool mask" if t.dtype == torch.bool else "bias"
+        kind = "bool mask" if t.dtype == torch.bool else "bias" if t.is_floating_point() else "index tensor"
         operands.append(f"{kind} {str(t.dtype).replace('torch.', '')}[{', '.join(str(d) for d in t.shape)}]")
     scale = scale_of(match.program)
     return {
@@ -180,6 +191,6 @@ def summarize(match: Match) -> dict:
         "group": group_of(match.q.shape(), match.k.shape(), match.v.shape()),
         "dtype": str(nz.tensor(match.q.node).dtype).replace("torch.", ""),
         "scale": "-" if scale is None else f"{scale:.6g}",
-        "mask": "; ".join(operands) or "none",
+        "mask": "; ".join(operands + [f"computed: {n}" for n in match.notes]) or "none",
         "program": str(match.program),
     }

@@ -28,3 +28,22 @@ def test_every_site_rewritten_and_output_unchanged(name, impl, kernel_calls):
     assert report.num_rewritten == sites, report.table()
     assert kernel_calls["triton"] == sites and kernel_calls["reference"] == 0, dict(kernel_calls)
     torch.testing.assert_close(first_tensor(report.output), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name, impl, kinds", [
+    ("llama", "eager", ["padding + causal"]),
+    ("llama", "sdpa", ["padding + causal"]),
+    ("mistral", "sdpa", ["padding + causal + sliding window (k > q - 8)"]),
+    ("gemma2", "eager", ["padding + causal + sliding window (k > q - 8)", "padding + causal"]),  # alternating
+    ("gpt2", "eager", ["padding + causal"]),
+    ("bert", "eager", ["padding"]),
+    ("bert", "sdpa", ["padding"]),
+])
+def test_masks_are_computed_from_positions(name, impl, kinds):
+    """The model's mask subgraph is read as a predicate: no Sq × Sk mask reaches the kernel."""
+    model, inputs = build(name, impl)
+    with torch.no_grad():
+        report = attncompiler.explain(model, **inputs, options={"inner": "eager"})
+    masks = [site.summary["mask"] for site in report.sites]
+    assert [kind for kind in kinds if any(f"computed: {kind} from" in m for m in masks)] == kinds, masks
+    assert not any("12, 12]" in m for m in masks), masks
