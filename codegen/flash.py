@@ -2,9 +2,14 @@
 
 The kernel keeps a ``[BLOCK_M, D]`` query tile on chip, streams ``[BLOCK_N, D]`` key and value
 tiles, applies the site's score program to each ``[BLOCK_M, BLOCK_N]`` score tile in fp32 and
-folds it into an online softmax. No ``Sq × Sk`` matrix is written to memory. Rows whose scores
+folds it into an online softmax in base 2 (log2(e) folded into one FMA per score). No
+``Sq × Sk`` matrix is written to memory; the row logsumexp is, for the backward. Rows whose scores
 are all ``-inf`` give NaN, as ``torch.softmax`` does, or zeros under ``ZERO_EMPTY_ROWS`` (the
 rule of ``scaled_dot_product_attention``).
+
+Key blocks run in two phases: blocks every row of the query tile sees whole (no padding keys,
+inside the program's key limit) skip the padding select and the limit's predicate; the rest keep
+them; blocks past the limit of the tile's last row are not visited.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ def _attend_keys(
     return acc, l_i, m_i
 
 
+{key_range}
+
+
 @triton.jit
 def {name}(
     Q, K, V, O, LSE,{operand_params}
@@ -107,7 +115,9 @@ def {name}(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] running max
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] running sum
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)                       # [BM, BDV]
-{key_phases}
+    q_first = pid_m * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M, SEQ_Q) - 1
+    full_end, kv_end = _key_range(q_first, q_last, SEQ_Q, SEQ_K, BLOCK_N)
     acc, l_i, m_i = _attend_keys(
         acc, l_i, m_i, b_q, K_bh, V_bh,{operand_call}
         stride_kn, stride_kd, stride_vn, stride_vd,
@@ -130,22 +140,23 @@ def {name}(
 
 OPERAND_BASE = "    T{i}_bh = T{i} + b * stride_t{i}_b + h * stride_t{i}_h"
 OPERAND_LOAD = (
-    "        t{i} = tl.load(T{i} + offs_m[:, None] * stride_t{i}_m + offs_n[None, :] * stride_t{i}_n,"
-    " mask=row_ok[:, None] & col_ok[None, :])  # [BM, BN]"
+    "        t{i} = tl.load(T{i} + offs_m[:, None] * stride_t{i}_m + offs_n[None, :] * stride_t{i}_n,  # [BM, BN]\n"
+    "                     mask=row_ok[:, None] & col_ok[None, :])"
 )
 
-KEY_PHASES_ALL = (
-    "    kv_end = SEQ_K\n"
-    "    full_end = SEQ_K // BLOCK_N * BLOCK_N                               # blocks without padding keys"
-)
-KEY_PHASES_BOUNDED = (
-    "    q_first = pid_m * BLOCK_M\n"
-    "    q_last = tl.minimum(q_first + BLOCK_M, SEQ_Q) - 1\n"
-    "    bound_first = ({bound_first}).to(tl.float32)                     # key limit of the first row\n"
-    "    bound_last = ({bound_last}).to(tl.float32)                       # and of the last row\n"
-    "    kv_end = tl.minimum(SEQ_K, tl.maximum(0, {visible_max}))  # later keys: masked in every row\n"
-    "    full_end = tl.minimum(SEQ_K, tl.maximum(0, {visible_min})) // BLOCK_N * BLOCK_N  # visible to every row"
-)
+KEY_RANGE = '''@triton.jit
+def _key_range(q_first, q_last, SEQ_Q, SEQ_K, BLOCK_N: tl.constexpr):
+    """``(full_end, kv_end)`` for query rows q_first..q_last: key blocks before full_end need neither
+    the padding nor the key-limit select in any of these rows; keys from kv_end on are masked in all."""
+{body}'''
+KEY_RANGE_ALL = "    return SEQ_K // BLOCK_N * BLOCK_N, SEQ_K"
+KEY_RANGE_BOUNDED = '''\
+    bound_first = ({bound_first}).to(tl.float32)
+    bound_last = ({bound_last}).to(tl.float32)
+    low, high = tl.minimum(bound_first, bound_last), tl.maximum(bound_first, bound_last)  # monotone in q
+    kv_end = tl.minimum(SEQ_K, tl.maximum(0, {visible_high}))
+    full_end = tl.minimum(SEQ_K, tl.maximum(0, {visible_low})) // BLOCK_N * BLOCK_N
+    return full_end, kv_end'''
 
 
 def _visible(bound: str, inclusive: bool) -> str:
@@ -153,20 +164,17 @@ def _visible(bound: str, inclusive: bool) -> str:
     return f"(tl.floor({bound}) + 1).to(tl.int32)" if inclusive else f"tl.ceil({bound}).to(tl.int32)"
 
 
-def key_phases(expr: Expr, first: str = "q_first", last: str = "q_last") -> str:
-    """Code for ``full_end`` and ``kv_end`` of a query block with rows ``first..last``: key blocks
-    before ``full_end`` need neither the padding nor the key-limit select in any row; keys from
-    ``kv_end`` on are masked in every row. The bound is monotone in ``q``, so its extremes over the
-    block are at the first and the last row."""
+def key_range_source(expr: Expr) -> str:
+    """Source of the ``_key_range`` helper for ``expr``: without a key limit, every key and the
+    ragged last block; with one, the bound taken at the first and the last row of the query tile."""
     limit = key_limit(expr)
     if limit is None:
-        return KEY_PHASES_ALL
+        return KEY_RANGE.format(body=KEY_RANGE_ALL)
     bound, inclusive = limit
-    first_row, last_row = ({"q": row, "Sq": "SEQ_Q", "Sk": "SEQ_K"} for row in (first, last))
-    return KEY_PHASES_BOUNDED.format(
-        bound_first=to_triton(bound, index=first_row), bound_last=to_triton(bound, index=last_row),
-        visible_max=_visible("tl.maximum(bound_first, bound_last)", inclusive),
-        visible_min=_visible("tl.minimum(bound_first, bound_last)", inclusive))
+    first, last = ({"q": row, "Sq": "SEQ_Q", "Sk": "SEQ_K"} for row in ("q_first", "q_last"))
+    return KEY_RANGE.format(body=KEY_RANGE_BOUNDED.format(
+        bound_first=to_triton(bound, index=first), bound_last=to_triton(bound, index=last),
+        visible_high=_visible("high", inclusive), visible_low=_visible("low", inclusive)))
 
 
 def generate(program: Expr | str) -> tuple[str, str]:
@@ -182,7 +190,8 @@ def generate(program: Expr | str) -> tuple[str, str]:
         operand_call="".join(f"\n        T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_bases="\n".join(OPERAND_BASE.format(i=i) for i in used),
         operand_loads="\n".join(OPERAND_LOAD.format(i=i) for i in used),
-        score=to_triton(without_key_limit(expr)), masked_score=to_triton(expr), key_phases=key_phases(expr))
+        score=to_triton(without_key_limit(expr)), masked_score=to_triton(expr),
+        key_range=key_range_source(expr))
     name = f"flash_fwd_{source_hash(body)}"
     return name, body.replace("{name}", name)
 
