@@ -48,3 +48,37 @@ def test_greedy_generation_identical(smollm2, kernel_calls):
     assert compiled_text == eager_text
     assert "Paris" in compiled_text
     assert kernel_calls["triton"] >= 30 * 8
+
+
+def test_padded_batch_logits_and_cached_generation_match_eager(smollm2, kernel_calls):
+    """Two prompts of different lengths, left padded: logits on real tokens and greedy generation
+    with the KV cache (decode steps attend one query to the whole cache) equal eager's."""
+    tokenizer, model = smollm2
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = ["The capital of France is", "Water boils at a temperature of one hundred degrees"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    real = inputs["attention_mask"].bool()
+    assert not real.all(), "the prompts should need padding"
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        report = attncompiler.explain(model, **inputs, options={"inner": "eager"})
+        assert report.num_rewritten == len(report.sites) == 30, report.table()
+        assert all("computed: padding + causal" in s.summary["mask"] for s in report.sites), report.table()
+        got = report.output.logits
+        error = (got[real] - expected[real]).abs().max().item()
+        assert error < 1e-3 * expected[real].abs().max().item(), error
+
+        def generate():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+        eager_texts = generate()
+        model.forward = torch.compile(model.forward, backend="attncompiler", options={"inner": "eager"})
+        try:
+            compiled_texts = generate()
+        finally:
+            del model.forward
+    assert compiled_texts == eager_texts
+    assert kernel_calls["triton"] >= 30 * 6
