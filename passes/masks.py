@@ -75,7 +75,9 @@ LOGIC = {
 ARITH = {
     "add": ((operator.add, torch.add), ("add", "__add__", "__radd__"), lambda a, b: a + b),
     "sub": ((operator.sub, torch.sub), ("sub", "__sub__"), lambda a, b: a - b),
+    "mul": ((operator.mul, torch.mul), ("mul", "__mul__", "__rmul__"), lambda a, b: a * b),
 }
+NEG = ((operator.neg, torch.neg), ("neg", "__neg__"))
 NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("__invert__", "logical_not", "bitwise_not"))
 SAME_VALUE = ((), ("contiguous", "clone"))
 EXPANDS = ((torch.broadcast_to,), ("expand", "expand_as", "broadcast_to"))
@@ -143,6 +145,8 @@ class MaskAnalysis:
             return _unsqueeze(x, _normalize_dim(nz._arg(node, 1, "dim"), x.rank + 1))
         if node.op == "call_function" and node.target is operator.getitem:
             return self._getitem(node)
+        if nz._is(node, *NEG):
+            return Value(-self.value(node.args[0]).expr, t.dim())
         if nz._is(node, *NOT):
             return Value(sympy.Not(self._boolean(node.args[0])), t.dim())
         for table in (COMPARE, LOGIC, ARITH):

@@ -153,3 +153,16 @@ def test_classify_names_known_predicates(text, kinds):
 
     expr = {"(le k q)": sympy.Le(K, Q), "(gt k (add q -8.0))": sympy.Gt(K, Q - 8)}[text]
     assert classify(expr, []) == kinds
+
+
+def test_alibi_from_slopes_and_positions_is_computed(kernel_calls):
+    slopes = torch.tensor([2.0 ** -1, 2.0 ** -2])
+
+    def fn(q, k, v, slopes):
+        distance = torch.arange(S)[None, :] - torch.arange(S)[:, None]        # k - q
+        bias = slopes[:, None, None] * distance                                # [H, S, S]
+        causal = torch.arange(S)[:, None] >= torch.arange(S)[None, :]
+        return attend(q, k, v, causal, bias=bias)
+
+    site = compiled_site(fn, *qkv(), slopes, kernel_calls=kernel_calls)
+    assert "bias float32[2, 1, 1]" in site.summary["mask"] and "24, 24]" not in site.summary["mask"], site.summary
