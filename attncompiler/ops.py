@@ -4,19 +4,22 @@
 ``softmax(program(q·kᵀ, operands)) · v`` where ``program`` is a score program in text form
 (see :mod:`attncompiler.passes.score_mod`). ``kernel`` is "triton", "reference" or "auto".
 A query row with no visible key gives NaN as ``torch.softmax`` does, or zeros with
-``zero_empty_rows`` as ``scaled_dot_product_attention`` does.
-Every run is counted in :data:`KERNEL_CALLS` by the name of what actually ran.
+``zero_empty_rows`` as ``scaled_dot_product_attention`` does. It returns ``(out, lse)``; the row
+logsumexp ``lse`` lets ``attncompiler::attention_backward`` run the generated Triton backward.
+Every run is counted in :data:`KERNEL_CALLS` by the name of what actually ran: "triton" or
+"reference" forward, "triton_bwd" or "reference_bwd" backward.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
 import torch
 
 from .options import triton_interpret
-from .reference import attention_reference, attention_reference_with_lse
+from .reference import attention_backward_reference, attention_reference, attention_reference_with_lse
 from .spec import output_shape
 
 log = logging.getLogger("attncompiler")
@@ -95,44 +98,66 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    """The Triton backward where the forward could run Triton on fp16, bf16 or fp32 inputs and no
-    operand needs a gradient (a learned bias needs dBias); otherwise, or for a program without
-    derivative rules, the reference."""
+    """The generated Triton backward (through :func:`attention_backward`) where the forward could run
+    Triton on fp16, bf16 or fp32 inputs, no operand needs a gradient (a learned bias needs dBias)
+    and the program has derivative rules; otherwise autograd of the reference."""
     q, k, v, out, lse, *operands = ctx.saved_tensors
-    wants_operand_grads = any(ctx.needs_input_grad[3])
-    grads = None
-    if (ctx.kernel == "triton" and q.dtype in BACKWARD_DTYPES and not wants_operand_grads
-            and ctx.program not in _failed_backward_programs):
-        grads = _triton_backward(ctx, q, k, v, out, lse, grad_out, operands)
-    if grads is None:
-        KERNEL_CALLS["reference_bwd"] += 1
-        grads = _reference_backward(ctx, q, k, v, grad_out, operands)
+    if (ctx.kernel == "triton" and q.dtype in BACKWARD_DTYPES and not any(ctx.needs_input_grad[3])
+            and _differentiable(ctx.program)):
+        dq, dk, dv = attention_backward(q, k, v, out, lse, grad_out, operands, ctx.program, ctx.zero_empty_rows)
+        grads = (dq, dk, dv, [None] * len(operands))
     else:
-        KERNEL_CALLS["triton_bwd"] += 1
-        grads = (*grads, [None] * len(operands))
+        KERNEL_CALLS["reference_bwd"] += 1
+        grads = _reference_backward(q, k, v, grad_out, operands, ctx.program, ctx.zero_empty_rows)
     # One gradient per argument the caller passed: the dispatcher drops arguments left at their default.
     return (*grads, None, None, None)[:len(ctx.needs_input_grad)]
 
 
-def _triton_backward(ctx, q, k, v, out, lse, grad_out, operands):
-    """``(dq, dk, dv)`` from the generated backward kernels, or None when they cannot be built or run."""
-    from attncompiler.codegen.flash_bwd import flash_backward
+@functools.lru_cache(maxsize=None)
+def _differentiable(program: str) -> bool:
+    from attncompiler.passes.score_mod import parse, score_derivative
 
     try:
-        return flash_backward(q, k, v, out, lse, grad_out, operands, ctx.program, ctx.zero_empty_rows,
-                              interpret=q.device.type == "cpu")
-    except Exception as e:  # no derivative rule, or a kernel that cannot compile or launch
-        _failed_backward_programs.add(ctx.program)
-        log.warning("attncompiler: Triton backward failed for %s (%s: %s); using the reference",
-                    ctx.program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
+        score_derivative(parse(program))
+    except ValueError as e:
+        log.info("attncompiler: no Triton backward for %s (%s); using the reference", program, e)
+        return False
+    return True
 
 
-def _reference_backward(ctx, q, k, v, grad_out, operands):
+@torch.library.custom_op("attncompiler::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       grad_out: torch.Tensor, operands: list[torch.Tensor], program: str,
+                       zero_empty_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention` from its ``(out, lse)``, by the generated Triton backward
+    (the reference where that cannot compile or launch). Operands get no gradient."""
+    if program not in _failed_backward_programs:
+        from attncompiler.codegen.flash_bwd import flash_backward
+
+        try:
+            grads = flash_backward(q, k, v, out, lse, grad_out, list(operands), program, zero_empty_rows,
+                                   interpret=q.device.type == "cpu")
+        except Exception as e:  # a kernel that cannot compile or launch: keep training
+            _failed_backward_programs.add(program)
+            log.warning("attncompiler: Triton backward failed for %s (%s: %s); using the reference",
+                        program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        else:
+            KERNEL_CALLS["triton_bwd"] += 1
+            return grads
+    KERNEL_CALLS["reference_bwd"] += 1
+    return attention_backward_reference(q, k, v, grad_out, list(operands), program, zero_empty_rows)
+
+
+@attention_backward.register_fake
+def _(q, k, v, out, lse, grad_out, operands, program, zero_empty_rows):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _reference_backward(q, k, v, grad_out, operands, program, zero_empty_rows):
     """``(dq, dk, dv, operand grads)`` by differentiating the reference (recomputes the scores)."""
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in (q, k, v, *operands)]
-        out = attention_reference(*inputs[:3], inputs[3:], ctx.program, ctx.zero_empty_rows)
+        out = attention_reference(*inputs[:3], inputs[3:], program, zero_empty_rows)
         wrt = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
     result = [next(grads) if t.requires_grad else None for t in inputs]

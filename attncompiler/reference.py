@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from attncompiler.passes.score_mod import evaluate, parse
+from attncompiler.passes.score_mod import evaluate, parse, score_derivative
 from attncompiler.spec import align, ungroup
 
 
@@ -41,3 +41,33 @@ def attention_reference_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if zero_empty_rows:
         probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
     return torch.matmul(probs, v.to(compute_dtype)).to(v.dtype), torch.logsumexp(scores, dim=-1)
+
+
+def attention_backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                                 operands: list[torch.Tensor], program: str,
+                                 zero_empty_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention_reference` in closed form (no autograd), operands held
+    constant: ``dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ)) ∘ ∂program/∂s``. Computed in float32 or wider,
+    returned in the inputs' shapes and dtypes."""
+    compute_dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype), torch.float32)
+    expr = parse(program)
+    qa, ka, va, group = align(q, k, v)
+    qa, ka, va = qa.to(compute_dtype), ungroup(ka, group).to(compute_dtype), ungroup(va, group).to(compute_dtype)
+    raw = torch.matmul(qa, ka.transpose(-2, -1))
+    scores = evaluate(expr, raw, operands)
+    probs = torch.softmax(scores, dim=-1)
+    if zero_empty_rows:
+        probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
+    grad_out = grad_out.to(compute_dtype)
+    grad_probs = torch.matmul(grad_out, va.transpose(-2, -1))
+    grad_raw = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+    grad_raw = grad_raw * evaluate(score_derivative(expr), raw, operands)
+    dq = torch.matmul(grad_raw, ka)
+    dk = _sum_groups(torch.matmul(grad_raw.transpose(-2, -1), qa), group)
+    dv = _sum_groups(torch.matmul(probs.transpose(-2, -1), grad_out), group)
+    return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+def _sum_groups(t: torch.Tensor, group: int) -> torch.Tensor:
+    """Sum the ``group`` consecutive heads that share a key/value head (the adjoint of ``ungroup``)."""
+    return t if group == 1 else t.unflatten(-3, (t.shape[-3] // group, group)).sum(-3)

@@ -5,6 +5,7 @@ PyTorch's own autograd in the input dtype. Without a GPU the kernels run through
 interpreter (conftest sets ``TRITON_INTERPRET=1``).
 """
 
+import logging
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from attncompiler.codegen.flash_bwd import flash_backward, generate
 from attncompiler.options import triton_interpret
 from attncompiler.passes import score_mod
 from attncompiler.passes.score_mod import evaluate, parse, score_derivative, without_key_limit
-from attncompiler.reference import attention_reference
+from attncompiler.reference import attention_backward_reference, attention_reference
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -176,16 +177,36 @@ def test_op_reference_kernel_uses_the_reference_backward(kernel_calls):
     assert dict(kernel_calls) == {"reference": 1, "reference_bwd": 1}
 
 
-def test_op_program_without_derivative_rule_falls_back(kernel_calls, monkeypatch, caplog):
-    """A program the derivative rules do not cover gets the reference backward, with a warning."""
+def test_op_program_without_derivative_rule_uses_the_reference_backward(kernel_calls, monkeypatch, caplog):
+    """A program the derivative rules do not cover gets the reference backward, and says why."""
     monkeypatch.delitem(score_mod.UNARY_DERIVATIVES, "neg")
     program = "(neg (mul s -0.0625))"
     q, k, v = op_inputs((1, 2, 9, 16), (1, 2, 11, 16), (1, 2, 11, 16))
-    op(q, k, v, [], program, "auto")[0].sum().backward()
+    with caplog.at_level(logging.INFO, logger="attncompiler"):
+        op(q, k, v, [], program, "auto")[0].sum().backward()
     assert dict(kernel_calls) == {"triton": 1, "reference_bwd": 1}
-    assert "Triton backward failed" in caplog.text and "no derivative rule for 'neg'" in caplog.text
+    assert "no Triton backward" in caplog.text and "no derivative rule for 'neg'" in caplog.text
     expected = autograd_grads(q, k, v, [], program, torch.ones(1, 2, 9, 16, device=DEVICE), torch.float32)
     torch.testing.assert_close(q.grad, expected[0])
+
+
+def test_op_backward_kernel_failure_falls_back_to_the_reference(kernel_calls, monkeypatch, caplog):
+    """A backward kernel that cannot compile or launch leaves training running on the reference."""
+    import attncompiler.codegen.flash_bwd as flash_bwd
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backward codegen exploded")
+
+    monkeypatch.setattr(flash_bwd, "flash_backward", broken)
+    program = "(mul s 0.0625)"
+    q, k, v = op_inputs((1, 2, 9, 16), (1, 2, 11, 16), (1, 2, 11, 16))
+    with caplog.at_level(logging.WARNING, logger="attncompiler"):
+        op(q, k, v, [], program, "auto")[0].sum().backward()
+    assert dict(kernel_calls) == {"triton": 1, "reference_bwd": 1}
+    assert "backward codegen exploded" in caplog.text
+    expected = autograd_grads(q, k, v, [], program, torch.ones(1, 2, 9, 16, device=DEVICE), torch.float32)
+    for got, want in zip((q.grad, k.grad, v.grad), expected):
+        torch.testing.assert_close(got, want)
 
 
 class Attention(torch.nn.Module):
@@ -209,11 +230,14 @@ class Attention(torch.nn.Module):
         return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
 
 
-def test_compiled_module_trains_with_the_triton_backward(kernel_calls):
-    """torch.compile(backend="attncompiler") of a layer gives the gradients eager autograd gives."""
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_compiled_module_trains_with_the_triton_backward(inner, kernel_calls):
+    """torch.compile(backend="attncompiler") of a layer gives the gradients eager autograd gives; with
+    Inductor the backward graph holds the attention_backward op, which runs the Triton kernels."""
     model = Attention().to(DEVICE)
     x = randn(2, 37, 64).requires_grad_()
-    compiled = torch.compile(model, backend="attncompiler", options={"inner": "eager"})
+    options = {"inner": inner, "inductor": {"force_disable_caches": True}}
+    compiled = torch.compile(model, backend="attncompiler", options=options)
     compiled(x).square().sum().backward()
     ours = [x.grad] + [p.grad for p in model.parameters()]
     assert kernel_calls["triton"] == 1 and kernel_calls["triton_bwd"] == 1, dict(kernel_calls)
@@ -227,6 +251,26 @@ def test_compiled_module_trains_with_the_triton_backward(kernel_calls):
 
     for got, want, torch_got in zip(ours, eager_grads(torch.float64), eager_grads(torch.float32)):
         assert_as_accurate_as_torch(got, want, torch_got)
+
+
+@pytest.mark.parametrize("q_shape, kv_shape, program, zero_empty_rows", [
+    ((1, 4, 9, 16), (1, 2, 11, 16), CAUSAL, False),
+    ((2, 4, 9, 16), (1, 1, 11, 16), "(mul s $1)", False),
+    ((2, 9, 16), (2, 11, 16), MASKED, True),
+])
+def test_closed_form_reference_backward_matches_autograd(q_shape, kv_shape, program, zero_empty_rows):
+    """The fallback inside the backward op (no autograd there) against float64 autograd."""
+    mask = torch.rand(9, 11) < 0.5
+    mask[3] = False
+    operands = [mask, torch.rand(4, 1, 1, dtype=torch.float64) + 0.5]
+    q = torch.randn(*q_shape, dtype=torch.float64)
+    k, v = (torch.randn(*kv_shape, dtype=torch.float64) for _ in range(2))
+    grad_out = torch.randn(*attention_reference(q, k, v, operands, program).shape, dtype=torch.float64)
+    got = attention_backward_reference(q, k, v, grad_out, operands, program, zero_empty_rows)
+    want = autograd_grads(q, k, v, operands, program, grad_out, torch.float64, zero_empty_rows)
+    for g, w, x in zip(got, want, (q, k, v)):
+        assert g.shape == x.shape
+        torch.testing.assert_close(g, w)
 
 
 # --- the score program's derivative --------------------------------------------------------------
