@@ -34,11 +34,12 @@ import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = 1.4426950408889634
-# A row whose largest score lies below -FLT_MAX / log2(e) (a finfo.min sentinel on every visible
-# key) would overflow when scaled by log2(e); it is scaled by this exact power of two instead,
-# which keeps sentinels equal to the row maximum at weight 1 and sends every smaller value to 0.
+# A row whose largest score lies below LOG2E_SAFE_MIN (a finfo.min sentinel on every visible key)
+# could overflow when scaled by log2(e) (-FLT_MAX / log2(e) = -2.3586e38); it is scaled by this
+# exact power of two instead. Such scores all have exponent 127, so two unequal ones differ by at
+# least 2**104: scaled, sentinels equal to the row maximum keep weight 1, every other score gets 0.
 SENTINEL_LOG2_RATE: tl.constexpr = 5.421010862427522e-20  # 2**-64
-LOG2E_SAFE_MIN: tl.constexpr = -2.3587e38                   # just above -FLT_MAX / log2(e)
+LOG2E_SAFE_MIN: tl.constexpr = -2.0e38
 
 
 @triton.jit
