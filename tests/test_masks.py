@@ -166,3 +166,16 @@ def test_alibi_from_slopes_and_positions_is_computed(kernel_calls):
 
     site = compiled_site(fn, *qkv(), slopes, kernel_calls=kernel_calls)
     assert "bias float32[2, 1, 1]" in site.summary["mask"] and "24, 24]" not in site.summary["mask"], site.summary
+
+
+def test_an_atom_that_simplifies_away_is_not_an_operand(kernel_calls):
+    key_ok = torch.ones(B, S, dtype=torch.bool)
+
+    def fn(q, k, v, key_ok):
+        causal = torch.arange(S)[:, None] >= torch.arange(S)[None, :]
+        always = torch.ones((), dtype=torch.bool)
+        keep = causal[None, None] & (key_ok[:, None, None, :] | always)
+        return attend(q, k, v, keep)
+
+    site = compiled_site(fn, *qkv(), key_ok, kernel_calls=kernel_calls)
+    assert site.summary["program"] == "(where (le k q) (div s 4.0) -inf)", site.summary
