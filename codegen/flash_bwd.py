@@ -319,37 +319,38 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     batch = out.shape[:-2]
     seq_q, head_d = q.shape[-2:]
     seq_k, head_dv = v.shape[-2:]
+    if not (seq_q and seq_k and out.numel()):
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     qa, ka, va, group = align(q, k, v)
     # Gradients in the aligned shapes; where that broadcasts an input, reduce in fp32 afterwards.
-    grads = [torch.zeros(a.shape, device=a.device, dtype=t.dtype if a.shape == t.shape else torch.float32)
+    grads = [torch.empty(a.shape, device=a.device, dtype=t.dtype if a.shape == t.shape else torch.float32)
              for a, t in ((qa, q), (ka, k), (va, v))]
-    if seq_q and seq_k and out.numel():
-        q4, k4, v4, o4, g4 = as_4d(qa), as_4d(ka), as_4d(va), as_4d(out), as_4d(grad_out)
-        dq4, dk4, dv4 = (as_4d(g) for g in grads)
-        lse4 = as_4d(lse.unsqueeze(-1))
-        delta4 = torch.empty_like(lse4)
-        t4 = [as_4d(t.expand(*batch, seq_q, seq_k)) for t in operands]
-        operand_args = [x for t in t4 for x in (t, *t.stride())]
-        config = config or default_bwd_config(q, head_dv, interpret)
-        heads, kv_heads = o4.shape[1], k4.shape[1]
-        common = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_pow2_at_least(head_d),
-                      BLOCK_DV=_pow2_at_least(head_dv),
-                      DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                      ZERO_EMPTY_ROWS=zero_empty_rows, num_warps=config.num_warps, num_stages=config.num_stages)
-        rows = (*q4.stride(), *k4.stride(), *v4.stride(), *g4.stride(), *lse4.stride()[:3], *delta4.stride()[:3])
+    q4, k4, v4, o4, g4 = as_4d(qa), as_4d(ka), as_4d(va), as_4d(out), as_4d(grad_out)
+    dq4, dk4, dv4 = (as_4d(g) for g in grads)
+    lse4 = as_4d(lse.unsqueeze(-1))
+    delta4 = torch.empty_like(lse4)
+    t4 = [as_4d(t.expand(*batch, seq_q, seq_k)) for t in operands]
+    operand_args = [x for t in t4 for x in (t, *t.stride())]
+    config = config or default_bwd_config(q, head_dv, interpret)
+    heads, kv_heads = o4.shape[1], k4.shape[1]
+    common = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_pow2_at_least(head_d),
+                  BLOCK_DV=_pow2_at_least(head_dv),
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  ZERO_EMPTY_ROWS=zero_empty_rows, num_warps=config.num_warps, num_stages=config.num_stages)
+    rows = (*q4.stride(), *k4.stride(), *v4.stride(), *g4.stride(), *lse4.stride()[:3], *delta4.stride()[:3])
 
-        num_m = math.ceil(seq_q / config.block_resident)
-        kernels.preprocess[(num_m * o4.shape[0] * heads,)](
-            o4, g4, delta4, *o4.stride(), *g4.stride(), *delta4.stride()[:3], heads, seq_q, num_m,
-            HEAD_DV=head_dv, BLOCK_DV=_pow2_at_least(head_dv), BLOCK_M=config.block_resident,
-            num_warps=config.num_warps)
-        num_n = math.ceil(seq_k / config.block_resident)
-        kernels.dkdv[(num_n * k4.shape[0] * kv_heads,)](
-            q4, k4, v4, g4, lse4, delta4, dk4, dv4, *operand_args, *rows, *dk4.stride(), *dv4.stride(),
-            kv_heads, group, seq_q, seq_k, num_n,
-            BLOCK_M=config.block_streamed, BLOCK_N=config.block_resident, **common)
-        kernels.dq[(num_m * o4.shape[0] * heads,)](
-            q4, k4, v4, g4, lse4, delta4, dq4, *operand_args, *rows, *dq4.stride(),
-            heads, group, seq_q, seq_k, num_m,
-            BLOCK_M=config.block_resident, BLOCK_N=config.block_streamed, **common)
+    num_m = math.ceil(seq_q / config.block_resident)
+    kernels.preprocess[(num_m * o4.shape[0] * heads,)](
+        o4, g4, delta4, *o4.stride(), *g4.stride(), *delta4.stride()[:3], heads, seq_q, num_m,
+        HEAD_DV=head_dv, BLOCK_DV=_pow2_at_least(head_dv), BLOCK_M=config.block_resident,
+        num_warps=config.num_warps)
+    num_n = math.ceil(seq_k / config.block_resident)
+    kernels.dkdv[(num_n * k4.shape[0] * kv_heads,)](
+        q4, k4, v4, g4, lse4, delta4, dk4, dv4, *operand_args, *rows, *dk4.stride(), *dv4.stride(),
+        kv_heads, group, seq_q, seq_k, num_n,
+        BLOCK_M=config.block_streamed, BLOCK_N=config.block_resident, **common)
+    kernels.dq[(num_m * o4.shape[0] * heads,)](
+        q4, k4, v4, g4, lse4, delta4, dq4, *operand_args, *rows, *dq4.stride(),
+        heads, group, seq_q, seq_k, num_m,
+        BLOCK_M=config.block_resident, BLOCK_N=config.block_streamed, **common)
     return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v)))

@@ -144,6 +144,15 @@ def test_sequences_longer_than_a_tile_in_both_directions():
     check(randn(1, 1, 150, 16), randn(1, 1, 170, 16), randn(1, 1, 170, 16), [], CAUSAL_BOTTOM_RIGHT)
 
 
+def test_empty_keys_and_queries():
+    """No keys: the output is constant zeros, so every gradient is 0; no queries: dk = dv = 0."""
+    for sq, sk in ((5, 0), (0, 7)):
+        q, k, v = randn(1, 2, sq, 16), randn(1, 2, sk, 16), randn(1, 2, sk, 16)
+        grads = kernel_grads(q, k, v, [], SCALED, randn(1, 2, sq, 16))
+        for g, x in zip(grads, (q, k, v)):
+            assert g.shape == x.shape and not g.any()
+
+
 # --- the op's autograd ---------------------------------------------------------------------------
 
 def op_inputs(*shapes, dtype=torch.float32):
