@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         report = attncompiler.explain(model, **inputs, options={"inner": args.inner})
         print(report.table())
         print(f"\n{report.num_rewritten} of {len(report.sites)} attention sites rewritten")
-        accurate = check_logits(model, inputs, report.output.logits, expected)
+        accurate = check_logits(report.output.logits, expected, lambda: fp32_logits(args.gguf, device, inputs))
 
         model.forward = torch.compile(model.forward, backend="attncompiler", options={"inner": args.inner})
         attncompiler.KERNEL_CALLS.clear()
@@ -94,18 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if accurate and texts_ok and report.num_rewritten == len(report.sites) > 0 else 1
 
 
-def check_logits(model, inputs, compiled: torch.Tensor, eager: torch.Tensor) -> bool:
-    """Print the compiled logits' error; in low precision judge it against eager's own error in fp32."""
+def check_logits(compiled: torch.Tensor, eager: torch.Tensor, exact_logits) -> bool:
+    """Print the compiled logits' error; in low precision judge it against eager's own error,
+    both measured from the fp32 model's logits (``exact_logits()``)."""
     error = (compiled.float() - eager.float()).abs().max().item()
     print(f"max |logits - eager logits| = {error:.3g} (logit range {eager.abs().max().item():.1f})")
     if eager.dtype == torch.float32:
         return error <= 1e-3 * eager.abs().max().item()
-    dtype = next(model.parameters()).dtype
-    exact = model.float()(**inputs).logits  # the weights are exactly representable in fp32 and back
-    model.to(dtype)
+    exact = exact_logits()
     ours, theirs = ((t.float() - exact).abs().max().item() for t in (compiled, eager))
-    print(f"against fp32 eager: attncompiler {ours:.3g}, eager {dtype} {theirs:.3g} (ratio {ours / theirs:.2f})")
+    print(f"against the fp32 model: attncompiler {eager.dtype} {ours:.3g}, eager {eager.dtype} {theirs:.3g} "
+          f"(ratio {ours / theirs:.2f})")
     return ours <= 2 * theirs
+
+
+def fp32_logits(gguf: str | None, device: str, inputs) -> torch.Tensor:
+    """Logits of an fp32 copy of the model, uncompiled: the yardstick for low-precision runs."""
+    _, model = load_smollm2(device, torch.float32, gguf)
+    with torch.no_grad():
+        return model(**inputs).logits.float()
 
 
 def common_prefix_words(a: str, b: str) -> int:
