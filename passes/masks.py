@@ -25,7 +25,7 @@ import torch
 from torch.fx import Node
 
 from . import normalize as nz
-from .score_mod import Binary, Const, Expr, Index, Operand, Unary, Where
+from .score_mod import Binary, Const, Expr, Index, Operand, Score, Unary, Where
 
 K = sympy.Symbol("k", integer=True, nonnegative=True)   # index along the score's last dim
 Q = sympy.Symbol("q", integer=True, nonnegative=True)   # index along the score's second-to-last dim
@@ -417,7 +417,27 @@ def understand_masks(program: Expr, operands: list[Node], score_shape: torch.Siz
         notes.append(" + ".join(found.kinds) + f" from {node.name}")
         if negate:
             program = Where(program.cond, program.b, program.a)
-    return substitute(program, replacements), new_operands, notes
+    return select_additive_mask(substitute(program, replacements)), new_operands, notes
+
+
+def select_additive_mask(program: Expr) -> Expr:
+    """``x + where(p, 0, m)`` as ``where(p, x, x + m)``: the same values (``x + 0`` is ``x``), with the
+    predicate outermost, where the kernel can read a key bound from it."""
+    if not (isinstance(program, Binary) and program.op == "add"):
+        return program
+    for x, mask in ((program.a, program.b), (program.b, program.a)):
+        if (isinstance(mask, Where) and mask.a == Const(0.0) and isinstance(mask.b, Const)
+                and not reads_no_score(x)):
+            return Where(mask.cond, x, Binary("add", x, mask.b))
+    return program
+
+
+def reads_no_score(expr: Expr) -> bool:
+    """True when ``expr`` does not read the score (a pure mask or bias term)."""
+    if isinstance(expr, Score):
+        return False
+    children = [getattr(expr, f) for f in ("cond", "a", "b") if hasattr(expr, f)]
+    return all(reads_no_score(c) for c in children)
 
 
 def _masked_branch_first(program: Expr) -> int | None:
