@@ -71,7 +71,7 @@ def _attend_keys(
         log2e = tl.full(m_use.shape, LOG2E, m_use.dtype)                  # [BM] (fp64 scores stay fp64)
         rate = tl.where(m_use >= LOG2E_SAFE_MIN, log2e, SENTINEL_LOG2_RATE)  # [BM]
         alpha = tl.exp2((m_i - m_use) * rate)                             # [BM]
-        p = tl.exp2(s * rate[:, None] - (m_use * rate)[:, None])          # [BM, BN] one FMA per score
+        p = tl.exp2(tl.fma(s, rate[:, None], -(m_use * rate)[:, None]))   # [BM, BN]
         l_i = l_i * alpha + tl.sum(p, 1)
         p_v = V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         b_v = tl.load(p_v, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BN, BDV]
@@ -129,7 +129,7 @@ def {name}(
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, offs_dv, row_ok, full_end, kv_end, SEQ_Q, SEQ_K,
         HEAD_D, HEAD_DV, BLOCK_N, DOT_PRECISION, MASKED=True)
-
+{rows_without_keys}
     b_o = acc / l_i[:, None]                                              # [BM, BDV]
     if ZERO_EMPTY_ROWS:
         b_o = tl.where(l_i[:, None] > 0, b_o, 0.0)
@@ -144,6 +144,16 @@ OPERAND_LOAD = (
     "        t{i} = tl.load(T{i} + offs_m[:, None] * stride_t{i}_m + offs_n[None, :] * stride_t{i}_n,  # [BM, BN]\n"
     "                     mask=row_ok[:, None] & col_ok[None, :])"
 )
+
+# With a finite fill (finfo.min) a row that sees no key averages over every key, as eager does:
+# the keys past kv_end are folded in too, for the query tiles that hold such a row.
+ROWS_WITHOUT_KEYS = '''    if tl.min(m_i, 0) < LOG2E_SAFE_MIN:
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, b_q, K_bh, V_bh,{operand_call}
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, offs_dv, row_ok, kv_end, SEQ_K, SEQ_Q, SEQ_K,
+            HEAD_D, HEAD_DV, BLOCK_N, DOT_PRECISION, MASKED=True)
+'''
 
 KEY_RANGE = '''@triton.jit
 def _key_range(q_first, q_last, SEQ_Q, SEQ_K, BLOCK_N: tl.constexpr):
@@ -168,7 +178,7 @@ def _visible(bound: str, inclusive: bool) -> str:
 def key_range_source(expr: Expr) -> str:
     """Source of the ``_key_range`` helper for ``expr``: without a key limit, every key and the
     ragged last block; with one, the bound taken at the first and the last row of the query tile."""
-    limit = key_limit(expr)
+    limit = key_limit(expr, finite_fill=True)
     if limit is None:
         return KEY_RANGE.format(body=KEY_RANGE_ALL)
     bound, inclusive = limit
@@ -176,6 +186,13 @@ def key_range_source(expr: Expr) -> str:
     return KEY_RANGE.format(body=KEY_RANGE_BOUNDED.format(
         bound_first=to_triton(bound, index=first), bound_last=to_triton(bound, index=last),
         visible_high=_visible("high", inclusive), visible_low=_visible("low", inclusive)))
+
+
+def _rows_without_keys(expr: Expr, used: list[int]) -> str:
+    """The fold of the keys past the bound, needed only when the bound comes from a finite fill."""
+    if key_limit(expr) is not None or key_limit(expr, finite_fill=True) is None:
+        return ""
+    return ROWS_WITHOUT_KEYS.format(operand_call="".join(f"\n            T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used))
 
 
 def generate(program: Expr | str) -> tuple[str, str]:
@@ -191,8 +208,8 @@ def generate(program: Expr | str) -> tuple[str, str]:
         operand_call="".join(f"\n        T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_bases="\n".join(OPERAND_BASE.format(i=i) for i in used),
         operand_loads="\n".join(OPERAND_LOAD.format(i=i) for i in used),
-        score=to_triton(without_key_limit(expr)), masked_score=to_triton(expr),
-        key_range=key_range_source(expr))
+        score=to_triton(without_key_limit(expr, finite_fill=True)), masked_score=to_triton(expr),
+        key_range=key_range_source(expr), rows_without_keys=_rows_without_keys(expr, used))
     name = f"flash_fwd_{source_hash(body)}"
     return name, body.replace("{name}", name)
 

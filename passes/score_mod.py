@@ -244,11 +244,18 @@ def leaves(expr: Expr) -> set[Expr]:
     return set().union(*(leaves(c) for c in children)) if children else {expr}
 
 
-def key_limit(expr: Expr) -> tuple[Expr, bool] | None:
+SENTINEL_FILL = -1.0e30  # fills at or below this (finfo.min) hide a key from any row with a visible one
+
+
+def key_limit(expr: Expr, finite_fill: bool = False) -> tuple[Expr, bool] | None:
     """``(bound, inclusive)`` when every key beyond ``bound`` (a function of ``q`` and lengths only)
     is masked to ``-inf`` by the outermost select: ``(where (... and (le k bound) ...) x -inf)``.
-    Such keys contribute nothing, so a query block may stop at the bound of its last row."""
-    if not (isinstance(expr, Where) and isinstance(expr.b, Const) and expr.b.value == -math.inf):
+    Such keys contribute nothing, so a query block may stop at the bound of its last row.
+
+    With ``finite_fill`` the masked value may also be a sentinel such as ``finfo.min`` (or
+    ``x + finfo.min``): those keys contribute nothing to a row that sees any key, but a row that
+    sees none averages over every key, which a caller that stops early must still do."""
+    if not isinstance(expr, Where) or not (_is_neg_inf(expr.b) or (finite_fill and is_sentinel_fill(expr.b))):
         return None
     allowed = {Index("q"), Index("Sq"), Index("Sk")}
     for term in _conjuncts(expr.cond):
@@ -259,16 +266,27 @@ def key_limit(expr: Expr) -> tuple[Expr, bool] | None:
     return None
 
 
+def _is_neg_inf(expr: Expr) -> bool:
+    return isinstance(expr, Const) and expr.value == -math.inf
+
+
+def is_sentinel_fill(expr: Expr) -> bool:
+    """A finite masked value: a constant at or below :data:`SENTINEL_FILL`, or ``x +`` one."""
+    if isinstance(expr, Binary) and expr.op == "add":
+        expr = expr.b if isinstance(expr.b, Const) else expr.a
+    return isinstance(expr, Const) and -math.inf < expr.value <= SENTINEL_FILL
+
+
 def _conjuncts(expr: Expr) -> list[Expr]:
     if isinstance(expr, Binary) and expr.op == "and":
         return _conjuncts(expr.a) + _conjuncts(expr.b)
     return [expr]
 
 
-def without_key_limit(expr: Expr) -> Expr:
+def without_key_limit(expr: Expr, finite_fill: bool = False) -> Expr:
     """``expr`` as it reads for keys inside its :func:`key_limit`, where the bounding term is true:
     that term leaves the outer select's condition, and the select goes when nothing else is left."""
-    limit = key_limit(expr)
+    limit = key_limit(expr, finite_fill)
     if limit is None:
         return expr
     bound, inclusive = limit

@@ -179,3 +179,21 @@ def test_an_atom_that_simplifies_away_is_not_an_operand(kernel_calls):
 
     site = compiled_site(fn, *qkv(), key_ok, kernel_calls=kernel_calls)
     assert site.summary["program"] == "(where (le k q) (div s 4.0) -inf)", site.summary
+
+
+def test_finfo_min_causal_mask_skips_key_blocks_and_keeps_rows_without_keys_exact(kernel_calls):
+    """Long enough for several key blocks: blocks past the causal bound are skipped, yet the rows
+    that left padding leaves without any key still average every key, as eager does."""
+    seq = 80
+    key_ok = torch.ones(B, seq, dtype=torch.bool)
+    key_ok[1, :20] = False
+
+    def fn(q, k, v, key_ok):
+        causal = torch.arange(seq)[:, None] >= torch.arange(seq)[None, :]
+        keep = causal[None, None] & key_ok[:, None, None, :]
+        return attend(q, k, v, bias=torch.where(keep, 0.0, torch.finfo(torch.float32).min))
+
+    site = compiled_site(fn, *qkv(seq, seq), key_ok, kernel_calls=kernel_calls)
+    assert site.summary["program"].startswith("(where (and $0 (le k q))"), site.summary
+    source = open(site.source).read()
+    assert "kv_end = tl.minimum" in source and "tl.min(m_i, 0) < LOG2E_SAFE_MIN" in source
