@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from attncompiler.codegen.configs import bwd_keep, default_bwd_config
 from attncompiler.codegen.flash import flash_forward
 from attncompiler.codegen.flash_bwd import flash_backward, generate
 from attncompiler.options import triton_interpret
@@ -280,6 +281,15 @@ def test_closed_form_reference_backward_matches_autograd(q_shape, kv_shape, prog
     for g, w, x in zip(got, want, (q, k, v)):
         assert g.shape == x.shape
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128, 256])
+def test_default_backward_configs_fit_hopper(dtype, head_dim):
+    """Untuned backward configs pass the prune predicate for a 227 KiB shared-memory GPU."""
+    q = torch.empty(1, 1, 8, head_dim, dtype=dtype)
+    config = default_bwd_config(q, head_dim, interpret=False)
+    assert bwd_keep(config, head_dim, head_dim, dtype.itemsize, 227 * 1024), config
 
 
 # --- the score program's derivative --------------------------------------------------------------
