@@ -146,12 +146,12 @@ OPERAND_LOAD = (
 )
 
 # With a finite fill (finfo.min) a row that sees no key averages over every key, as eager does:
-# the keys past kv_end are folded in too, for the query tiles that hold such a row.
+# the key blocks past the last one visited are folded in too, for the query tiles that hold such a row.
 ROWS_WITHOUT_KEYS = '''    if tl.min(m_i, 0) < LOG2E_SAFE_MIN:
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, b_q, K_bh, V_bh,{operand_call}
             stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, offs_dv, row_ok, kv_end, SEQ_K, SEQ_Q, SEQ_K,
+            offs_m, offs_d, offs_dv, row_ok, tl.cdiv(kv_end, BLOCK_N) * BLOCK_N, SEQ_K, SEQ_Q, SEQ_K,
             HEAD_D, HEAD_DV, BLOCK_N, DOT_PRECISION, MASKED=True)
 '''
 

@@ -214,6 +214,17 @@ def test_index_predicates(program, sq, sk):
     check(q, k, v, [], program)
 
 
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, torch.finfo(torch.float16).min])
+def test_finite_fill_index_predicate_rows_without_keys_average_every_key(fill):
+    """A causal bound filled with finfo.min, Sq > Sk: the first rows see no key and average all of v
+    (as eager does); key blocks past a tile's bound are folded in once each, not twice."""
+    q, k, v = randn(1, 2, 100, 32), randn(1, 2, 70, 32), randn(1, 2, 70, 32)
+    program = f"(where (le k (add q (sub Sk Sq))) (mul s 0.125) {fill!r})"
+    out = check(q, k, v, [], program, config=FlashConfig(64, 32, 4, 1))
+    average = v.double().mean(dim=-2, keepdim=True).expand(1, 2, 30, 32)
+    assert_as_accurate_as_torch(out[:, :, :30], average, v.mean(dim=-2, keepdim=True).expand(1, 2, 30, 32))
+
+
 def test_3d_inputs():
     """[B·H, S, D] inputs with a [Sq, Sk] mask."""
     q, k, v = randn(6, 37, 64), randn(6, 113, 64), randn(6, 113, 48)
