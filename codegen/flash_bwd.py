@@ -11,6 +11,11 @@ With ``z = program(q·kᵀ)``, ``P = exp(z - lse)`` rebuilt from the forward's r
 
 No ``Sq × Sk`` matrix is written. Masks and biases are loaded per tile as in the forward; key
 blocks that a program's key limit masks for a whole query tile are skipped.
+
+P is only as precise as the fp32 ``lse`` allows. A row whose every visible score is a finite
+sentinel below -2e38 (an fp32 or bf16 ``finfo.min`` fill on all its keys) has an ``lse`` equal to
+that sentinel, so each of its ``n`` keys gets P = 1 instead of 1/n: its share of dV is ``n`` times
+too large (its dQ and dK are exact when the fill is a constant of the program, of derivative 0).
 """
 
 from __future__ import annotations
