@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the lent GPU should check, in phases that each fit one device call; logs and tables go to $OUT.
-#   bash benchmarks/gpu_check.sh check   GPU tests, quickstart on SmolLM2 (when ~/smol/m.gguf is there,
-#                                        see the device notes), tune on the CLI then a pure cache hit
+#   bash benchmarks/gpu_check.sh tests   GPU tests (forward, backward, training through the backend)
+#   bash benchmarks/gpu_check.sh model   quickstart on SmolLM2 in bf16 and fp32 (when ~/smol/m.gguf is
+#                                        there, see the device notes), tune on the CLI then a pure cache hit
 #   bash benchmarks/gpu_check.sh bench   attention forward / forward+backward benchmark, Llama prefill
 #   bash benchmarks/gpu_check.sh saa     SAA tests, quality on SmolLM2, SAA benchmark
 set -uo pipefail
@@ -17,9 +18,11 @@ export ATTNCOMPILER_CACHE_DIR="$OUT/cache"
 gguf=()
 [ -f ~/smol/m.gguf ] && gguf=(--gguf ~/smol/m.gguf)
 status=0
-case "${1:-check}" in
-  check)
+case "${1:-tests}" in
+  tests)
     python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+    ;;
+  model)
     for dtype in bfloat16 float32; do
       python3 examples/quickstart.py "${gguf[@]}" --dtype $dtype 2>&1 | grep -v "it/s" \
         | tee "$OUT/quickstart_$dtype.log" | tail -9 || status=1
@@ -39,6 +42,6 @@ case "${1:-check}" in
     python3 examples/saa_quality.py "${gguf[@]}" --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
     python3 benchmarks/saa.py --no-record 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
     ;;
-  *) echo "unknown phase $1 (check, bench or saa)"; exit 2 ;;
+  *) echo "unknown phase $1 (tests, model, bench or saa)"; exit 2 ;;
 esac
 exit $status
