@@ -12,15 +12,18 @@ With ``z = program(q·kᵀ)``, ``P = exp(z - lse)`` rebuilt from the forward's r
 No ``Sq × Sk`` matrix is written. Masks and biases are loaded per tile as in the forward; key
 blocks that a program's key limit masks for a whole query tile are skipped.
 
-P is only as precise as the fp32 ``lse`` allows. A row whose every visible score is a finite
-sentinel below -2e38 (an fp32 or bf16 ``finfo.min`` fill on all its keys) has an ``lse`` equal to
-that sentinel, so each of its ``n`` keys gets P = 1 instead of 1/n: its share of dV is ``n`` times
-too large (its dQ and dK are exact when the fill is a constant of the program, of derivative 0).
+A row whose every score is a finite sentinel below -2e38 (an fp32 or bf16 ``finfo.min`` fill on all
+its keys) averages, as in eager, the ``n`` keys whose score equals its maximum ``m``. Its fp32
+``lse`` cannot hold ``m + ln(n)`` (the spacing of floats near ``m`` is 2e31): it is ``m`` itself.
+For such rows the preprocess also counts ``n`` in the forward's sentinel rate (each key scores 1 or
+0) and the kernels take ``P = exp2((z − m)·rate − log2(n))``; every other row keeps
+``P = exp2((z − lse)·log2(e))``.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import torch
 
@@ -41,6 +44,8 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+SENTINEL_LOG2_RATE = tl.constexpr(5.421010862427522e-20)  # 2**-64, the forward's rate for sentinel rows
+LOG2E_SAFE_MIN = tl.constexpr(-2.0e38)
 
 
 {key_range}
@@ -50,33 +55,74 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _sentinel_row_sums(
+    b_q, b_lse, K,{operand_args}
+    stride_kn, stride_kd, offs_m, offs_d, row_ok, SEQ_Q, SEQ_K,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The forward's row sum l of sentinel rows (lse = the row maximum m): every key in the rate
+    2**-64, where a score equal to m counts 1 and any other (at least 2**104 below) counts 0."""
+    l = tl.zeros_like(b_lse)                                              # [BM]
+    for start_n in range(0, SEQ_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)                          # [BN]
+        col_ok = offs_n < SEQ_K
+        b_k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                      mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)     # [BN, BD]
+        s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)    # [BM, BN] raw scores
+{operand_loads_nested}
+        z = {masked_score}
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        l += tl.sum(tl.exp2((z - b_lse[:, None]) * SENTINEL_LOG2_RATE), 1)
+    return l
+
+
+@triton.jit
 def preprocess(
-    O, DO, DELTA,
+    Q, K, O, DO, LSE, DELTA, LOG2N,{operand_params}
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_lb, stride_lh, stride_lm,
     stride_eb, stride_eh, stride_em,
-    H, SEQ_Q, NUM_M_BLOCKS,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """delta = rowsum(dO ∘ O) in fp32."""
+    """delta = rowsum(dO ∘ O) in fp32; log2n = log2 of the row sum l of sentinel rows, 0 elsewhere."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_M_BLOCKS
     b = (pid // NUM_M_BLOCKS // H).to(tl.int64)
     h = (pid // NUM_M_BLOCKS % H).to(tl.int64)
+    kh = h // GROUP                                                       # shared key/value head
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM]
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
     offs_dv = tl.arange(0, BLOCK_DV)                                      # [BDV]
-    mask = (offs_m[:, None] < SEQ_Q) & (offs_dv[None, :] < HEAD_DV)
+    row_ok = offs_m < SEQ_Q
+    mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
     p_o = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     p_do = DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd
     b_o = tl.load(p_o, mask=mask, other=0.0).to(tl.float32)              # [BM, BDV]
     b_do = tl.load(p_do, mask=mask, other=0.0).to(tl.float32)            # [BM, BDV]
-    tl.store(DELTA + b * stride_eb + h * stride_eh + offs_m * stride_em, tl.sum(b_o * b_do, 1),
-             mask=offs_m < SEQ_Q)
+    tl.store(DELTA + b * stride_eb + h * stride_eh + offs_m * stride_em, tl.sum(b_o * b_do, 1), mask=row_ok)
+    b_lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=row_ok, other=0.0)  # [BM]
+    sentinel = (b_lse < LOG2E_SAFE_MIN) & (b_lse > float("-inf"))        # [BM]
+    b_log2n = tl.zeros_like(b_lse)                                        # [BM]
+    if tl.max(sentinel.to(tl.int32), 0) > 0:
+        b_q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                      mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
+{operand_bases_pre}
+        l = _sentinel_row_sums(
+            b_q, b_lse, K + b * stride_kb + kh * stride_kh,{operand_call_pre}
+            stride_kn, stride_kd, offs_m, offs_d, row_ok, SEQ_Q, SEQ_K, HEAD_D, BLOCK_N, DOT_PRECISION)
+        b_log2n = tl.where(sentinel, tl.log2(l), 0.0)
+    tl.store(LOG2N + b * stride_eb + h * stride_eh + offs_m * stride_em, b_log2n, mask=row_ok)
 
 
 @triton.jit
 def _tile_grads(
-    b_q, b_k, b_v, b_do, b_lse, b_delta,{operand_args}
+    b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_args}
     offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K,
     DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -92,17 +138,18 @@ def _tile_grads(
     else:
         z = {score}
         g = {derivative}
-    p = tl.exp2((z - b_lse[:, None]) * LOG2E)                             # [BM, BN]
+    p = tl.exp2((z - b_lse[:, None]) * b_rate[:, None] - b_log2n[:, None])  # [BM, BN]
     dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)      # [BM, BN]
     ds = p * (dp - b_delta[:, None]) * g                                  # [BM, BN]
     return p, ds
 
 
 @triton.jit
-def _load_rows(Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
+def _load_rows(Q, DO, LSE, DELTA, LOG2N, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
                offs_m, offs_d, offs_dv, row_ok, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                ZERO_EMPTY_ROWS: tl.constexpr):
-    """The query-side tiles of one head: q [BM, BD], dO [BM, BDV], lse and delta [BM]."""
+    """The query-side tiles of one head: q [BM, BD], dO [BM, BDV]; lse, the rate of the scores
+    (log2(e), or the sentinel rate), log2n and delta [BM]."""
     b_q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
     b_do = tl.load(DO + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
@@ -110,13 +157,16 @@ def _load_rows(Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_gm, stride_gd, st
     b_lse = tl.load(LSE + offs_m * stride_lm, mask=row_ok, other=float("inf"))  # padding rows: p = 0
     if ZERO_EMPTY_ROWS:
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)    # empty rows: p = 0, as their output
+    sentinel = (b_lse < LOG2E_SAFE_MIN) & (b_lse > float("-inf"))
+    b_rate = tl.where(sentinel, SENTINEL_LOG2_RATE, LOG2E)
+    b_log2n = tl.load(LOG2N + offs_m * stride_em, mask=row_ok, other=0.0)
     b_delta = tl.load(DELTA + offs_m * stride_em, mask=row_ok, other=0.0)
-    return b_q, b_do, b_lse, b_delta
+    return b_q, b_do, b_lse, b_rate, b_log2n, b_delta
 
 
 @triton.jit
 def dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,{operand_params}
+    Q, K, V, DO, LSE, DELTA, LOG2N, DK, DV,{operand_params}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -156,15 +206,16 @@ def dkdv(
         DO_bh = DO + b * stride_gb + h * stride_gh
         LSE_bh = LSE + b * stride_lb + h * stride_lh
         DELTA_bh = DELTA + b * stride_eb + h * stride_eh
+        LOG2N_bh = LOG2N + b * stride_eb + h * stride_eh
 {operand_bases}
         for start_m in range(m_start, SEQ_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)                      # [BM]
             row_ok = offs_m < SEQ_Q
-            b_q, b_do, b_lse, b_delta = _load_rows(
-                Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
-                offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
+            b_q, b_do, b_lse, b_rate, b_log2n, b_delta = _load_rows(
+                Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm,
+                stride_em, offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
             p, ds = _tile_grads(
-                b_q, b_k, b_v, b_do, b_lse, b_delta,{operand_call}
+                b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
                 offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED=True)
             b_dv += tl.dot(tl.trans(p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [BN, BDV]
             b_dk += tl.dot(tl.trans(ds).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)   # [BN, BD]
@@ -177,7 +228,7 @@ def dkdv(
 
 @triton.jit
 def _dq_keys(
-    b_dq, b_q, b_do, b_lse, b_delta, K, V,{operand_args}
+    b_dq, b_q, b_do, b_lse, b_rate, b_log2n, b_delta, K, V,{operand_args}
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, offs_dv, row_ok, key_start, key_end, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -192,7 +243,7 @@ def _dq_keys(
         b_v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                       mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)   # [BN, BDV]
         p, ds = _tile_grads(
-            b_q, b_k, b_v, b_do, b_lse, b_delta,{operand_pass}
+            b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_pass}
             offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED)
         b_dq += tl.dot(ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
     return b_dq
@@ -200,7 +251,7 @@ def _dq_keys(
 
 @triton.jit
 def dq(
-    Q, K, V, DO, LSE, DELTA, DQ,{operand_params}
+    Q, K, V, DO, LSE, DELTA, LOG2N, DQ,{operand_params}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -225,10 +276,10 @@ def dq(
     offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
     offs_dv = tl.arange(0, BLOCK_DV)                                      # [BDV]
     row_ok = offs_m < SEQ_Q
-    b_q, b_do, b_lse, b_delta = _load_rows(
+    b_q, b_do, b_lse, b_rate, b_log2n, b_delta = _load_rows(
         Q + b * stride_qb + h * stride_qh, DO + b * stride_gb + h * stride_gh,
         LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_eb + h * stride_eh,
-        stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
+        LOG2N + b * stride_eb + h * stride_eh, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
         offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
     K_bh = K + b * stride_kb + kh * stride_kh
     V_bh = V + b * stride_vb + kh * stride_vh
@@ -238,15 +289,16 @@ def dq(
     q_last = tl.minimum(q_first + BLOCK_M, SEQ_Q) - 1
     full_end, kv_end = _key_range(q_first, q_last, SEQ_Q, SEQ_K, BLOCK_N)
     b_dq = _dq_keys(
-        b_dq, b_q, b_do, b_lse, b_delta, K_bh, V_bh,{operand_call_q}
+        b_dq, b_q, b_do, b_lse, b_rate, b_log2n, b_delta, K_bh, V_bh,{operand_call_q}
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, offs_dv, row_ok, 0, full_end, SEQ_Q, SEQ_K,
         HEAD_D, HEAD_DV, BLOCK_N, DOT_PRECISION, MASKED=False)
     b_dq = _dq_keys(
-        b_dq, b_q, b_do, b_lse, b_delta, K_bh, V_bh,{operand_call_q}
+        b_dq, b_q, b_do, b_lse, b_rate, b_log2n, b_delta, K_bh, V_bh,{operand_call_q}
         stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, offs_dv, row_ok, full_end, kv_end, SEQ_Q, SEQ_K,
         HEAD_D, HEAD_DV, BLOCK_N, DOT_PRECISION, MASKED=True)
+{rows_without_keys}
     p_dq = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
 '''
@@ -268,6 +320,23 @@ FIRST_QUERY_TILE_BOUNDED = '''\
         m_start += BLOCK_M
         _, kv_end = _key_range(m_start, tl.minimum(m_start + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
     return m_start'''
+
+
+# With a finite fill, a query tile holding a row that sees no key also takes the key blocks past its
+# bound, over which that row averages (as the forward does).
+ROWS_WITHOUT_KEYS = '''    if tl.min(b_rate, 0) < LOG2E:
+        b_dq = _dq_keys(
+            b_dq, b_q, b_do, b_lse, b_rate, b_log2n, b_delta, K_bh, V_bh,{operand_call}
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, offs_dv, row_ok, tl.cdiv(kv_end, BLOCK_N) * BLOCK_N, SEQ_K, SEQ_Q, SEQ_K,
+            HEAD_D, HEAD_DV, BLOCK_N, DOT_PRECISION, MASKED=True)'''
+
+
+def _rows_without_keys(expr: Expr, used: list[int]) -> str:
+    """The dQ fold of the keys past the bound, needed only when the bound comes from a finite fill."""
+    if key_limit(expr) is not None or key_limit(expr, finite_fill=True) is None:
+        return ""
+    return ROWS_WITHOUT_KEYS.format(operand_call="".join(f"\n            T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used))
 
 
 def _first_query_tile_source(expr: Expr) -> str:
@@ -298,6 +367,10 @@ def generate(program: Expr | str) -> tuple[str, str]:
         operand_bases="\n".join(f"        T{i}_bh = T{i} + b * stride_t{i}_b + h * stride_t{i}_h" for i in used),
         operand_bases_q="\n".join(f"    T{i}_bh = T{i} + b * stride_t{i}_b + h * stride_t{i}_h" for i in used),
         operand_loads="\n".join(OPERAND_LOAD.format(i=i) for i in used),
+        operand_loads_nested=textwrap.indent("\n".join(OPERAND_LOAD.format(i=i) for i in used), "    "),
+        operand_bases_pre="\n".join(f"        T{i}_bh = T{i} + b * stride_t{i}_b + h * stride_t{i}_h" for i in used),
+        operand_call_pre="".join(f"\n            T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
+        rows_without_keys=_rows_without_keys(expr, used),
         masked_score=to_triton(expr), masked_derivative=to_triton(derivative),
         score=to_triton(unmasked), derivative=to_triton(score_derivative(unmasked)),
         key_range=key_range_source(expr), first_query_tile=_first_query_tile_source(expr))
@@ -333,29 +406,29 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     q4, k4, v4, o4, g4 = as_4d(qa), as_4d(ka), as_4d(va), as_4d(out), as_4d(grad_out)
     dq4, dk4, dv4 = (as_4d(g) for g in grads)
     lse4 = as_4d(lse.unsqueeze(-1))
-    delta4 = torch.empty_like(lse4)
+    delta4, log2n4 = torch.empty_like(lse4), torch.empty_like(lse4)
     t4 = [as_4d(t.expand(*batch, seq_q, seq_k)) for t in operands]
     operand_args = [x for t in t4 for x in (t, *t.stride())]
     config = config or default_bwd_config(q, head_dv, interpret)
     heads, kv_heads = o4.shape[1], k4.shape[1]
-    common = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_pow2_at_least(head_d),
-                  BLOCK_DV=_pow2_at_least(head_dv),
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  ZERO_EMPTY_ROWS=zero_empty_rows, num_warps=config.num_warps, num_stages=config.num_stages)
+    shapes = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_pow2_at_least(head_d),
+                  BLOCK_DV=_pow2_at_least(head_dv), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    common = dict(shapes, ZERO_EMPTY_ROWS=zero_empty_rows)
     rows = (*q4.stride(), *k4.stride(), *v4.stride(), *g4.stride(), *lse4.stride()[:3], *delta4.stride()[:3])
 
     num_m = math.ceil(seq_q / config.block_resident)
     kernels.preprocess[(num_m * o4.shape[0] * heads,)](
-        o4, g4, delta4, *o4.stride(), *g4.stride(), *delta4.stride()[:3], heads, seq_q, num_m,
-        HEAD_DV=head_dv, BLOCK_DV=_pow2_at_least(head_dv), BLOCK_M=config.block_resident,
-        num_warps=config.num_warps)
+        q4, k4, o4, g4, lse4, delta4, log2n4, *operand_args, *q4.stride(), *k4.stride(), *o4.stride(),
+        *g4.stride(), *lse4.stride()[:3], *delta4.stride()[:3], heads, group, seq_q, seq_k, num_m,
+        BLOCK_M=config.block_resident, BLOCK_N=config.block_streamed, **shapes)
     num_n = math.ceil(seq_k / config.block_resident)
     kernels.dkdv[(num_n * k4.shape[0] * kv_heads,)](
-        q4, k4, v4, g4, lse4, delta4, dk4, dv4, *operand_args, *rows, *dk4.stride(), *dv4.stride(),
+        q4, k4, v4, g4, lse4, delta4, log2n4, dk4, dv4, *operand_args, *rows, *dk4.stride(), *dv4.stride(),
         kv_heads, group, seq_q, seq_k, num_n,
         BLOCK_M=config.block_streamed, BLOCK_N=config.block_resident, **common)
     kernels.dq[(num_m * o4.shape[0] * heads,)](
-        q4, k4, v4, g4, lse4, delta4, dq4, *operand_args, *rows, *dq4.stride(),
+        q4, k4, v4, g4, lse4, delta4, log2n4, dq4, *operand_args, *rows, *dq4.stride(),
         heads, group, seq_q, seq_k, num_m,
         BLOCK_M=config.block_resident, BLOCK_N=config.block_streamed, **common)
     return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v)))

@@ -125,6 +125,21 @@ def test_fully_masked_rows_get_zero_gradients_under_the_sdpa_rule():
     assert (dq[:, :, [0, 5, 36]] == 0).all()
 
 
+FLT_MIN_FILL = -3.4028234663852886e+38  # torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("fill", [repr(FLT_MIN_FILL), f"(add (mul s 0.125) {FLT_MIN_FILL!r})"],
+                         ids=["constant", "additive"])
+@pytest.mark.parametrize("bound", ["$0", "(le k (sub q 40.0))"], ids=["mask", "index"])
+def test_rows_without_a_visible_key_under_a_finite_fill(fill, bound):
+    """With a finfo.min fill a row that sees no key averages every key (eager's answer): its P is
+    1/n, not the 1 an fp32 logsumexp equal to the fill would give; dq, dk, dv match autograd."""
+    q, k, v = randn(1, 4, 77, 32), randn(1, 2, 90, 32), randn(1, 2, 90, 32)
+    mask = torch.rand(77, 90, device=DEVICE) < 0.5
+    mask[[0, 5, 76]] = False
+    check(q, k, v, [mask] if bound == "$0" else [], f"(where {bound} (mul s 0.125) {fill})")
+
+
 def test_lse_is_the_row_logsumexp():
     """The forward's second output: natural-log logsumexp in fp32, -inf for a row with no visible key."""
     q, k, v = randn(1, 2, 37, 64, dtype=torch.float16), randn(1, 2, 45, 64, dtype=torch.float16), \

@@ -18,8 +18,9 @@ PROGRAMS = [
     "(where (and (le k q) (gt k (sub q 20.0))) (mul s 0.125) -inf)",
     "(where $0 (mul s 0.125) -inf)",
     "(add (mul s 0.125) $0)",
+    "(where (le k q) (mul s 0.125) (add (mul s 0.125) -3.4028234663852886e+38))",
 ]
-POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV"}
+POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "LOG2N", "DQ", "DK", "DV"}
 
 
 def compile_for_hopper(kernel, dtype: str, operand: str, constexprs: dict, num_warps: int, num_stages: int) -> None:
@@ -30,7 +31,7 @@ def compile_for_hopper(kernel, dtype: str, operand: str, constexprs: dict, num_w
     def kind(arg: str) -> str:
         if arg in constexprs:
             return "constexpr"
-        if arg in ("LSE", "DELTA"):
+        if arg in ("LSE", "DELTA", "LOG2N"):
             return "*fp32"
         if arg in POINTERS:
             return f"*{dtype}"
@@ -49,11 +50,12 @@ def compile_all() -> None:
 
     for program in PROGRAMS:
         operand = "i1" if program.startswith("(where $0") else "fp16"
-        head = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64, DOT_PRECISION="tf32", ZERO_EMPTY_ROWS=False)
+        shapes = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64, DOT_PRECISION="tf32")
+        head = dict(shapes, ZERO_EMPTY_ROWS=False)
         backward = load_kernels(program)
         for kernel, constexprs, warps, stages in (
             (load_kernel(program)[1], {**head, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
-            (backward.preprocess, {"HEAD_DV": 64, "BLOCK_DV": 64, "BLOCK_M": 64}, 4, 1),
+            (backward.preprocess, {**shapes, "BLOCK_M": 64, "BLOCK_N": 16}, 4, 2),
             (backward.dkdv, {**head, "BLOCK_M": 16, "BLOCK_N": 64}, 4, 2),
             (backward.dq, {**head, "BLOCK_M": 64, "BLOCK_N": 16}, 4, 2),
         ):
