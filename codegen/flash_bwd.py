@@ -6,6 +6,7 @@ With ``z = program(q·kᵀ)``, ``P = exp(z - lse)`` rebuilt from the forward's r
     delta = rowsum(dO ∘ O)                    preprocess, one program per query tile
     dS    = P ∘ (dO·Vᵀ − delta) ∘ g           the gradient of the raw scores q·kᵀ
     dV = Pᵀ·dO,  dK = dSᵀ·Q                   one program per key tile, looping over query tiles
+                                              (Pᵀ, dSᵀ computed key-major, never transposed)
                                               (and over the query heads of a group: no atomics)
     dQ = dS·K                                 one program per query tile, looping over key tiles
 
@@ -145,6 +146,24 @@ def _tile_grads(
 
 
 @triton.jit
+def _tile_grads_t(
+    b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_args}
+    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION: tl.constexpr,
+):
+    """``(pᵀ, dsᵀ)`` of one key-major [BN, BM] tile (keys past SEQ_K or the key limit allowed): dK
+    and dV take them as the left operand as they are, with no transpose of a product's result."""
+    s = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)        # [BN, BM] raw scores
+{operand_loads_t}
+    z = {masked_score_t}
+    z = tl.where(col_ok[:, None], z, float("-inf"))
+    g = {masked_derivative_t}
+    p = tl.exp2((z - b_lse[None, :]) * b_rate[None, :] - b_log2n[None, :])  # [BN, BM]
+    dp = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)      # [BN, BM]
+    ds = p * (dp - b_delta[None, :]) * g                                  # [BN, BM]
+    return p, ds
+
+
+@triton.jit
 def _load_rows(Q, DO, LSE, DELTA, LOG2N, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
                offs_m, offs_d, offs_dv, row_ok, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                ZERO_EMPTY_ROWS: tl.constexpr):
@@ -214,11 +233,11 @@ def dkdv(
             b_q, b_do, b_lse, b_rate, b_log2n, b_delta = _load_rows(
                 Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm,
                 stride_em, offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
-            p, ds = _tile_grads(
+            p_t, ds_t = _tile_grads_t(
                 b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
-                offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED=True)
-            b_dv += tl.dot(tl.trans(p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [BN, BDV]
-            b_dk += tl.dot(tl.trans(ds).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)   # [BN, BD]
+                offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION)
+            b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)   # [BN, BDV]
+            b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)    # [BN, BD]
 
     p_dk = DK + b * stride_dkb + kh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     p_dv = DV + b * stride_dvb + kh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
@@ -307,6 +326,11 @@ OPERAND_LOAD = (
     "    t{i} = tl.load(T{i} + offs_m[:, None] * stride_t{i}_m + offs_n[None, :] * stride_t{i}_n,  # [BM, BN]\n"
     "                 mask=row_ok[:, None] & col_ok[None, :], other=0)"
 )
+OPERAND_LOAD_T = (
+    "    t{i} = tl.load(T{i} + offs_n[:, None] * stride_t{i}_n + offs_m[None, :] * stride_t{i}_m,  # [BN, BM]\n"
+    "                 mask=col_ok[:, None] & row_ok[None, :], other=0)"
+)
+KEY_MAJOR_INDEX = {"q": "offs_m[None, :]", "k": "offs_n[:, None]", "Sq": "SEQ_Q", "Sk": "SEQ_K"}
 
 FIRST_QUERY_TILE = '''@triton.jit
 def _first_query_tile(start_n, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -372,6 +396,9 @@ def generate(program: Expr | str) -> tuple[str, str]:
         operand_call_pre="".join(f"\n            T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         rows_without_keys=_rows_without_keys(expr, used),
         masked_score=to_triton(expr), masked_derivative=to_triton(derivative),
+        operand_loads_t="\n".join(OPERAND_LOAD_T.format(i=i) for i in used),
+        masked_score_t=to_triton(expr, index=KEY_MAJOR_INDEX),
+        masked_derivative_t=to_triton(derivative, index=KEY_MAJOR_INDEX),
         score=to_triton(unmasked), derivative=to_triton(score_derivative(unmasked)),
         key_range=key_range_source(expr), first_query_tile=_first_query_tile_source(expr))
     return f"flash_bwd_{source_hash(body)}", body

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from attncompiler.codegen.configs import bwd_keep, default_bwd_config
+from attncompiler.codegen.configs import BwdConfig, FlashConfig, bwd_keep, default_bwd_config
 from attncompiler.codegen.flash import flash_forward
 from attncompiler.codegen.flash_bwd import flash_backward, generate
 from attncompiler.options import triton_interpret
@@ -153,6 +153,24 @@ def test_lse_is_the_row_logsumexp():
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
     _, empty = flash_forward(q, k[:, :, :0], v[:, :, :0], [], SCALED, interpret=INTERPRET)
     assert torch.isneginf(empty).all()
+
+
+@pytest.mark.parametrize("program", [CAUSAL, MASKED, BIASED])
+def test_gpu_default_tiles(program):
+    """The sm_90 fp16 defaults (forward 128x64, backward resident 128 and streamed 32 tiles, three
+    stages) over several tiles of a GQA head, with the ragged last tile and a mask or bias."""
+    q, k, v = randn(1, 4, 300, 64, dtype=torch.float16), randn(1, 2, 300, 64, dtype=torch.float16), \
+        randn(1, 2, 300, 64, dtype=torch.float16)
+    operands = {MASKED: [torch.rand(300, 300, device=DEVICE) < 0.7], BIASED: [randn(1, 4, 300, 300)]}
+    operands = operands.get(program, [])
+    grad_out = randn(1, 4, 300, 64, dtype=torch.float16)
+    out, lse = flash_forward(q, k, v, operands, program, FlashConfig(128, 64, 4, 3), interpret=INTERPRET)
+    ours = flash_backward(q, k, v, out, lse, grad_out, operands, program, False, BwdConfig(128, 32, 8, 3),
+                          interpret=INTERPRET)
+    exact = autograd_grads(q, k, v, operands, program, grad_out, torch.float64)
+    theirs = autograd_grads(q, k, v, operands, program, grad_out, torch.float16)
+    for got, want, torch_got in zip(ours, exact, theirs):
+        assert_as_accurate_as_torch(got, want, torch_got)
 
 
 def test_sequences_longer_than_a_tile_in_both_directions():
