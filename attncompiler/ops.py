@@ -18,6 +18,7 @@ from collections import Counter
 
 import torch
 
+from . import backward_check
 from .options import triton_interpret
 from .reference import attention_backward_reference, attention_reference, attention_reference_with_lse
 from .spec import output_shape
@@ -130,8 +131,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        grad_out: torch.Tensor, operands: list[torch.Tensor], program: str,
                        zero_empty_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`attention` from its ``(out, lse)``, by the generated Triton backward
-    (the reference where that cannot compile or launch). Operands get no gradient."""
-    if program not in _failed_backward_programs:
+    (the reference where that cannot compile or launch, or, on a GPU, where its first result
+    disagreed with the reference: see :mod:`attncompiler.backward_check`). Operands get no gradient."""
+    kind = backward_check.kind_of(q, k, v, program) if backward_check.applies(q.device) else None
+    if program not in _failed_backward_programs and (kind is None or backward_check.trusted(kind) is not False):
         from attncompiler.codegen.flash_bwd import flash_backward
 
         try:
@@ -142,8 +145,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
             log.warning("attncompiler: Triton backward failed for %s (%s: %s); using the reference",
                         program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         else:
-            KERNEL_CALLS["triton_bwd"] += 1
-            return grads
+            if kind is None or backward_check.trusted(kind) or backward_check.check(
+                    kind, q, k, v, grad_out, list(operands), program, zero_empty_rows, grads):
+                KERNEL_CALLS["triton_bwd"] += 1
+                return grads
     KERNEL_CALLS["reference_bwd"] += 1
     return attention_backward_reference(q, k, v, grad_out, list(operands), program, zero_empty_rows)
 

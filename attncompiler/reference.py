@@ -45,11 +45,13 @@ def attention_reference_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def attention_backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                                  operands: list[torch.Tensor], program: str,
-                                 zero_empty_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 zero_empty_rows: bool = False, compute_dtype: torch.dtype | None = None,
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_reference` in closed form (no autograd), operands held
-    constant: ``dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ)) ∘ ∂program/∂s``. Computed in float32 or wider,
-    returned in the inputs' shapes and dtypes."""
-    compute_dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype), torch.float32)
+    constant: ``dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ)) ∘ ∂program/∂s``. Computed in ``compute_dtype``
+    (default float32, or the inputs' dtype where wider), returned in the inputs' shapes and dtypes."""
+    if compute_dtype is None:
+        compute_dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype), torch.float32)
     expr = parse(program)
     qa, ka, va, group = align(q, k, v)
     qa, ka, va = qa.to(compute_dtype), ungroup(ka, group).to(compute_dtype), ungroup(va, group).to(compute_dtype)
