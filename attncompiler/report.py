@@ -17,6 +17,8 @@ class KernelChoice:
     ms: float | None = None
     baseline: str | None = None  # the fastest SDPA backend when tuned
     baseline_ms: float | None = None
+    kernel: str = "triton"  # what ran: "triton", or the SDPA backend that won the bucket ("sdpa-cudnn")
+    backward: str | None = None  # the tuned backward config, once a training call looked it up
 
     @property
     def speedup(self) -> float | None:
@@ -25,8 +27,11 @@ class KernelChoice:
     def describe(self) -> str:
         if self.config is None:
             return "config default (untuned)"
+        if self.kernel != "triton":
+            return f"{self.kernel} ({self.source}, {self.baseline_ms:.3g} ms; Triton {self.config} {self.ms:.3g} ms)"
         text = f"config {self.config} ({self.source}, {self.ms:.3g} ms"
-        return text + (f", {self.speedup:.2f}x vs {self.baseline})" if self.speedup else ")")
+        text += f", {self.speedup:.2f}x vs {self.baseline})" if self.speedup else ")"
+        return text + (f"; backward {self.backward}" if self.backward else "")
 
 
 @dataclass
@@ -41,10 +46,37 @@ class Site:
     summary: dict = field(default_factory=dict)
     source: str | None = None  # generated kernel file, when a generated kernel runs
     choice: KernelChoice | None = None  # the config it ran with, once it has run
+    saa_site: str | None = None  # the SAA error gate's id for this site, when it runs SAA
+    saa_reason: str | None = None  # why the site runs dense attention although SAA was allowed
 
     def describe(self) -> str:
         what = ", ".join(f"{k}={v}" for k, v in self.summary.items())
         return f"{what}; {self.choice.describe()}" if self.choice else what
+
+    @property
+    def saa(self) -> Any:
+        """The SAA gate's :class:`~attncompiler.saa_ops.SiteRecord` (density, error, fallback) once
+        the site has run, else None."""
+        if self.saa_site is None:
+            return None
+        from .saa_ops import SAA_SITES
+
+        return SAA_SITES.get(self.saa_site)
+
+    def describe_saa(self) -> str:
+        """What SAA did here: density and measured error, why it fell back, or why it is not used."""
+        if self.saa_reason is not None:
+            return f"dense: {self.saa_reason}"
+        if self.saa_site is None:
+            return "-"
+        record = self.saa
+        if record is None:
+            return "saa (not run yet)"
+        measured = ", ".join(f"{name} {value:.3g}" for name, value in
+                             (("density", record.density), ("error", record.error)) if value is not None)
+        if record.fallback is not None:
+            return f"dense after fallback: {record.fallback}" + (f" ({measured})" if measured else "")
+        return f"saa: {measured}"
 
 
 @dataclass
@@ -74,12 +106,16 @@ class Report:
         return "\n".join(g.after for g in self.graphs)
 
     def table(self) -> str:
-        rows = [("graph", "node", "rewritten", "kernel", "what / why not")]
+        """One row per site; an ``saa`` column appears when SAA was allowed at some site."""
+        with_saa = any(s.saa_site is not None or s.saa_reason is not None for s in self.sites)
+        rows = [("graph", "node", "rewritten", "kernel", *(("saa",) if with_saa else ()), "what / why not")]
         for s in self.sites:
             what = s.describe() if s.rewritten else (s.reason or "")
-            rows.append((str(s.graph), s.node, "yes" if s.rewritten else "no", s.kernel or "-", what))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+            saa = (s.describe_saa(),) if with_saa else ()
+            rows.append((str(s.graph), s.node, "yes" if s.rewritten else "no", s.kernel or "-", *saa, what))
+        padded = len(rows[0]) - 1
+        widths = [max(len(r[i]) for r in rows) for i in range(padded)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:padded], widths)) + "  " + r[padded] for r in rows]
         return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
     def __str__(self) -> str:
@@ -115,13 +151,24 @@ def collecting() -> bool:
 
 def record_choice(program: str, choice: KernelChoice) -> None:
     """Note the config chosen for a call of score program ``program``: on each active report, once
-    per bucket, and on the rewritten sites of that program that have no choice yet."""
+    per bucket, and on the rewritten sites of that program that have no choice yet (whose kernel
+    column then names the SDPA backend where one ran)."""
     for report in _active:
         if all(c.bucket != choice.bucket for c in report.choices):
             report.choices.append(choice)
         for site in report.sites:
             if site.rewritten and site.choice is None and site.summary.get("program") == program:
                 site.choice = choice
+                if choice.kernel != "triton":
+                    site.kernel = choice.kernel
+
+
+def record_backward(bucket: str, config: str) -> None:
+    """Note the backward config of shape bucket ``bucket`` on its choices in every active report."""
+    for report in _active:
+        for choice in report.choices:
+            if choice.bucket == bucket:
+                choice.backward = config
 
 
 @contextlib.contextmanager

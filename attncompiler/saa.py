@@ -8,7 +8,11 @@ runs only where the user asked for it, and within an error budget (:mod:`attncom
 
 SAA applies to score programs that are a plain scale, ``(mul s c)``, or a scale under a causal
 mask, ``(where (le k q) (mul s c) -inf)`` (top-left aligned) or with the bound
-``q + Sk - Sq`` (bottom-right aligned), in any equivalent spelling of the comparison.
+``q + Sk - Sq`` (bottom-right aligned), in any equivalent spelling of the comparison. The masked
+value may also be a sentinel such as ``finfo.min`` (``(add (mul s c) -3.4e38)``, as Hugging Face
+masks give): it hides a key exactly as ``-inf`` does from every row that sees some key. A row that
+sees none averages every key under a sentinel, which only happens bottom-right aligned with
+``Sk < Sq``; such calls run dense attention (:meth:`SAAProgram.averages_empty_rows`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attncompiler.passes.score_mod import Binary, Const, Expr, Index, Score, Where, parse
+from attncompiler.passes.score_mod import Binary, Const, Expr, Index, Score, Where, is_sentinel_fill, parse
 
 from .options import triton_interpret
 from .saa_config import SAAConfig
@@ -29,15 +33,20 @@ from .spec import align
 
 @dataclass(frozen=True)
 class SAAProgram:
-    """What SAA needs from a score program: the scale and the causal alignment."""
+    """What SAA needs from a score program: the scale, the causal alignment and the kind of fill."""
 
     scale: float
     causal: bool
     bottom_right: bool = False
+    sentinel_fill: bool = False  # masked scores are finfo.min-like, not -inf
 
     def key_offset(self, seq_q: int, seq_k: int) -> int:
         """Key ``j`` is visible to query ``i`` when ``j <= i + key_offset``."""
         return seq_k - seq_q if self.bottom_right else 0
+
+    def averages_empty_rows(self, seq_q: int, seq_k: int) -> bool:
+        """Whether some query sees no key and so, under a sentinel fill, averages every key (SAA cannot)."""
+        return self.sentinel_fill and self.causal and self.key_offset(seq_q, seq_k) < 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,17 @@ def _key_bound(cond: Expr) -> tuple[Expr, int] | None:
     return bound, 0 if op == "le" else -1
 
 
+def _masked_fill(where: Where) -> str | None:
+    """How ``where`` masks: "-inf", "sentinel" (a constant at or below finfo.min-like values, or the
+    unmasked score plus one), or None for anything else."""
+    fill = where.b
+    if isinstance(fill, Const) and fill.value == -math.inf:
+        return "-inf"
+    if isinstance(fill, Binary) and fill.op == "add" and where.a not in (fill.a, fill.b):
+        return None
+    return "sentinel" if is_sentinel_fill(fill) else None
+
+
 def saa_program(program: str) -> SAAProgram | None:
     """The scale and causal alignment of ``program``, or None when SAA does not apply to it."""
     try:
@@ -97,7 +117,8 @@ def saa_program(program: str) -> SAAProgram | None:
     scale = _scale(expr)
     if scale is not None:
         return SAAProgram(scale, causal=False)
-    if not (isinstance(expr, Where) and isinstance(expr.b, Const) and expr.b.value == -math.inf):
+    fill = _masked_fill(expr) if isinstance(expr, Where) else None
+    if fill is None:
         return None
     scale, found = _scale(expr.a), _key_bound(expr.cond)
     if scale is None or found is None:
@@ -110,10 +131,11 @@ def saa_program(program: str) -> SAAProgram | None:
             if value is None:
                 return None
             offsets.add((value + shift - q, seq_k - seq_q))
+    sentinel = fill == "sentinel"
     if all(offset == 0 for offset, _ in offsets):
-        return SAAProgram(scale, causal=True)
+        return SAAProgram(scale, causal=True, sentinel_fill=sentinel)
     if all(offset == difference for offset, difference in offsets):
-        return SAAProgram(scale, causal=True, bottom_right=True)
+        return SAAProgram(scale, causal=True, bottom_right=True, sentinel_fill=sentinel)
     return None
 
 

@@ -3,9 +3,11 @@
 ``saa_attention(q, k, v, program, config, site, kernel, zero_empty_rows)`` computes attention for a score program
 that SAA applies to (:func:`attncompiler.saa.saa_applicable`) at the operating point ``config``
 (:meth:`SAAConfig.to_json` text); rows that see no key are NaN, or zeros with ``zero_empty_rows``
-(as in :mod:`attncompiler.ops`). The first call for a ``site`` also computes dense attention and
-measures SAA's relative error against it (Frobenius norm); above the budget ``max_error``, or if
-SAA fails, the site runs dense attention from then on and the reason is logged once. Per-site
+(as in :mod:`attncompiler.ops`). Calls in which, under a ``finfo.min``-like fill, some row sees
+no key (:meth:`attncompiler.saa.SAAProgram.averages_empty_rows`) run dense attention. The first
+call for a ``site`` also computes dense attention and measures SAA's relative error against it
+(Frobenius norm); above the budget ``max_error``, or if SAA fails, the site runs dense attention
+from then on and the reason is logged once. Per-site
 measurements are kept in :data:`SAA_SITES`, and every call is counted in :data:`SAA_CALLS` as
 "saa" or "dense". Forward only: SAA sites are for inference.
 """
@@ -76,6 +78,9 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
                   kernel: str, zero_empty_rows: bool = False) -> torch.Tensor:
     """SAA of q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``, or dense attention where it
     did not meet its error budget at ``site``."""
+    form = saa_program(program)
+    if form is not None and form.averages_empty_rows(q.shape[-2], k.shape[-2]):
+        return _dense(q, k, v, program, kernel, zero_empty_rows)  # this shape only; the gate is untouched
     with _sites_lock:
         record = SAA_SITES.get(site)
         first = record is None
@@ -83,7 +88,6 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
             record = SAA_SITES[site] = SiteRecord()
     if record.fallback is not None:
         return _dense(q, k, v, program, kernel, zero_empty_rows)
-    form = saa_program(program)
     if form is None:
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)

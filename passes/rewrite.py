@@ -1,5 +1,9 @@
 """Replace matched regions with one ``attncompiler::attention`` call each.
 
+With option ``saa`` set, a site whose score program SAA computes (a scale, optionally causal), with
+no mask or bias operand and no input requiring grad, gets one ``attncompiler::saa_attention`` call
+instead (approximate, behind its error gate); the report says why any other site stays dense.
+
 Graph surgery happens on a copy of the graph; the copy replaces the original only when it
 lints. Each site is handled inside its own guard: any failure removes what was inserted for
 that site, leaves the region as it was and records the reason.
@@ -48,9 +52,16 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
                 raise NearMiss("rewriting is disabled (option rewrite=False)")
             q = nz.tensor(match.q.node)
             kernel = resolve_kernel(options.kernel, q.device, q.dtype)
-            prepared = _prepare_kernel(kernel, str(match.program))
-            _replace(work, match, kernel)
+            prepared = _prepare_kernel(kernel, str(match.program))  # also the SAA gate's dense fallback
+            saa = None
+            if options.saa is not None:
+                site.saa_reason = saa_blocker(match)
+                if site.saa_reason is None:
+                    saa = (options.saa.to_json(), f"graph{graph_index}:{node.name}")
+            _replace(work, match, kernel, saa)
             site.kernel, site.source = prepared
+            if saa is not None:
+                site.kernel, site.saa_site = f"saa:{kernel}", saa[1]
             site.rewritten = True
         except NearMiss as e:
             site.reason = str(e)
@@ -96,7 +107,23 @@ def _prepare_kernel(kernel: str, program: str) -> tuple[str, str | None]:
     return f"triton:{name}", str(kernel_dir() / f"{name}.py")
 
 
-def _replace(graph: Graph, match: Match, kernel: str) -> None:
+def saa_blocker(match: Match) -> str | None:
+    """Why SAA may not stand in for this site's attention, or None when it may."""
+    from attncompiler.saa import saa_applicable
+
+    if match.operands:
+        return (f"the score program reads {len(match.operands)} mask/bias tensor(s) (e.g. padding), which "
+                "SAA's routing and centroids do not apply")
+    program = str(match.program)
+    if not saa_applicable(program):
+        return f"score program {program} is not a scale or a causal scale"
+    if any(t is not None and t.requires_grad for t in (nz.tensor(x.node) for x in (match.q, match.k, match.v))):
+        return "q, k or v requires grad and SAA has no backward (compile under torch.no_grad() to use SAA)"
+    return None
+
+
+def _replace(graph: Graph, match: Match, kernel: str, saa: tuple[str, str] | None = None) -> None:
+    """Put the op in place of the region; ``saa``: ``(operating point JSON, site id)`` for the SAA op."""
     inserted: list[Node] = []
 
     def add(op: str, target: Any, args: tuple) -> Node:
@@ -109,9 +136,15 @@ def _replace(graph: Graph, match: Match, kernel: str) -> None:
     try:
         q, k, v = (_materialize(x, add) for x in (match.q, match.k, match.v))
         operands = [_materialize_operand(t, match.operand_leads.get(t), add) for t in match.operands]
-        attention = add("call_function", torch.ops.attncompiler.attention.default,
-                        (q, k, v, operands, str(match.program), kernel, match.zero_empty_rows))
-        out = add("call_function", operator.getitem, (attention, 0))  # (out, lse): lse serves the backward
+        if saa is None:
+            attention = add("call_function", torch.ops.attncompiler.attention.default,
+                            (q, k, v, operands, str(match.program), kernel, match.zero_empty_rows))
+            out = add("call_function", operator.getitem, (attention, 0))  # (out, lse): lse serves the backward
+        else:
+            from attncompiler import saa_ops  # noqa: F401  (registers attncompiler::saa_attention)
+
+            out = add("call_function", torch.ops.attncompiler.saa_attention.default,
+                      (q, k, v, str(match.program), *saa, kernel, match.zero_empty_rows))
         if match.out_permute is not None:
             out = add("call_method", "permute", (out, *match.out_permute))
         if match.out_flatten:

@@ -1,0 +1,149 @@
+"""SAA in the backend: which sites option ``saa`` rewrites to ``attncompiler::saa_attention``, and the report.
+
+Without a GPU the kernels run on CPU through Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1``).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attncompiler
+from attncompiler import hf_zoo
+from attncompiler.reference import attention_reference
+from attncompiler.saa import SAAProgram, saa_program
+from attncompiler.saa_config import SAAConfig
+from attncompiler.saa_ops import SAA_CALLS, SAA_SITES
+
+SMALL = dict(block_m=16, block_n=16)
+DENSE_EQUIVALENT = dict(SMALL, top_k=64)  # more routed blocks than any test has: every block exact
+FINFO_MIN = torch.finfo(torch.float32).min
+
+
+@pytest.fixture(autouse=True)
+def gate():
+    torch.manual_seed(0)
+    SAA_SITES.clear()
+    SAA_CALLS.clear()
+    yield SAA_SITES
+    SAA_SITES.clear()
+
+
+def qkv(b=1, h=2, s=40, d=32):
+    return torch.randn(b, h, s, d), torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+
+
+def causal_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def biased(q, k, v, bias):
+    return ((q @ k.transpose(-2, -1)) * 0.125 + bias).softmax(-1) @ v
+
+
+def compile_and_run(fn, *args, saa):
+    with torch.no_grad(), attncompiler.collect() as report:
+        out = torch.compile(fn, backend="attncompiler", options={"inner": "eager", "saa": saa})(*args)
+    return out, report
+
+
+def test_dense_equivalent_operating_point_equals_eager():
+    """With every block exact the SAA site computes dense attention; the SAA op actually ran."""
+    q, k, v = qkv()
+    out, report = compile_and_run(causal_sdpa, q, k, v, saa=DENSE_EQUIVALENT)
+    (site,) = report.sites
+    assert site.rewritten and site.kernel.startswith("saa:") and site.saa_reason is None
+    assert "attncompiler.saa_attention.default(" in report.graph_after
+    assert SAA_CALLS["saa"] == 1 and SAA_CALLS["dense"] == 1  # the first call also measured dense
+    assert site.saa.density == 1.0 and site.saa.fallback is None and site.saa.error < 1e-5
+    assert "saa: density 1, error" in report.table()
+    torch.testing.assert_close(out, causal_sdpa(q, k, v))
+
+
+def test_sites_without_saa_option_stay_on_the_dense_op():
+    q, k, v = qkv()
+    _, report = compile_and_run(causal_sdpa, q, k, v, saa=None)
+    assert report.sites[0].saa_site is None and "saa" not in report.table().splitlines()[0].split()
+    assert "saa_attention" not in report.graph_after and not SAA_CALLS
+
+
+def test_site_with_a_bias_operand_stays_dense_with_a_reason():
+    q, k, v = qkv()
+    bias = torch.randn(1, 1, 40, 40)
+    out, report = compile_and_run(biased, q, k, v, bias, saa=DENSE_EQUIVALENT)
+    (site,) = report.sites
+    assert site.rewritten and not site.kernel.startswith("saa") and site.saa_site is None
+    assert "mask/bias tensor" in site.saa_reason and "dense: the score program reads" in report.table()
+    assert "saa_attention" not in report.graph_after and not SAA_CALLS
+    torch.testing.assert_close(out, biased(q, k, v, bias))
+
+
+def test_site_whose_inputs_require_grad_stays_dense():
+    q, k, v = (t.requires_grad_() for t in qkv())
+    with attncompiler.collect() as report:
+        out = torch.compile(causal_sdpa, backend="attncompiler",
+                            options={"inner": "eager", "saa": DENSE_EQUIVALENT})(q, k, v)
+    out.sum().backward()
+    assert "SAA has no backward" in report.sites[0].saa_reason and not SAA_CALLS
+    assert q.grad is not None
+
+
+def test_error_gate_fallback_is_in_the_report():
+    """An operating point over its error budget: the site runs dense attention and the report says why."""
+    q, k, v = qkv(s=96)
+    sparse = dict(SMALL, top_k=0, sinks=0, local_blocks=0, centroids=1, max_error=0.01)
+    out, report = compile_and_run(causal_sdpa, q, k, v, saa=sparse)
+    (site,) = report.sites
+    assert site.saa.fallback.startswith("relative error") and site.saa.error > 0.01 and site.saa.density < 1
+    assert "dense after fallback: relative error" in report.table()
+    assert SAA_CALLS == {"dense": 1}
+    torch.testing.assert_close(out, causal_sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("program, expected", [
+    # Hugging Face eager masks without padding: finfo.min added to the masked scores
+    (f"(where (le k q) (mul s 0.125) (add (mul s 0.125) {FINFO_MIN!r}))", SAAProgram(0.125, True, sentinel_fill=True)),
+    (f"(where (le k q) (mul s 0.125) {FINFO_MIN!r})", SAAProgram(0.125, True, sentinel_fill=True)),
+    (f"(where (le k (add q (sub Sk Sq))) (mul s 0.125) (add (mul s 0.125) {FINFO_MIN!r}))",
+     SAAProgram(0.125, True, bottom_right=True, sentinel_fill=True)),
+    # ... with a padding operand: the kernel reads $0, SAA cannot
+    (f"(where (and $0 (le k q)) (mul s 0.125) (add (mul s 0.125) {FINFO_MIN!r}))", None),
+    ("(where (and $0 (le k q)) (mul s 0.125) -inf)", None),
+    # a fill that is not a sentinel, or a sentinel added to another score
+    ("(where (le k q) (mul s 0.125) (add (mul s 0.125) -65504.0))", None),
+    (f"(where (le k q) (mul s 0.125) (add (mul s 0.5) {FINFO_MIN!r}))", None),
+])
+def test_smollm2_program_forms(program, expected):
+    assert saa_program(program) == expected
+
+
+def test_sentinel_fill_with_rows_that_see_no_key_runs_dense():
+    """Bottom-right with Sk < Sq: the first rows see no key and, under finfo.min, average every key."""
+    q, k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 24, 32), torch.randn(1, 2, 24, 32)
+    program = f"(where (le k (add q (sub Sk Sq))) (mul s 0.125) (add (mul s 0.125) {FINFO_MIN!r}))"
+    config = SAAConfig(**DENSE_EQUIVALENT).to_json()
+    out = torch.ops.attncompiler.saa_attention(q, k, v, program, config, "site", "auto")
+    assert SAA_CALLS == {"dense": 1} and "site" not in SAA_SITES
+    expected = attention_reference(q, k, v, [], program)
+    assert not math.isnan(float(expected.sum()))
+    torch.testing.assert_close(out, expected)
+
+
+def test_hf_llama_eager_attention_runs_saa_without_padding_and_dense_with_it():
+    """Tiny random-weight Llama (SmolLM2's architecture) with eager attention: the finfo.min causal mask
+    runs SAA; passing an attention_mask adds a padding operand, and the sites stay dense."""
+    model, inputs = hf_zoo.build("llama", "eager", seq=40, batch=1)
+    options = {"inner": "eager", "saa": DENSE_EQUIVALENT}
+    with torch.no_grad():
+        expected = model(input_ids=inputs["input_ids"]).logits
+        with attncompiler.collect() as report:
+            got = torch.compile(model, backend="attncompiler", options=options)(input_ids=inputs["input_ids"]).logits
+        torch.compiler.reset()
+        with attncompiler.collect() as padded:
+            torch.compile(model, backend="attncompiler", options=options)(**inputs)
+    assert [s.kernel.startswith("saa:") for s in report.sites] == [True, True], report.table()
+    assert all(s.saa.density == 1.0 for s in report.sites) and SAA_CALLS["saa"] == 2
+    torch.testing.assert_close(got, expected)
+    assert all(s.rewritten and "mask/bias tensor" in s.saa_reason for s in padded.sites), padded.table()
