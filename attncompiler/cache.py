@@ -4,9 +4,11 @@ An *environment* is everything a timing depends on besides the shape: the GPU (n
 capability), the torch and Triton versions, a hash of the kernel sources and the schema version.
 Each environment has its own file ``<cache>/tuning/<device>-<fingerprint>.json``::
 
-    {"schema": 1, "environment": {...}, "entries": {"<shape bucket>": {"config": {...}, "ms": ...}}}
+    {"schema": 2, "environment": {...}, "entries": {"<shape bucket>": {"config": {...}, "ms": ...,
+                                                                    "winner": "triton", "backward": {...}}}}
 
-so a change in any of them starts a new, empty file. Files are data only: every entry is checked
+so a change in any of them starts a new, empty file (a file of an older schema is never read: its
+name differs). Files are data only: every entry is checked
 field by field before use, and a corrupt or foreign file is ignored with one warning and rewritten
 on the next store. Writers take an exclusive ``fcntl`` lock, merge with what is on disk and replace
 the file atomically, so concurrent tuning processes lose no entries.
@@ -24,18 +26,18 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
 
-from attncompiler.codegen.configs import FlashConfig
+from attncompiler.codegen.configs import BwdConfig, FlashConfig
 from .options import cache_dir
 
 log = logging.getLogger("attncompiler")
 
-SCHEMA = 1
+SCHEMA = 2
 SEARCHES = ("quick", "exhaustive")
 _BUCKET_KEY = re.compile(r"^[A-Za-z0-9_.=,+/-]{1,200}$")
 _warned: set[str] = set()
@@ -108,9 +110,59 @@ def current_environment(device: torch.device) -> Environment:
     return Environment(name, capability, torch.__version__, triton.__version__, kernel_sources_hash())
 
 
+def _config_from_json(raw: Any, kind: type, what: str):
+    """A ``FlashConfig`` or ``BwdConfig`` from its JSON object: powers of two, and 1..8 stages."""
+    names = {f.name for f in fields(kind)}
+    if not isinstance(raw, dict) or set(raw) != names:
+        raise CacheError(f"{what} must have exactly the fields {sorted(names)}")
+    for name, value in raw.items():
+        if name == "num_stages" and not (_is_int(value) and 1 <= value <= 8):
+            raise CacheError(f"{what} num_stages must be an integer in 1..8, got {value!r}")
+        if name != "num_stages" and not (_is_int(value) and 1 <= value <= 1024 and value & (value - 1) == 0):
+            raise CacheError(f"{what} {name} must be a power of two in 1..1024, got {value!r}")
+    return kind(**raw)
+
+
+def _check_search(raw: dict, what: str) -> None:
+    if not _is_time(raw["ms"]):
+        raise CacheError(f"{what}ms must be a positive finite number, got {raw['ms']!r}")
+    if raw["search"] not in SEARCHES:
+        raise CacheError(f"{what}search must be one of {list(SEARCHES)}, got {raw['search']!r}")
+    if not _is_int(raw["candidates"]) or raw["candidates"] < 1:
+        raise CacheError(f"{what}candidates must be a positive integer, got {raw['candidates']!r}")
+
+
+@dataclass(frozen=True)
+class BackwardEntry:
+    """The fastest backward config of a shape bucket, among ``candidates`` checked and timed."""
+
+    config: BwdConfig
+    ms: float
+    search: str
+    candidates: int
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "config": asdict(self.config)}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "BackwardEntry":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise CacheError(f"backward must have exactly the fields {sorted(names)}")
+        _check_search(raw, "backward ")
+        return cls(_config_from_json(raw["config"], BwdConfig, "backward config"), float(raw["ms"]), raw["search"],
+                   raw["candidates"])
+
+
 @dataclass(frozen=True)
 class Entry:
-    """The tuning result of one shape bucket: the fastest Triton config and the best SDPA baseline."""
+    """The tuning result of one shape bucket.
+
+    ``config`` and ``ms``: the fastest Triton config; ``baseline`` and ``baseline_ms``: the fastest
+    SDPA backend that computes the bucket's function; ``winner``: what the bucket runs, "triton" or
+    that backend's name where it beat every Triton config; ``backward``: the fastest backward
+    config, once a training call tuned it.
+    """
 
     config: FlashConfig
     ms: float
@@ -118,14 +170,17 @@ class Entry:
     candidates: int
     baseline: str | None = None
     baseline_ms: float | None = None
+    winner: str = "triton"
+    backward: BackwardEntry | None = None
 
     @property
     def speedup(self) -> float | None:
-        """How many times faster than the best SDPA baseline (None without a baseline)."""
+        """How many times faster the Triton config is than the best SDPA baseline (None without one)."""
         return self.baseline_ms / self.ms if self.baseline_ms else None
 
     def to_json(self) -> dict:
-        return {**asdict(self), "config": asdict(self.config)}
+        return {**asdict(self), "config": asdict(self.config),
+                "backward": self.backward.to_json() if self.backward else None}
 
     @classmethod
     def from_json(cls, raw: Any) -> "Entry":
@@ -133,21 +188,8 @@ class Entry:
         names = {f.name for f in fields(cls)}
         if not isinstance(raw, dict) or set(raw) != names:
             raise CacheError(f"entry must have exactly the fields {sorted(names)}")
-        config = raw["config"]
-        config_names = {f.name for f in fields(FlashConfig)}
-        if not isinstance(config, dict) or set(config) != config_names:
-            raise CacheError(f"config must have exactly the fields {sorted(config_names)}")
-        for name, value in config.items():
-            if name == "num_stages" and not (_is_int(value) and 1 <= value <= 8):
-                raise CacheError(f"config num_stages must be an integer in 1..8, got {value!r}")
-            if name != "num_stages" and not (_is_int(value) and 1 <= value <= 1024 and value & (value - 1) == 0):
-                raise CacheError(f"config {name} must be a power of two in 1..1024, got {value!r}")
-        if not _is_time(raw["ms"]):
-            raise CacheError(f"ms must be a positive finite number, got {raw['ms']!r}")
-        if raw["search"] not in SEARCHES:
-            raise CacheError(f"search must be one of {list(SEARCHES)}, got {raw['search']!r}")
-        if not _is_int(raw["candidates"]) or raw["candidates"] < 1:
-            raise CacheError(f"candidates must be a positive integer, got {raw['candidates']!r}")
+        config = _config_from_json(raw["config"], FlashConfig, "config")
+        _check_search(raw, "")
         if (raw["baseline"] is None) != (raw["baseline_ms"] is None):
             raise CacheError("baseline and baseline_ms must both be set or both be null")
         if raw["baseline"] is not None and not (isinstance(raw["baseline"], str) and
@@ -155,7 +197,10 @@ class Entry:
             raise CacheError(f"baseline must be a short name, got {raw['baseline']!r}")
         if raw["baseline_ms"] is not None and not _is_time(raw["baseline_ms"]):
             raise CacheError(f"baseline_ms must be a positive finite number, got {raw['baseline_ms']!r}")
-        return cls(**{**raw, "config": FlashConfig(**config), "ms": float(raw["ms"]),
+        if raw["winner"] not in ("triton", raw["baseline"]):
+            raise CacheError(f"winner must be 'triton' or the baseline, got {raw['winner']!r}")
+        backward = None if raw["backward"] is None else BackwardEntry.from_json(raw["backward"])
+        return cls(**{**raw, "config": config, "ms": float(raw["ms"]), "backward": backward,
                       "baseline_ms": None if raw["baseline_ms"] is None else float(raw["baseline_ms"])})
 
 
@@ -167,16 +212,39 @@ def _is_time(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def preferred(old: Entry | None, new: Entry) -> Entry:
-    """Which of two results for one bucket to keep: an exhaustive search beats a quick one, else the newer."""
-    if old is not None and old.search == "exhaustive" and new.search != "exhaustive":
+def _deeper(old, new):
+    """Of two results (forward or backward), the one to keep: an exhaustive search beats a quick one,
+    else the newer; a missing one never wins."""
+    if new is None or (old is not None and old.search == "exhaustive" and new.search != "exhaustive"):
         return old
     return new
 
 
+def preferred(old: Entry | None, new: Entry) -> Entry:
+    """What to keep for one bucket: the forward part and the backward part are each chosen by
+    :func:`_deeper`, so that a forward result and a backward result tuned apart both survive."""
+    if old is None:
+        return new
+    return replace(_deeper(old, new), backward=_deeper(old.backward, new.backward))
+
+
+def _new_or_deeper(known, offered):
+    """``offered`` where it is new or from a deeper search than ``known``, else ``known``."""
+    if offered is not None and (known is None or (offered.search == "exhaustive" and known.search != "exhaustive")):
+        return offered
+    return known
+
+
+def taken_over(known: Entry | None, offered: Entry) -> Entry:
+    """``known`` with the parts of a result from elsewhere that are new or deeper (forward, backward)."""
+    if known is None:
+        return offered
+    return replace(_new_or_deeper(known, offered), backward=_new_or_deeper(known.backward, offered.backward))
+
+
 def improves(known: Entry | None, offered: Entry) -> bool:
-    """Whether a result from elsewhere is worth taking over ``known``: new, or a deeper search."""
-    return known is None or (offered.search == "exhaustive" and known.search != "exhaustive")
+    """Whether a result from elsewhere is worth taking over ``known``: it adds or deepens a part."""
+    return taken_over(known, offered) != known
 
 
 def valid_entries(raw: Any, origin: str) -> dict[str, Entry]:
@@ -295,7 +363,8 @@ class TuningCache:
         self.remote = remote
         self.table = local.load()
         if remote is not None:
-            fetched = {k: e for k, e in remote.load().items() if improves(self.table.get(k), e)}
+            fetched = {k: taken_over(self.table.get(k), e) for k, e in remote.load().items()
+                       if improves(self.table.get(k), e)}
             if fetched:
                 self.table = local.store(fetched)
 

@@ -1,7 +1,7 @@
 """The ``attncompiler`` command line: inspect rewrites, tune kernels, manage the cache, benchmark.
 
     attncompiler inspect model.py[:build] | --hf llama [--seq 256] [--dot FILE] [--source]
-    attncompiler tune model.py | --hf llama | --shapes 4x16x1024x64 [--causal] [--exhaustive]
+    attncompiler tune model.py | --hf llama | --shapes 4x16x1024x64 [--causal] [--exhaustive] [--train]
     attncompiler cache path | ls | show | clear | export FILE | import FILE
     attncompiler bench [--seqs 1024 4096] [--out FILE] [--plot FILE]
 
@@ -89,8 +89,11 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return copy
 
 
-def compile_and_run(target: Target, options: dict) -> tuple[Report, list[tuple[torch.fx.Graph, torch.fx.Graph]]]:
-    """Compile ``target`` with the backend, run it once; the report and each graph before/after rewriting."""
+def compile_and_run(target: Target, options: dict,
+                    train: bool = False) -> tuple[Report, list[tuple[torch.fx.Graph, torch.fx.Graph]]]:
+    """Compile ``target`` with the backend, run it once; the report and each graph before/after rewriting.
+
+    With ``train`` the run also goes backward, from the sum of every output that requires a gradient."""
     from .backend import attncompiler_backend
 
     Options.resolve(options)
@@ -104,8 +107,14 @@ def compile_and_run(target: Target, options: dict) -> tuple[Report, list[tuple[t
 
     torch.compiler.reset()
     compiled = torch.compile(target.model, backend=capturing_backend)
-    with torch.no_grad(), collect() as report:
+    with torch.set_grad_enabled(train), collect() as report:
         report.output = compiled(*target.args, **target.kwargs)
+        if train:
+            leaves = [t for t in torch.utils._pytree.tree_leaves(report.output)
+                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not leaves:
+                raise CommandError(f"--train: no output of {target.name} requires a gradient")
+            sum(t.float().sum() for t in leaves).backward()
     return report, graphs
 
 
@@ -163,7 +172,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if shapes:
             report = tune_shapes(shapes, args, device, mode)
         else:
-            report, _ = compile_and_run(resolve_target(args), {"inner": args.inner, "tune": mode, "kernel": "triton"})
+            report, _ = compile_and_run(resolve_target(args), {"inner": args.inner, "tune": mode, "kernel": "triton"},
+                                        train=args.train)
     print(choices_table(report))
     return 0
 
@@ -181,18 +191,21 @@ def tune_shapes(shapes: list[tuple[int, int, int, int]], args: argparse.Namespac
             q = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype)
             k, v = (torch.randn(batch, kv_heads, seq, dim, device=device, dtype=dtype) for _ in range(2))
             print(f"tuning {batch}x{heads}x{seq}x{dim} {str(dtype).removeprefix('torch.')}"
-                  f"{' causal' if args.causal else ''}", file=sys.stderr)
+                  f"{' causal' if args.causal else ''}{' forward and backward' if args.train else ''}",
+                  file=sys.stderr)
             tuner.select_config(q, k, v, [], program)
+            if args.train:
+                tuner.select_bwd_config(q, k, v, [], program)
     return report
 
 
 def choices_table(report: Report) -> str:
     if not report.choices:
         return "no attention call ran a Triton kernel, so nothing was tuned"
-    rows = [("shape bucket", "config", "from", "ms", "best SDPA", "speedup")]
+    rows = [("shape bucket", "config", "from", "ms", "best SDPA", "runs", "backward", "speedup")]
     for c in report.choices:
         rows.append((c.bucket, c.config or "default", c.source, f"{c.ms:.4g}" if c.ms else "-",
-                     f"{c.baseline} {c.baseline_ms:.4g} ms" if c.baseline else "-",
+                     f"{c.baseline} {c.baseline_ms:.4g} ms" if c.baseline else "-", c.kernel, c.backward or "-",
                      f"{c.speedup:.2f}x" if c.speedup else "-"))
     return format_table(rows)
 
@@ -240,10 +253,11 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no tuning results for this machine in {local.path}")
         return 0
-    rows = [("shape bucket", "config", "search", "ms", "best SDPA", "speedup")]
+    rows = [("shape bucket", "config", "search", "ms", "best SDPA", "winner", "backward", "speedup")]
     for key, e in sorted(entries.items()):
+        backward = f"{tuner.config_name(e.backward.config)} {e.backward.ms:.4g} ms" if e.backward else "-"
         rows.append((key, tuner.config_name(e.config), e.search, f"{e.ms:.4g}",
-                     f"{e.baseline} {e.baseline_ms:.4g} ms" if e.baseline else "-",
+                     f"{e.baseline} {e.baseline_ms:.4g} ms" if e.baseline else "-", e.winner, backward,
                      f"{e.speedup:.2f}x" if e.speedup else "-"))
     print(format_table(rows))
     return 0
@@ -389,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--kv-heads", type=int, help="key/value heads of --shapes (default: as many as query heads)")
     tune.add_argument("--causal", action="store_true", help="--shapes are causal")
     tune.add_argument("--exhaustive", action="store_true", help="search every config that fits, not a quick subset")
+    tune.add_argument("--train", action="store_true", help="also tune the backward (the target's run goes backward "
+                                                           "from the sum of its outputs)")
     tune.set_defaults(run=cmd_tune)
 
     cache_parser = commands.add_parser("cache", help="manage the tuning cache",

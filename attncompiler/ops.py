@@ -6,14 +6,22 @@
 A query row with no visible key gives NaN as ``torch.softmax`` does, or zeros with
 ``zero_empty_rows`` as ``scaled_dot_product_attention`` does. It returns ``(out, lse)``; the row
 logsumexp ``lse`` lets ``attncompiler::attention_backward`` run the generated Triton backward.
-Every run is counted in :data:`KERNEL_CALLS` by the name of what actually ran: "triton" or
-"reference" forward, "triton_bwd" or "reference_bwd" backward.
+
+Where tuning found an SDPA backend faster than every Triton config for the call's shape bucket,
+and SDPA computes the site's function (:func:`attncompiler.tuner.sdpa_dispatch`), the forward runs
+``scaled_dot_product_attention`` under that backend instead. It writes no logsumexp (``lse`` is
+NaN); the backward of such a forward recomputes ``out`` and ``lse`` with the Triton forward first.
+
+Every run is counted in :data:`KERNEL_CALLS` by the name of what actually ran: "triton",
+"reference" or the SDPA backend ("sdpa-cudnn", ...) forward; "triton_bwd" or "reference_bwd"
+backward, and "triton_recompute" for each logsumexp a backward recomputed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 
 import torch
@@ -64,12 +72,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[
     """
     if resolve_kernel(kernel, q.device, q.dtype) == "triton" and program not in _failed_programs:
         from attncompiler.codegen.flash import flash_forward
-        from attncompiler.tuner import select_config
+        from attncompiler.tuner import sdpa_attention, sdpa_failed, select
 
+        config, backend = select(q, k, v, operands, program, zero_empty_rows)
+        if backend is not None:
+            try:
+                out = sdpa_attention(q, k, v, operands, program, backend).to(v.dtype)
+            except Exception as e:  # a backend without a kernel for this call's exact shape: run Triton
+                sdpa_failed(q, k, v, operands, program, zero_empty_rows, e)
+            else:
+                KERNEL_CALLS[backend] += 1
+                return out, torch.full(out.shape[:-1], math.nan, dtype=torch.float32, device=out.device)
         try:
             out, lse = flash_forward(q, k, v, list(operands), program, interpret=q.device.type == "cpu",
-                                     zero_empty_rows=zero_empty_rows,
-                                     config=select_config(q, k, v, operands, program))
+                                     zero_empty_rows=zero_empty_rows, config=config)
         except Exception as e:  # a kernel that cannot compile or launch: keep the model running
             _failed_programs.add(program)
             log.warning("attncompiler: Triton kernel failed for %s (%s: %s); using the reference",
@@ -131,15 +147,26 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        grad_out: torch.Tensor, operands: list[torch.Tensor], program: str,
                        zero_empty_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`attention` from its ``(out, lse)``, by the generated Triton backward
-    (the reference where that cannot compile or launch, or, on a GPU, where its first result
-    disagreed with the reference: see :mod:`attncompiler.backward_check`). Operands get no gradient."""
+    with the bucket's tuned config (the reference where that cannot compile or launch, or, on a GPU,
+    where its first result disagreed with the reference: see :mod:`attncompiler.backward_check`).
+    Operands get no gradient. Where SDPA ran the forward, ``out`` and ``lse`` are recomputed by the
+    Triton forward first."""
     kind = backward_check.kind_of(q, k, v, program) if backward_check.applies(q.device) else None
     if program not in _failed_backward_programs and (kind is None or backward_check.trusted(kind) is not False):
+        from attncompiler.codegen.flash import flash_forward
         from attncompiler.codegen.flash_bwd import flash_backward
+        from attncompiler.tuner import bucket_key, forward_ran_sdpa, select_bwd_config, tuning_cache
 
+        interpret = q.device.type == "cpu"
         try:
+            if forward_ran_sdpa(q, k, v, operands, program, zero_empty_rows):
+                entry = tuning_cache(q.device).lookup(bucket_key(q, k, v, operands, program))
+                out, lse = flash_forward(q, k, v, list(operands), program, interpret=interpret,
+                                         zero_empty_rows=zero_empty_rows, config=entry.config if entry else None)
+                KERNEL_CALLS["triton_recompute"] += 1
+            config = select_bwd_config(q, k, v, operands, program, zero_empty_rows)
             grads = flash_backward(q, k, v, out, lse, grad_out, list(operands), program, zero_empty_rows,
-                                   interpret=q.device.type == "cpu")
+                                   config=config, interpret=interpret)
         except Exception as e:  # a kernel that cannot compile or launch: keep training
             _failed_backward_programs.add(program)
             log.warning("attncompiler: Triton backward failed for %s (%s: %s); using the reference",

@@ -11,6 +11,7 @@ Precedence: ``options=`` passed to ``torch.compile`` > environment variable > de
 | tune     | ATTNCOMPILER_TUNE     | "off", "cached", "on-first-use",         | "cached"   |
 |          |                       | "exhaustive"                             |            |
 | cache_url| ATTNCOMPILER_CACHE_URL| None or "redis://host:port/db"           | None       |
+| tune_sdpa| –                     | True, False (False: never run SDPA)      | True       |
 | saa      | –                     | None, or dict of SAAConfig fields        | None       |
 | –        | ATTNCOMPILER_CACHE_DIR| directory for generated kernels & tuning | XDG cache  |
 
@@ -19,8 +20,9 @@ Precedence: ``options=`` passed to ``torch.compile`` > environment variable > de
 and is passed on to Inductor; ``mode="max-autotune"`` also means ``tune="exhaustive"`` unless
 ``tune`` is given. ``tune`` picks kernel configs per shape bucket (see :mod:`attncompiler.tuner`):
 "off" uses the defaults, "cached" the tuning cache (defaults on a miss), "on-first-use" tunes a
-bucket the first time it runs, "exhaustive" searches every config that fits. ``cache_url`` adds
-a shared Redis level to the cache (see :mod:`attncompiler.fleet`).
+bucket the first time it runs, "exhaustive" searches every config that fits. Where a tuned SDPA
+backend beat every Triton config, the bucket runs SDPA; ``tune_sdpa=False`` keeps the Triton kernel
+everywhere. ``cache_url`` adds a shared Redis level to the cache (see :mod:`attncompiler.fleet`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Options:
     inductor: dict = field(default_factory=dict)
     tune: str = "cached"
     cache_url: str | None = None
+    tune_sdpa: bool = True
     saa: SAAConfig | None = None  # approximate attention allowed, at this operating point
     mode: str | None = None
 
@@ -73,8 +76,9 @@ class Options:
         for key, allowed in CHOICES.items():
             if key in merged and merged[key] not in allowed:
                 raise OptionError(f"option {key!r} must be one of {list(allowed)}, got {merged[key]!r}")
-        if not isinstance(merged.get("rewrite", True), bool):
-            raise OptionError(f"option 'rewrite' must be True or False, got {merged['rewrite']!r}")
+        for key in ("rewrite", "tune_sdpa"):
+            if not isinstance(merged.get(key, True), bool):
+                raise OptionError(f"option {key!r} must be True or False, got {merged[key]!r}")
         if not isinstance(merged.get("inductor", {}), dict):
             raise OptionError("option 'inductor' must be a dict of Inductor config overrides")
         if merged.get("cache_url") is not None:

@@ -11,10 +11,19 @@ query length, key length and batch·heads. For a bucket the tuner
    crashing candidate with a warning;
 3. times the survivors (CUDA events after warm-up, median of repeats, inputs rotated so that the
    L2 cache does not flatter small shapes) and stores the fastest Triton config in the
-   :mod:`attncompiler.cache`, with the fastest SDPA backend as its baseline.
+   :mod:`attncompiler.cache`, with the fastest SDPA backend as its baseline and the *winner*:
+   that backend where it beat every Triton config, else "triton".
 
-At run time :func:`select_config` turns the op's inputs into a bucket key (memoized per shape)
-and looks it up: a new sequence length never recompiles and never re-tunes within its bucket.
+Training calls also tune the backward (:func:`tune_backward`): every :data:`BWD_CONFIG_SPACE`
+config that fits, each one's gradients checked once against the reference, the fastest stored in
+the bucket's entry.
+
+At run time :func:`select` turns the op's inputs into a bucket key (memoized per shape) and looks
+it up: a new sequence length never recompiles and never re-tunes within its bucket. A bucket whose
+winner is an SDPA backend runs ``scaled_dot_product_attention`` under that backend only where that
+computes the site's function (:func:`sdpa_dispatch`); the Triton config serves the other sites of
+the bucket. Such a forward writes no logsumexp (``lse`` is NaN); its backward recomputes it with
+the Triton forward (:func:`forward_ran_sdpa` tells the backward which forwards those were).
 """
 
 from __future__ import annotations
@@ -26,18 +35,19 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from attncompiler.codegen.configs import CONFIG_SPACE, FlashConfig, _pow2_at_least, default_config, keep
+from attncompiler.codegen.configs import (BWD_CONFIG_SPACE, CONFIG_SPACE, BwdConfig, FlashConfig, _pow2_at_least,
+                                          bwd_keep, default_bwd_config, default_config, keep)
 from attncompiler.passes.score_mod import SCORE, Binary, Const, Index, Operand, Where, key_limit, leaves, parse
 
 from . import report
-from .cache import Entry, LocalCache, TuningCache, current_environment
+from .cache import BackwardEntry, Entry, LocalCache, TuningCache, current_environment
 from .options import Options
-from .reference import attention_reference
+from .reference import attention_backward_reference, attention_reference
 from .spec import align, group_of, output_shape
 
 log = logging.getLogger("attncompiler")
@@ -47,7 +57,6 @@ Timer = Callable[["Candidate", Callable[[int], object], int], float]
 Progress = Callable[[int, int, str], None]
 
 SEARCH_OF_MODE = {"on-first-use": "quick", "exhaustive": "exhaustive"}
-MAX_REGISTERS_PER_THREAD = 255
 MAX_ROTATIONS = 8
 TOLERANCE_FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -97,22 +106,18 @@ def bucket_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequ
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to compute a bucket's attention: a Triton config, or an SDPA backend (``config`` None)."""
+    """One way to compute a bucket's attention (or its gradients): a Triton forward or backward
+    config, or an SDPA backend (``config`` None)."""
 
     name: str
-    run: Callable[[Inputs], torch.Tensor]
-    config: FlashConfig | None = None
+    run: Callable[[Inputs], object]
+    config: FlashConfig | BwdConfig | None = None
 
 
-def config_name(config: FlashConfig) -> str:
+def config_name(config: FlashConfig | BwdConfig) -> str:
+    if isinstance(config, BwdConfig):
+        return f"{config.block_resident}x{config.block_streamed}/w{config.num_warps}/s{config.num_stages}"
     return f"{config.block_m}x{config.block_n}/w{config.num_warps}/s{config.num_stages}"
-
-
-def registers_per_thread(c: FlashConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
-    """Estimated 32-bit registers per thread: the fp32 accumulator, score and probability tiles, the Q tile."""
-    d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
-    words = c.block_m * dv + 2 * c.block_m * c.block_n + c.block_m * d * itemsize // 4
-    return words // (32 * c.num_warps)
 
 
 def fits_sequences(c: FlashConfig, seq_q: int, seq_k: int) -> bool:
@@ -146,8 +151,6 @@ def triton_configs(q: torch.Tensor, v: torch.Tensor, seq_k: int, search: str, sm
             continue
         if not interpret and not keep(c, head_dim, head_dim_v, itemsize, smem):
             continue
-        if registers_per_thread(c, head_dim, head_dim_v, itemsize) > MAX_REGISTERS_PER_THREAD:
-            continue
         if not fits_sequences(c, q.shape[-2], seq_k):
             continue
         if interpret and any((c.block_m, c.block_n) == (f.block_m, f.block_n) for f in found):
@@ -163,20 +166,29 @@ def sdpa_arguments(program: str, operands: Sequence[torch.Tensor]) -> dict | Non
     SDPA computes scaled scores plus at most one of: a float bias, a boolean mask, a top-left
     causal mask (``k <= q``). Anything else (soft-capping, sliding windows, ...) has no baseline.
     """
+    form = _sdpa_form(program, tuple(t.dtype for t in operands))
+    if form is None:
+        return None
+    return {**form, "attn_mask": operands[0]} if "attn_mask" in form else dict(form)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sdpa_form(program: str, operand_dtypes: tuple) -> dict | None:
+    """:func:`sdpa_arguments` with ``attn_mask`` standing for the operand (memoized: run time calls it)."""
     expr, kwargs = parse(program), {}
-    is_operand = len(operands) == 1
+    is_operand = len(operand_dtypes) == 1
     if is_operand and isinstance(expr, Binary) and expr.op == "add" and Operand(0) in (expr.a, expr.b) \
-            and operands[0].dtype != torch.bool:
-        kwargs["attn_mask"] = operands[0]
+            and operand_dtypes[0] != torch.bool:
+        kwargs["attn_mask"] = True
         expr = expr.b if expr.a == Operand(0) else expr.a
     elif isinstance(expr, Where) and expr.b == Const(-math.inf):
-        if is_operand and expr.cond == Operand(0) and operands[0].dtype == torch.bool:
-            kwargs["attn_mask"] = operands[0]
+        if is_operand and expr.cond == Operand(0) and operand_dtypes[0] == torch.bool:
+            kwargs["attn_mask"] = True
             expr = expr.a
-        elif not operands and expr.cond == Binary("le", Index("k"), Index("q")):
+        elif not operand_dtypes and expr.cond == Binary("le", Index("k"), Index("q")):
             kwargs["is_causal"] = True
             expr = expr.a
-    if operands and "attn_mask" not in kwargs:
+    if operand_dtypes and "attn_mask" not in kwargs:
         return None
     if expr == SCORE:
         return {**kwargs, "scale": 1.0}
@@ -186,6 +198,20 @@ def sdpa_arguments(program: str, operands: Sequence[torch.Tensor]) -> dict | Non
     if isinstance(expr, Binary) and expr.op == "div" and expr.a == SCORE and isinstance(expr.b, Const):
         return {**kwargs, "scale": 1.0 / expr.b.value}
     return None
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
+                   program: str, backend: str) -> torch.Tensor:
+    """``program``'s attention by ``scaled_dot_product_attention`` under the SDPA backend named ``backend``
+    (a key of :func:`sdpa_backends`); ``program`` must be one that :func:`sdpa_arguments` accepts.
+    Grouped key/value heads go in as they are (``enable_gqa``)."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    kwargs = sdpa_arguments(program, operands)
+    q, k, v, group = align(q, k, v)
+    with sdpa_kernel(sdpa_backends(q.device)[backend]):
+        return scaled_dot_product_attention(q, k, v, **kwargs, **({"enable_gqa": True} if group > 1 else {}))
 
 
 def sdpa_backends(device: torch.device) -> dict:
@@ -201,8 +227,6 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequ
                search: str) -> list[Candidate]:
     """Triton configs first, then the SDPA backends that compute the same function."""
     from attncompiler.codegen.flash import flash_forward
-    from torch.nn.attention import sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention
 
     interpret = q.device.type != "cuda"
 
@@ -214,20 +238,43 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequ
 
     configs = triton_configs(q, v, k.shape[-2], search, shared_memory_limit(q.device))
     found = [Candidate(f"triton {config_name(c)}", triton_run(c), c) for c in configs]
-    kwargs = sdpa_arguments(program, operands)
-    if kwargs is None:
+    if sdpa_arguments(program, operands) is None:
         return found
-    gqa = {"enable_gqa": True} if group_of(q.shape, k.shape, v.shape) > 1 else {}
 
-    def sdpa_run(backend):
-        def run(x):
-            q_, k_, v_, _ = align(x[0], x[1], x[2])
-            mask = {"attn_mask": x[3][0]} if "attn_mask" in kwargs else {}
-            with sdpa_kernel(backend):
-                return scaled_dot_product_attention(q_, k_, v_, **{**kwargs, **mask, **gqa})
-        return run
+    def sdpa_run(backend: str):
+        return lambda x: sdpa_attention(x[0], x[1], x[2], x[3], program, backend)
 
-    return found + [Candidate(name, sdpa_run(backend)) for name, backend in sdpa_backends(q.device).items()]
+    return found + [Candidate(name, sdpa_run(name)) for name in sdpa_backends(q.device)]
+
+
+def fits_sequences_bwd(c: BwdConfig, seq_q: int, seq_k: int) -> bool:
+    """As :func:`fits_sequences` for the backward, whose tiles span queries in one kernel and keys in the other."""
+    longest = _pow2_at_least(max(seq_q, seq_k))
+    smallest_r = min(x.block_resident for x in BWD_CONFIG_SPACE)
+    smallest_s = min(x.block_streamed for x in BWD_CONFIG_SPACE)
+    return c.block_resident <= max(longest, smallest_r) and c.block_streamed <= max(longest, smallest_s)
+
+
+def backward_configs(q: torch.Tensor, v: torch.Tensor, seq_k: int, search: str, smem: int | None) -> list[BwdConfig]:
+    """The backward configs worth timing: the default first, then those of :data:`BWD_CONFIG_SPACE` that fit
+    (pruned and searched as :func:`triton_configs` does for the forward)."""
+    interpret = smem is None
+    head_dim, head_dim_v, itemsize = q.shape[-1], v.shape[-1], q.element_size()
+    default = default_bwd_config(q, head_dim_v, interpret)
+    found = [default]
+    for c in BWD_CONFIG_SPACE:
+        if search == "quick" and not interpret and c.num_stages != default.num_stages:
+            continue
+        if not interpret and not bwd_keep(c, head_dim, head_dim_v, itemsize, smem):
+            continue
+        if not fits_sequences_bwd(c, q.shape[-2], seq_k):
+            continue
+        if interpret and any((c.block_resident, c.block_streamed) == (f.block_resident, f.block_streamed)
+                             for f in found):
+            continue
+        if c not in found:
+            found.append(c)
+    return found
 
 
 # ----------------------------------------------------------------------------- correctness and timing
@@ -277,14 +324,15 @@ def accuracy_problem(out: torch.Tensor, exact: torch.Tensor, own: torch.Tensor) 
     return None
 
 
-def rotated_inputs(inputs: Inputs) -> list[Inputs]:
-    """Copies of q, k and v, enough that together they exceed twice the GPU's L2 cache."""
+def rotated_inputs(inputs: tuple, rotated: int = 3) -> list[tuple]:
+    """``inputs`` and copies of its first ``rotated`` tensors, enough that together they exceed twice
+    the GPU's L2 cache (the rest, such as the operand list, is shared)."""
     if inputs[0].device.type != "cuda":
         return [inputs]
     l2 = torch.cuda.get_device_properties(inputs[0].device).L2_cache_size
-    size = sum(t.numel() * t.element_size() for t in inputs[:3])
+    size = sum(t.numel() * t.element_size() for t in inputs[:rotated])
     count = max(1, min(MAX_ROTATIONS, math.ceil(2 * l2 / max(size, 1))))
-    return [inputs] + [(*(t.clone() for t in inputs[:3]), inputs[3]) for _ in range(count - 1)]
+    return [inputs] + [(*(t.clone() for t in inputs[:rotated]), *inputs[rotated:]) for _ in range(count - 1)]
 
 
 def cuda_event_timer(candidate: Candidate, run: Callable[[int], object], rotations: int,
@@ -324,14 +372,87 @@ def tune(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[t
     key = bucket_key(q, k, v, operands, program)
     problem = reduced_problem(inputs)
     exact, own = reference_outputs(problem, program)
-    rotations = rotated_inputs(inputs)
-    timer = timer or (cuda_event_timer if q.device.type == "cuda" else wall_clock_timer)
+
+    def check(candidate: Candidate) -> str | None:
+        return accuracy_problem(candidate.run(problem), exact, own)
+
+    times = _check_and_time(key, found, check, rotated_inputs(inputs), timer, progress)
+    kernels = {c: t for c, t in times.items() if c.config is not None}
+    if not kernels:
+        raise TuningError(f"no Triton config ran correctly for {key}")
+    best = min(kernels, key=kernels.get)
+    baselines = {c: t for c, t in times.items() if c.config is None}
+    baseline = min(baselines, key=baselines.get) if baselines else None
+    winner = baseline.name if baseline is not None and baselines[baseline] < kernels[best] else "triton"
+    return Entry(best.config, kernels[best], search, sum(c.config is not None for c in found),
+                 baseline.name if baseline else None, baselines[baseline] if baseline else None, winner)
+
+
+def tune_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor], program: str,
+                  zero_empty_rows: bool = False, search: str = "quick", timer: Timer | None = None,
+                  progress: Progress | None = None) -> BackwardEntry:
+    """Time every backward config for this call's bucket and return the fastest (not stored).
+
+    Each candidate's ``(dq, dk, dv)`` on the reduced problem is first compared with the reference
+    gradients (at most 2× PyTorch's own error, as for the forward). The forward's ``out`` and
+    ``lse`` come from the default Triton forward, the output gradient from a fixed seed.
+    """
+    from attncompiler.codegen.flash import flash_forward
+    from attncompiler.codegen.flash_bwd import flash_backward
+
+    interpret = q.device.type != "cuda"
+    key = bucket_key(q, k, v, operands, program)
+    generator = torch.Generator(q.device).manual_seed(0)
+
+    def with_forward(x: Inputs) -> tuple:
+        out, lse = flash_forward(x[0], x[1], x[2], list(x[3]), program, interpret=interpret,
+                                 zero_empty_rows=zero_empty_rows)
+        grad_out = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        return x[0], x[1], x[2], out, lse, grad_out, list(x[3])
+
+    def run_with(config: BwdConfig):
+        return lambda x: flash_backward(*x[:6], x[6], program, zero_empty_rows, config=config, interpret=interpret)
+
+    problem = with_forward(reduced_problem((q, k, v, list(operands))))
+    exact, own = reference_gradients(problem, program, zero_empty_rows)
+
+    def check(candidate: Candidate) -> str | None:
+        for name, got, want, theirs in zip(("dq", "dk", "dv"), candidate.run(problem), exact, own):
+            trouble = accuracy_problem(got, want, theirs)
+            if trouble is not None:
+                return f"{name}: {trouble}"
+        return None
+
+    configs = backward_configs(q, v, k.shape[-2], search, shared_memory_limit(q.device))
+    found = [Candidate(f"triton-bwd {config_name(c)}", run_with(c), c) for c in configs]
+    times = _check_and_time(key, found, check, rotated_inputs(with_forward((q, k, v, list(operands))), 6),
+                            timer, progress)
+    if not times:
+        raise TuningError(f"no Triton backward config ran correctly for {key}")
+    best = min(times, key=times.get)
+    return BackwardEntry(best.config, times[best], search, len(found))
+
+
+def reference_gradients(problem: tuple, program: str, zero_empty_rows: bool) -> tuple[list, list]:
+    """``(fp32-or-wider reference gradients, PyTorch's own in the input dtype)`` of ``(dq, dk, dv)``
+    for ``problem = (q, k, v, out, lse, grad_out, operands)``."""
+    q, k, v, _, _, grad_out, operands = problem
+    exact = attention_backward_reference(q, k, v, grad_out, operands, program, zero_empty_rows)
+    own = attention_backward_reference(q, k, v, grad_out, operands, program, zero_empty_rows, compute_dtype=q.dtype)
+    return list(exact), list(own)
+
+
+def _check_and_time(key: str, found: list[Candidate], check: Callable[[Candidate], str | None],
+                    rotations: list[tuple], timer: Timer | None, progress: Progress | None) -> dict[Candidate, float]:
+    """Milliseconds of each candidate that ``check`` accepts; the others are dropped with a warning
+    (an SDPA backend that cannot run this shape quietly)."""
+    timer = timer or (cuda_event_timer if rotations[0][0].device.type == "cuda" else wall_clock_timer)
     times: dict[Candidate, float] = {}
     for i, candidate in enumerate(found):
         if progress:
             progress(i, len(found), candidate.name)
         try:
-            problem_text = accuracy_problem(candidate.run(problem), exact, own)
+            problem_text = check(candidate)
             if problem_text is None:
                 times[candidate] = timer(candidate, lambda r: candidate.run(rotations[r]), len(rotations))
         except Exception as e:  # a config that cannot compile or launch, a backend that cannot run
@@ -343,36 +464,31 @@ def tune(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[t
             log.warning("attncompiler: tuning %s: dropped %s (%s)", key, candidate.name, problem_text)
     if progress:
         progress(len(found), len(found), "done")
-    kernels = {c: t for c, t in times.items() if c.config is not None}
-    if not kernels:
-        raise TuningError(f"no Triton config ran correctly for {key}")
-    best = min(kernels, key=kernels.get)
-    baselines = {c: t for c, t in times.items() if c.config is None}
-    baseline = min(baselines, key=baselines.get) if baselines else None
-    return Entry(best.config, kernels[best], search, sum(c.config is not None for c in found),
-                 baseline.name if baseline else None, baselines[baseline] if baseline else None)
+    return times
 
 
 # ----------------------------------------------------------------------------- run time
 
 @dataclass(frozen=True)
 class Policy:
-    """How run-time lookups treat a bucket (from the ``tune`` and ``cache_url`` options)."""
+    """How run-time lookups treat a bucket (from the ``tune``, ``cache_url`` and ``tune_sdpa`` options)."""
 
     mode: str = "cached"
     cache_url: str | None = None
+    sdpa: bool = True  # buckets whose winner is an SDPA backend run it
 
 
 _policy: Policy | None = None
 _caches: dict[tuple, TuningCache] = {}
 _failed: set[tuple] = set()
 _progress: list[Progress] = []
+_sdpa_forwards: dict[tuple, str | None] = {}  # (device, bucket, zero_empty_rows) → SDPA backend of its last forward
 
 
 def configure(options: Options) -> None:
     """Set the process-wide policy from a compilation's options (the backend calls this)."""
     global _policy
-    policy = Policy(options.tune, options.cache_url)
+    policy = Policy(options.tune, options.cache_url, options.tune_sdpa)
     if _policy is not None and policy.cache_url != _policy.cache_url:
         _caches.clear()
     _policy = policy
@@ -382,7 +498,7 @@ def current_policy() -> Policy:
     global _policy
     if _policy is None:
         options = Options.resolve()
-        _policy = Policy(options.tune, options.cache_url)
+        _policy = Policy(options.tune, options.cache_url, options.tune_sdpa)
     return _policy
 
 
@@ -407,34 +523,99 @@ def forget_caches() -> None:
     """Drop the in-memory tables (they are read again from disk on the next lookup)."""
     _caches.clear()
     _failed.clear()
+    _sdpa_forwards.clear()
 
 
-def select_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
-                  program: str) -> FlashConfig | None:
-    """The config to run this call with (None: the kernel's default). Tunes only when the policy says so."""
+def sdpa_dispatch(entry: Entry | None, operands: Sequence[torch.Tensor], zero_empty_rows: bool, seq_k: int) -> str | None:
+    """The SDPA backend a call runs instead of the Triton kernel, or None.
+
+    Only a bucket whose winner is an SDPA backend has one; the tuner times SDPA only for programs it
+    computes exactly (:func:`sdpa_arguments`: plain scale, a bias, a boolean mask or the top-left
+    causal mask). What remains is the rule for rows that see no key: SDPA gives them 0, the site NaN
+    unless it has ``zero_empty_rows``. Without operands no row can be empty (the top-left causal mask
+    shows every row key 0, given one key), so SDPA runs there; a mask or bias can hide all of a row's
+    keys, so SDPA runs there only for sites with ``zero_empty_rows``.
+    """
+    if entry is None or entry.winner == "triton" or not current_policy().sdpa or seq_k == 0:
+        return None
+    return entry.winner if zero_empty_rows or not operands else None
+
+
+def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor], program: str,
+           zero_empty_rows: bool = False) -> tuple[FlashConfig | None, str | None]:
+    """``(config, SDPA backend)`` to run this call with: an SDPA backend (a key of :func:`sdpa_backends`)
+    where the bucket's winner is one that may run here (:func:`sdpa_dispatch`), else None and the Triton
+    config (None: the kernel's default). Tunes only when the policy says so."""
     mode = current_policy().mode
+    key = bucket_key(q, k, v, operands, program)
     if mode == "off":
         if report.collecting():
-            report.record_choice(program, report.KernelChoice(bucket_key(q, k, v, operands, program), "default"))
-        return None
-    key = bucket_key(q, k, v, operands, program)
+            report.record_choice(program, report.KernelChoice(key, "default"))
+        _sdpa_forwards[(q.device.type, q.device.index, key, zero_empty_rows)] = None
+        return None, None
     tuning = tuning_cache(q.device)
     entry, source = tuning.lookup(key), "cache"
     if _wants_tuning(entry, mode) and (q.device.type, key) not in _failed and not _capturing(q):
         tuned = _tune_and_store(tuning, key, (q, k, v, operands), program, SEARCH_OF_MODE[mode])
         if tuned is not None:
             entry, source = tuned, "tuned"
+    backend = None if (q.device.type, key, "sdpa") in _failed else sdpa_dispatch(entry, operands, zero_empty_rows,
+                                                                                 k.shape[-2])
+    _sdpa_forwards[(q.device.type, q.device.index, key, zero_empty_rows)] = backend
     if report.collecting():
         choice = report.KernelChoice(key, "default") if entry is None else report.KernelChoice(
-            key, source, config_name(entry.config), entry.ms, entry.baseline, entry.baseline_ms)
+            key, source, config_name(entry.config), entry.ms, entry.baseline, entry.baseline_ms, backend or "triton")
         report.record_choice(program, choice)
-    return entry.config if entry is not None else None
+    return (entry.config if entry is not None else None), backend
 
 
-def _wants_tuning(entry: Entry | None, mode: str) -> bool:
+def sdpa_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor], program: str,
+                zero_empty_rows: bool, error: Exception) -> None:
+    """The SDPA backend :func:`select` chose could not run this call: log once; the bucket runs Triton from now on."""
+    key = bucket_key(q, k, v, operands, program)
+    _failed.add((q.device.type, key, "sdpa"))
+    _sdpa_forwards[(q.device.type, q.device.index, key, zero_empty_rows)] = None
+    log.warning("attncompiler: SDPA failed for %s (%s: %s); using the Triton kernel", key, type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "")
+
+
+def select_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
+                  program: str) -> FlashConfig | None:
+    """The Triton config of this call's bucket (None: the kernel's default), as :func:`select` finds it."""
+    return select(q, k, v, operands, program)[0]
+
+
+def forward_ran_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
+                     program: str, zero_empty_rows: bool) -> bool:
+    """Whether the latest forward of this bucket and site kind ran SDPA (so wrote no logsumexp)."""
+    key = bucket_key(q, k, v, operands, program)
+    return _sdpa_forwards.get((q.device.type, q.device.index, key, zero_empty_rows)) is not None
+
+
+def select_bwd_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
+                      program: str, zero_empty_rows: bool = False) -> BwdConfig | None:
+    """The backward config of this call's bucket (None: the default). Under "on-first-use" and
+    "exhaustive" the first backward of a bucket whose forward is tuned tunes it."""
+    mode = current_policy().mode
+    if mode == "off":
+        return None
+    key = bucket_key(q, k, v, operands, program)
+    tuning = tuning_cache(q.device)
+    entry = tuning.lookup(key)
+    if entry is None:
+        return None
+    if _wants_tuning(entry.backward, mode) and (q.device.type, key, "bwd") not in _failed and not _capturing(q):
+        entry = _tune_backward_and_store(tuning, key, entry, (q, k, v, operands), program, zero_empty_rows,
+                                         SEARCH_OF_MODE[mode]) or entry
+    if report.collecting() and entry.backward is not None:
+        report.record_backward(key, config_name(entry.backward.config))
+    return entry.backward.config if entry.backward is not None else None
+
+
+def _wants_tuning(result: Entry | BackwardEntry | None, mode: str) -> bool:
     if mode == "on-first-use":
-        return entry is None
-    return mode == "exhaustive" and (entry is None or entry.search != "exhaustive")
+        return result is None
+    return mode == "exhaustive" and (result is None or result.search != "exhaustive")
 
 
 def _capturing(q: torch.Tensor) -> bool:
@@ -452,8 +633,25 @@ def _tune_and_store(tuning: TuningCache, key: str, inputs: Inputs, program: str,
         log.warning("attncompiler: tuning failed for %s (%s: %s); using the default config",
                     key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    log.info("attncompiler: tuned %s: %s %.4g ms%s", key, config_name(entry.config), entry.ms,
-             f", {entry.speedup:.2f}x vs {entry.baseline}" if entry.speedup else "")
+    log.info("attncompiler: tuned %s: %s %.4g ms%s%s", key, config_name(entry.config), entry.ms,
+             f", {entry.speedup:.2f}x vs {entry.baseline}" if entry.speedup else "",
+             f"; {entry.winner} wins" if entry.winner != "triton" else "")
+    return tuning.lookup(key)
+
+
+def _tune_backward_and_store(tuning: TuningCache, key: str, entry: Entry, inputs: Inputs, program: str,
+                             zero_empty_rows: bool, search: str) -> Entry | None:
+    """Tune one bucket's backward and store it in its entry; on failure log once and remember not to retry."""
+    try:
+        progress = _progress[-1] if _progress else None
+        backward = tune_backward(*inputs, program, zero_empty_rows, search=search, progress=progress)
+        tuning.store(key, replace(entry, backward=backward))
+    except Exception as e:  # tuning must never fail training: fall back to the default backward config
+        _failed.add((inputs[0].device.type, key, "bwd"))
+        log.warning("attncompiler: backward tuning failed for %s (%s: %s); using the default config",
+                    key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    log.info("attncompiler: tuned the backward of %s: %s %.4g ms", key, config_name(backward.config), backward.ms)
     return tuning.lookup(key)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_REGISTERS_PER_THREAD = 255
+
 
 @dataclass(frozen=True)
 class FlashConfig:
@@ -26,9 +28,18 @@ def shared_memory_bytes(c: FlashConfig, head_dim: int, head_dim_v: int, itemsize
     return itemsize * (c.block_m * d + c.num_stages * c.block_n * (d + dv))
 
 
+def registers_per_thread(c: FlashConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
+    """Estimated 32-bit registers per thread: the fp32 accumulator, score and probability tiles, the Q tile."""
+    d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    words = c.block_m * dv + 2 * c.block_m * c.block_n + c.block_m * d * itemsize // 4
+    return words // (32 * c.num_warps)
+
+
 def keep(c: FlashConfig, head_dim: int, head_dim_v: int, itemsize: int, smem_limit: int) -> bool:
-    """Prune configs that cannot fit on the device or waste most of a warp group."""
+    """Prune configs that cannot fit on the device (shared memory, registers) or waste most of a warp group."""
     if shared_memory_bytes(c, head_dim, head_dim_v, itemsize) > smem_limit:
+        return False
+    if registers_per_thread(c, head_dim, head_dim_v, itemsize) > MAX_REGISTERS_PER_THREAD:
         return False
     if c.block_m * c.block_n // (32 * c.num_warps) < 16:
         return False

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from attncompiler import cache
-from attncompiler.cache import (CacheError, Entry, Environment, LocalCache, TuningCache, current_environment,
-                                export_payload, import_payload)
-from attncompiler.codegen.configs import FlashConfig
+from attncompiler.cache import (BackwardEntry, CacheError, Entry, Environment, LocalCache, TuningCache,
+                                current_environment, export_payload, import_payload)
+from attncompiler.codegen.configs import BwdConfig, FlashConfig
 
 ENV = Environment("NVIDIA H100 80GB HBM3", "9.0", "2.13.0", "3.9.0", "0123456789abcdef")
 ENTRY = Entry(FlashConfig(128, 64, 8, 3), ms=0.25, search="quick", candidates=12, baseline="sdpa-flash",
@@ -49,7 +49,7 @@ def test_malformed_entries_are_rejected(change):
 def test_every_environment_field_gives_its_own_file(tmp_path):
     LocalCache(ENV, tmp_path).store({"b": ENTRY})
     for field, value in [("device", "NVIDIA A100"), ("capability", "8.0"), ("torch", "2.14.0"),
-                         ("triton", "3.10.0"), ("kernels", "fedcba9876543210"), ("schema", 2)]:
+                         ("triton", "3.10.0"), ("kernels", "fedcba9876543210"), ("schema", 1)]:
         other = dataclasses.replace(ENV, **{field: value})
         assert other.file_name() != ENV.file_name(), field
         assert LocalCache(other, tmp_path).load() == {}, field
@@ -157,3 +157,29 @@ def test_import_validates_every_entry(tmp_path):
     assert LocalCache(ENV, tmp_path / "b").load() == {"x": ENTRY}
     with pytest.raises(CacheError, match="not an attncompiler cache export"):
         import_payload({"entries": {}}, tmp_path / "b")
+
+
+def test_winner_and_backward_round_trip_and_are_validated():
+    backward = BackwardEntry(BwdConfig(64, 32, 8, 3), ms=0.5, search="exhaustive", candidates=9)
+    entry = dataclasses.replace(ENTRY, winner="sdpa-flash", backward=backward)
+    assert Entry.from_json(json.loads(json.dumps(entry.to_json()))) == entry
+    for change in [{"winner": "sdpa-cudnn"}, {"winner": None},
+                   {"backward": {**backward.to_json(), "ms": 0}},
+                   {"backward": {**backward.to_json(), "config": {"block_resident": 48, "block_streamed": 32,
+                                                                  "num_warps": 8, "num_stages": 3}}},
+                   {"backward": {"config": {}}}]:
+        with pytest.raises(CacheError):
+            Entry.from_json({**entry.to_json(), **change})
+
+
+def test_forward_and_backward_results_tuned_apart_both_survive(tmp_path):
+    local = LocalCache(ENV, tmp_path)
+    backward = BackwardEntry(BwdConfig(64, 32, 8, 3), ms=0.5, search="quick", candidates=9)
+    local.store({"a": dataclasses.replace(ENTRY, backward=backward)})
+    deeper = dataclasses.replace(ENTRY, search="exhaustive", ms=0.2)
+    assert local.store({"a": deeper})["a"] == dataclasses.replace(deeper, backward=backward)
+    assert cache.improves(deeper, dataclasses.replace(ENTRY, backward=backward))  # a remote backward is taken over
+    assert cache.taken_over(deeper, dataclasses.replace(ENTRY, backward=backward)) == \
+        dataclasses.replace(deeper, backward=backward)
+    assert not cache.improves(dataclasses.replace(deeper, backward=backward), ENTRY)
+    assert not cache.improves(ENTRY, dataclasses.replace(ENTRY, ms=0.1))  # a quick result does not replace one

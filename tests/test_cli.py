@@ -201,3 +201,16 @@ def test_bench_table_and_plot(tmp_path):
         assert drawn is False and not (tmp_path / "plot.png").exists()
     else:
         assert drawn is True and (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+@needs_interpreter
+def test_tune_with_train_tunes_the_backward_too(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
+    status, out, err = run(capsys, "tune", "--shapes", "1x2x24x16", "--causal", "--train")
+    assert status == 0 and "tuning 1x2x24x16 float32 causal forward and backward" in err
+    header, _, row = out.splitlines()
+    assert header.split()[-3:] == ["runs", "backward", "speedup"]
+    assert row.split()[-3] in ("triton", "sdpa-math", "sdpa-flash") and re.search(r" \d+x\d+/w\d/s\d ", row)
+    status, out, _ = run(capsys, "cache", "show")
+    assert out.splitlines()[0].split()[-3:] == ["winner", "backward", "speedup"]
+    assert re.search(r" \d+x\d+/w\d/s\d [0-9.e-]+ ms ", out.splitlines()[2])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import attncompiler
 from attncompiler import tuner
 from attncompiler.cache import Entry, LocalCache, current_environment, tuning_dir
-from attncompiler.codegen.configs import CONFIG_SPACE, FlashConfig, keep
+from attncompiler.codegen.configs import (CONFIG_SPACE, MAX_REGISTERS_PER_THREAD, BwdConfig, FlashConfig, bwd_keep,
+                                          keep, registers_per_thread)
 from attncompiler.options import Options, triton_interpret
 from attncompiler.reference import attention_reference
 
@@ -89,7 +90,7 @@ def test_gpu_configs_fit_shared_memory_and_registers():
     assert quick[0] == exhaustive[0] and set(quick) < set(exhaustive)
     for c in exhaustive[1:]:
         assert keep(c, 128, 128, 2, H100_SMEM)
-        assert tuner.registers_per_thread(c, 128, 128, 2) <= tuner.MAX_REGISTERS_PER_THREAD
+        assert registers_per_thread(c, 128, 128, 2) <= MAX_REGISTERS_PER_THREAD
     assert FlashConfig(128, 128, 4, 2) not in exhaustive  # 128·128 scores over 128 threads: too many registers
     assert len(tuner.triton_configs(q, v, 4096, "exhaustive", 48 * 1024)) < len(exhaustive)
 
@@ -330,3 +331,173 @@ def test_the_op_uses_the_stored_config(monkeypatch):
     use("cached")
     torch.ops.attncompiler.attention(q, k, v, [], SCALED, "triton")
     assert seen == [chosen]
+
+
+# ----------------------------------------------------------------------------- SDPA winners
+
+MASKED = "(where $0 (mul s 0.125) -inf)"
+
+
+def sdpa_wins():
+    """A scripted timer under which SDPA's math backend beats every Triton config."""
+    return ScriptedTimer({"sdpa-math": 0.5, "sdpa-flash": 0.7})
+
+
+def store_tuned(q, k, v, operands, program, timer):
+    entry = tuner.tune(q, k, v, operands, program, "quick", timer)
+    LocalCache(current_environment(torch.device("cpu"))).store({key(q, k, v, operands, program): entry})
+    tuner.forget_caches()
+    return entry
+
+
+def test_a_faster_sdpa_backend_is_recorded_as_the_winner():
+    q, k, v = qkv(seq=40)
+    entry = tuner.tune(q, k, v, [], SCALED, "quick", sdpa_wins())
+    assert (entry.winner, entry.baseline, entry.baseline_ms) == ("sdpa-math", "sdpa-math", 0.5)
+    assert entry.config is not None  # the Triton config stays, for sites SDPA cannot serve
+    slower = tuner.tune(q, k, v, [], SCALED, "quick", ScriptedTimer({"sdpa-math": 9.0, "sdpa-flash": 9.0}))
+    assert slower.winner == "triton"
+
+
+@pytest.mark.parametrize("program, heads, kv_heads", [(SCALED, 2, 2), (CAUSAL, 4, 2), ("s", 2, 1)])
+def test_an_sdpa_winner_runs_sdpa_with_the_same_result(kernel_calls, program, heads, kv_heads):
+    q, k, v = qkv(heads=heads, kv_heads=kv_heads, seq=40)
+    store_tuned(q, k, v, [], program, sdpa_wins())
+    use("cached")
+    out, lse = torch.ops.attncompiler.attention(q, k, v, [], program, "triton")
+    assert kernel_calls["sdpa-math"] == 1 and kernel_calls["triton"] == 0
+    assert torch.isnan(lse).all()
+    torch.testing.assert_close(out, attention_reference(q, k, v, [], program))
+    tuner.configure(Options.resolve({"tune": "cached", "tune_sdpa": False}))
+    torch.ops.attncompiler.attention(q, k, v, [], program, "triton")
+    assert kernel_calls["triton"] == 1 and kernel_calls["sdpa-math"] == 1
+
+
+def test_sdpa_runs_masked_sites_only_where_empty_rows_give_zeros(kernel_calls):
+    q, k, v = qkv(seq=24)
+    mask = torch.rand(24, 24) > 0.3
+    store_tuned(q, k, v, [mask], MASKED, sdpa_wins())
+    use("cached")
+    empty = mask.clone()
+    empty[3] = False  # a row that sees no key: NaN for softmax, 0 for SDPA
+    out, _ = torch.ops.attncompiler.attention(q, k, v, [empty], MASKED, "triton", False)
+    assert kernel_calls["triton"] == 1 and kernel_calls["sdpa-math"] == 0 and torch.isnan(out[0, :, 3]).all()
+    out, _ = torch.ops.attncompiler.attention(q, k, v, [empty], MASKED, "triton", True)
+    assert kernel_calls["sdpa-math"] == 1
+    torch.testing.assert_close(out, attention_reference(q, k, v, [empty], MASKED, zero_empty_rows=True))
+
+
+@pytest.mark.parametrize("program, operand", [
+    ("(where (le k (add q 4.0)) (mul s 0.125) -inf)", None),  # a window SDPA has no argument for
+    ("(mul (add s $0) 0.5)", torch.float32),                   # a bias inside the scale
+    ("(mul (tanh (mul s 0.02)) 50.0)", None),                   # soft-capping
+])
+def test_programs_sdpa_cannot_compute_never_pick_it(program, operand):
+    q, k, v = qkv(seq=24)
+    operands = [] if operand is None else [torch.randn(24, 24, dtype=operand)]
+    timer = ScriptedTimer({name: 0.001 for name in tuner.sdpa_backends(q.device)})
+    entry = tuner.tune(q, k, v, operands, program, "quick", timer)
+    assert entry.winner == "triton" and entry.baseline is None
+    assert not any(n.startswith("sdpa") for n in timer.timed)
+
+
+def test_the_backward_of_an_sdpa_forward_recomputes_the_logsumexp(kernel_calls):
+    q, k, v = qkv(heads=4, kv_heads=2, seq=24)
+    store_tuned(q, k, v, [], CAUSAL, sdpa_wins())
+    use("cached")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = torch.ops.attncompiler.attention(*leaves, [], CAUSAL, "triton")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert kernel_calls["sdpa-math"] == 1 and kernel_calls["triton_recompute"] == 1
+    assert kernel_calls["triton_bwd"] == 1
+    expected = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention_reference(*expected, [], CAUSAL).backward(grad)
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_a_compiled_site_reports_its_sdpa_winner(kernel_calls):
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = qkv(seq=40)
+    program = attncompiler.explain(attention, q, k, v, options={"inner": "eager", "tune": "off"}).sites[0] \
+        .summary["program"]
+    store_tuned(q, k, v, [], program, sdpa_wins())
+    kernel_calls.clear()
+    report = attncompiler.explain(attention, q, k, v, options={"inner": "eager", "tune": "cached"})
+    site, = report.sites
+    assert site.kernel == "sdpa-math" and site.choice.kernel == "sdpa-math" and kernel_calls["sdpa-math"] == 1
+    assert "sdpa-math (cache" in report.table()
+    torch.testing.assert_close(report.output, attention(q, k, v))
+
+
+# ----------------------------------------------------------------------------- backward configs
+
+def test_backward_configs_fit_shared_memory_and_registers():
+    q, _, v = qkv(seq=4096, dim=128, dtype=torch.float16)
+    quick = tuner.backward_configs(q, v, 4096, "quick", H100_SMEM)
+    exhaustive = tuner.backward_configs(q, v, 4096, "exhaustive", H100_SMEM)
+    assert quick[0] == exhaustive[0] and set(quick) < set(exhaustive)
+    assert all(bwd_keep(c, 128, 128, 2, H100_SMEM) for c in exhaustive[1:])
+    interpreted = tuner.backward_configs(*qkv(seq=20)[::2], 20, "exhaustive", None)
+    assert len({(c.block_resident, c.block_streamed) for c in interpreted}) == len(interpreted)
+    assert max(c.block_resident for c in interpreted[1:]) == 32
+
+
+def test_the_fastest_correct_backward_config_wins(monkeypatch, caplog):
+    q, k, v = qkv(heads=4, kv_heads=2, seq=20)
+    names = [f"triton-bwd {tuner.config_name(c)}" for c in tuner.backward_configs(q, v, 20, "quick", None)]
+    assert len(names) >= 2
+    from attncompiler.codegen import flash_bwd
+
+    real = flash_bwd.flash_backward
+
+    def wrong_for_one(*args, config=None, **kwargs):
+        dq, dk, dv = real(*args, config=config, **kwargs)
+        return (dq * 2, dk, dv) if tuner.config_name(config) == names[0].split()[1] else (dq, dk, dv)
+
+    monkeypatch.setattr(flash_bwd, "flash_backward", wrong_for_one)
+    timer = ScriptedTimer({names[0]: 0.1, names[1]: 1.0})
+    backward = tuner.tune_backward(q, k, v, [], CAUSAL, False, "quick", timer)
+    assert tuner.config_name(backward.config) == names[1].split()[1] and backward.ms == 1.0
+    assert backward.candidates == len(names) and names[0] not in timer.timed
+    assert any("dropped " + names[0] + " (dq: max error" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def backward_tunings(monkeypatch):
+    """Every backward tuning the run-time path starts, with a scripted timer."""
+    started = []
+    real = tuner.tune_backward
+
+    def spy(*args, **kwargs):
+        started.append(kwargs["search"])
+        return real(*args, **kwargs, timer=ScriptedTimer({}))
+
+    monkeypatch.setattr(tuner, "tune_backward", spy)
+    return started
+
+
+def test_the_first_backward_of_a_bucket_tunes_it_and_the_op_uses_it(monkeypatch, tunings, backward_tunings,
+                                                                    kernel_calls):
+    seen = []
+    from attncompiler.codegen import flash_bwd
+
+    real = flash_bwd.flash_backward
+    monkeypatch.setattr(flash_bwd, "flash_backward", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw))
+    use("on-first-use")
+    for seq in (20, 30):  # one bucket
+        leaves = [t.requires_grad_() for t in qkv(seq=seq)]
+        out, _ = torch.ops.attncompiler.attention(*leaves, [], CAUSAL, "triton")
+        out.sum().backward()
+    assert tunings == ["quick"] and backward_tunings == ["quick"] and kernel_calls["triton_bwd"] == 2
+    stored = LocalCache(current_environment(torch.device("cpu"))).load()[key(*qkv(seq=20), program=CAUSAL)]
+    assert isinstance(stored.backward.config, BwdConfig) and seen[-2:] == [stored.backward.config] * 2  # after tuning
+    tuner.forget_caches()
+    use("cached")
+    assert tuner.select_bwd_config(*qkv(seq=20), [], CAUSAL) == stored.backward.config
+    use("off")
+    assert tuner.select_bwd_config(*qkv(seq=20), [], CAUSAL) is None
+    assert backward_tunings == ["quick"]
