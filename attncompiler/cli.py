@@ -4,6 +4,7 @@
     attncompiler tune model.py | --hf llama | --shapes 4x16x1024x64 [--causal] [--exhaustive] [--train]
     attncompiler cache path | ls | show | clear | export FILE | import FILE
     attncompiler bench [--seqs 1024 4096] [--out FILE] [--plot FILE]
+    attncompiler calibrate [--gguf FILE] | --hf llama [--tokens 1024] [--samples 4] [--out FILE]
 
 Targets are described in :mod:`attncompiler.targets`. A user mistake (bad target, no GPU for
 tuning, unreadable file) prints one ``attncompiler: error: ...`` line and exits with status 2 for
@@ -23,7 +24,7 @@ from typing import TextIO
 
 import torch
 
-from . import cache, tuner
+from . import cache, saa_calibrate, tuner
 from .options import OptionError, Options, cache_dir, triton_interpret
 from .report import Report, collect
 from .targets import Target, TargetError, hf_target, load_file_target
@@ -435,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="attention-bench.md", help="table file (default attention-bench.md)")
     bench.add_argument("--plot", help="PNG plot file, when matplotlib is installed (default: --out with .png)")
     bench.set_defaults(run=cmd_bench)
+
+    saa_calibrate.add_parser(commands)
     return parser
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from .saa_config import SAAConfig
 from .saa_reference import Centroids, saa_reference, select
 from .saa_routing import BlockGeometry, Selection, group_counts
 from .spec import align
+
+if TYPE_CHECKING:
+    from .saa_predictor import LayerPredictor
 
 
 @dataclass(frozen=True)
@@ -156,9 +160,10 @@ def triton_runnable(t: torch.Tensor) -> bool:
 
 
 def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,
-               config: SAAConfig, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Selection, Centroids]:
+               config: SAAConfig, out: torch.Tensor | None = None, predictor: LayerPredictor | None = None,
+               ) -> tuple[torch.Tensor, Selection, Centroids]:
     """SAA with the Triton kernels on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``:
-    ``(out, selection, centroids)``; ``out`` is written in place when given."""
+    ``(out, selection, centroids)``; ``out`` is written in place when given; ``predictor`` routes."""
     from attncompiler.codegen.saa import pool_means, saa_attend
 
     num_centroids = geometry.num_n * config.centroids
@@ -166,7 +171,7 @@ def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     centroids = Centroids(pool_means(k, config.sub_block, num_centroids),
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
-    selection = select(q_means, centroids, scale, geometry, config)
+    selection = select(q_means, centroids, scale, geometry, config, predictor)
     out = saa_attend(q, k, v, centroids.keys, centroids.values, counts, selection, scale, geometry, config,
                      interpret=q.device.type == "cpu", out=out)
     return out, selection, centroids
@@ -174,7 +179,7 @@ def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 
 def saa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                 config: SAAConfig, *, bottom_right: bool = False, zero_empty_rows: bool = False,
-                kernel: str = "auto") -> tuple[torch.Tensor, SAAStats]:
+                kernel: str = "auto", predictor: LayerPredictor | None = None) -> tuple[torch.Tensor, SAAStats]:
     """SAA of q ``[..., Hq, Sq, D]``, k ``[..., Hk, Sk, D]``, v ``[..., Hk, Sk, Dv]`` → ``(out, stats)``.
 
     Batch dims broadcast and heads group as in :mod:`attncompiler.spec`. The score is
@@ -182,7 +187,8 @@ def saa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     ``j <= i + Sk - Sq`` with ``bottom_right``). ``out`` is ``[..., Hq, Sq, Dv]`` in v's dtype.
     Rows that see no key are NaN, as with ``torch.softmax``, or zeros with ``zero_empty_rows`` (as
     ``scaled_dot_product_attention`` gives).
-    ``kernel``: "triton", "reference" or "auto" (Triton where it can run).
+    ``kernel``: "triton", "reference" or "auto" (Triton where it can run). ``predictor``: a calibrated
+    router for this layer (:mod:`attncompiler.saa_predictor`; default: mean pooling alone).
     """
     if kernel not in ("auto", "triton", "reference"):
         raise ValueError(f"kernel must be 'auto', 'triton' or 'reference', got {kernel!r}")
@@ -199,9 +205,9 @@ def saa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         empty = torch.zeros(shape, dtype=v.dtype, device=q.device)
         return empty, SAAStats(torch.zeros((), dtype=torch.int64), 0)
     if use_triton:
-        out, selection, _ = saa_triton(q4, k4, v4, scale, geometry, config)
+        out, selection, _ = saa_triton(q4, k4, v4, scale, geometry, config, predictor=predictor)
     else:
-        out, selection = saa_reference(q4, k4, v4, scale, causal, config, key_offset)
+        out, selection = saa_reference(q4, k4, v4, scale, causal, config, key_offset, predictor=predictor)
     if zero_empty_rows and causal and key_offset < 0:
         out[..., :-key_offset, :] = 0.0
     return out.reshape(shape), SAAStats(selection.exact_blocks, selection.allowed_total())

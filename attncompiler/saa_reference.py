@@ -13,11 +13,15 @@ head ``h`` reading key head ``h // (H / Hk)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .saa_config import SAAConfig
 from .saa_routing import BlockGeometry, Selection, block_means, group_counts, route
+
+if TYPE_CHECKING:
+    from .saa_predictor import LayerPredictor
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,13 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
 
 
 def select(q_means: torch.Tensor, centroids: Centroids, scale: float, geometry: BlockGeometry,
-           config: SAAConfig) -> Selection:
-    """Route from mean queries ``[B, H, M, D]`` and the centroids (whose weighted means are the block means)."""
+           config: SAAConfig, predictor: LayerPredictor | None = None) -> Selection:
+    """Route from mean queries ``[B, H, M, D]`` and the centroids (whose weighted means are the block means),
+    with ``predictor``'s learned term when given."""
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
     key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
-    return route(q_means, k_means, key_counts, scale, geometry, config)
+    learned = None if predictor is None else predictor.logits(q_means, k_means, geometry)
+    return route(q_means, k_means, key_counts, scale, geometry, config, learned)
 
 
 def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids,
@@ -85,14 +91,16 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroid
 
 
 def saa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                  config: SAAConfig, key_offset: int = 0,
-                  compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Selection]:
+                  config: SAAConfig, key_offset: int = 0, compute_dtype: torch.dtype = torch.float32,
+                  predictor: LayerPredictor | None = None) -> tuple[torch.Tensor, Selection]:
     """SAA of q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``: ``(out in v's dtype, selection)``.
 
-    Causal: key ``j`` is visible to query ``i`` when ``j <= i + key_offset``.
+    Causal: key ``j`` is visible to query ``i`` when ``j <= i + key_offset``. ``predictor``: a
+    calibrated router for this layer (default: mean pooling alone).
     """
     geometry = BlockGeometry(q.shape[-2], k.shape[-2], config.block_m, config.block_n, causal, key_offset)
     centroids = centroids_reference(k, v, geometry, config)
-    selection = select(pool_reference(q, config.block_m, geometry.num_m), centroids, scale, geometry, config)
+    selection = select(pool_reference(q, config.block_m, geometry.num_m), centroids, scale, geometry, config,
+                       predictor)
     out = attend_reference(q, k, v, centroids, selection, scale, geometry, config, compute_dtype)
     return out.to(v.dtype), selection

