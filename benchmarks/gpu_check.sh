@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # What the lent GPU should check, in phases that each fit one device call; logs and tables go to $OUT.
-#   bash benchmarks/gpu_check.sh tests   GPU tests (forward, backward, training through the backend)
+#   bash benchmarks/gpu_check.sh tests   GPU tests (forward, backward, training through the backend);
+#                                        about 6 min on an H100, mostly Triton compiles
 #   bash benchmarks/gpu_check.sh model   quickstart on SmolLM2 in bf16 and fp32 (when ~/smol/m.gguf is
-#                                        there, see the device notes), tune on the CLI then a pure cache hit
-#   bash benchmarks/gpu_check.sh bench   attention forward / forward+backward benchmark, Llama prefill
+#                                        there, see the device notes), tune on the CLI then a pure cache
+#                                        hit; about 8.5 min
+#   bash benchmarks/gpu_check.sh bench   attention forward / forward+backward benchmark (D128 at two
+#                                        lengths took 1.5 min; the full grid is longer), Llama prefill
 #   bash benchmarks/gpu_check.sh saa     SAA tests, quality on SmolLM2, SAA benchmark
 set -uo pipefail
 export PYTHONUNBUFFERED=1
