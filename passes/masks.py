@@ -25,7 +25,7 @@ import torch
 from torch.fx import Node
 
 from . import normalize as nz
-from .score_mod import Binary, Const, Expr, Index, Operand, Score, Unary, Where
+from .score_mod import SCORE, Binary, Const, Expr, Index, Operand, Unary, Where, leaves
 
 K = sympy.Symbol("k", integer=True, nonnegative=True)   # index along the score's last dim
 Q = sympy.Symbol("q", integer=True, nonnegative=True)   # index along the score's second-to-last dim
@@ -142,7 +142,7 @@ class MaskAnalysis:
             return Value(self.value(node.args[0]).expr, t.dim())
         if nz._is(node, (torch.unsqueeze,), ("unsqueeze",)):
             x = self.value(node.args[0])
-            return _unsqueeze(x, _normalize_dim(nz._arg(node, 1, "dim"), x.rank + 1))
+            return _unsqueeze(x, nz._dim(nz._arg(node, 1, "dim"), x.rank + 1))
         if node.op == "call_function" and node.target is operator.getitem:
             return self._getitem(node)
         if nz._is(node, *NEG):
@@ -284,10 +284,6 @@ def _unsqueeze(x: Value, dim: int) -> Value:
     return Value(x.expr.xreplace(moved), new)
 
 
-def _normalize_dim(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
-
-
 FILLS = {torch.zeros: 0, torch.ones: 1, "new_zeros": 0, "new_ones": 1}
 
 
@@ -312,7 +308,7 @@ def _fill_value(node: Node) -> sympy.Basic:
 
 # --- to the score-program IR ----------------------------------------------------------
 
-_RELATIONS = {sympy.Le: "le", sympy.Lt: "lt", sympy.Ge: "ge", sympy.Gt: "gt", sympy.Eq: "eq", sympy.Ne: "ne"}
+_RELATIONS = {relation: op for op, (_, _, relation) in COMPARE.items()}
 
 
 def to_ir(expr: sympy.Basic, atoms: dict[sympy.Symbol, int]) -> Expr:
@@ -427,17 +423,9 @@ def select_additive_mask(program: Expr) -> Expr:
         return program
     for x, mask in ((program.a, program.b), (program.b, program.a)):
         if (isinstance(mask, Where) and mask.a == Const(0.0) and isinstance(mask.b, Const)
-                and not reads_no_score(x)):
+                and SCORE in leaves(x)):
             return Where(mask.cond, x, Binary("add", x, mask.b))
     return program
-
-
-def reads_no_score(expr: Expr) -> bool:
-    """True when ``expr`` does not read the score (a pure mask or bias term)."""
-    if isinstance(expr, Score):
-        return False
-    children = [getattr(expr, f) for f in ("cond", "a", "b") if hasattr(expr, f)]
-    return all(reads_no_score(c) for c in children)
 
 
 def _masked_branch_first(program: Expr) -> int | None:

@@ -231,8 +231,8 @@ class _ScoreProgram:
 
 
 def _qk_inputs(qk: Node) -> tuple[Input, Input]:
-    mm = nz.as_matmul(qk) or (nz.as_baddbmm(qk) or (None,) * 3)[1:3]
-    mm = None if mm[0] is None else mm
+    fused = nz.as_baddbmm(qk)
+    mm = nz.as_matmul(qk) or (fused[1:3] if fused is not None else None)
     if mm is not None:
         a, b = mm
         k = nz.as_transpose_last2(b)

@@ -189,9 +189,8 @@ def _materialize_operand(node: Node, lead: nz.Unflatten | None, add) -> Node:
     """An operand given in the flattened ``[N, m, n]`` space, viewed in the split ``[*lead, m, n]`` one."""
     if lead is None:
         return node
-    if nz.tensor(node).shape[0] == 1:
-        return add("call_method", "view", (node, *([1] * len(lead.args)), *nz.tensor(node).shape[1:]))
-    return add("call_method", "unflatten", (node, 0, lead.args))
+    broadcast = nz.tensor(node).shape[0] == 1
+    return add("call_method", "unflatten", (node, 0, (1,) * len(lead.args) if broadcast else lead.args))
 
 
 def _set_example_value(node: Node) -> None:

@@ -801,3 +801,19 @@ def test_plain_softmax_not_attention():
         return x.softmax(-1) * 2
 
     check_not_rewritten(fn, rand(B, S, SK), reason="not a matmul")
+
+
+@pytest.mark.parametrize("bias_rows", [B * H, 1], ids=["per-head bias", "shared bias"])
+def test_baddbmm_scores_viewed_per_head_with_a_flat_bias(bias_rows):
+    """Bloom's form: flat [B·H, S, S] scores from baddbmm with a bias, viewed as [B, H, S, S] for the
+    mask, viewed back for the P·V bmm; the flat bias is read in the split space."""
+    bias = rand(bias_rows, 1, SK, seed=7)
+    mask = causal_bool().logical_not() * torch.finfo(torch.float32).min
+
+    def fn(q, k, v, bias, mask):
+        q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
+        scores = bias.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=D ** -0.5)
+        probs = (scores.view(B, H, S, -1) + mask).softmax(-1)
+        return torch.bmm(probs.view(B * H, S, -1), v3)
+
+    check_exact(fn, *qkv(), bias, mask)
