@@ -1,6 +1,7 @@
 """Test setup: Triton kernels run through the interpreter on CPU; generated code goes to a temp cache."""
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -32,6 +33,21 @@ def kernel_calls():
     """The op's run counters, cleared before the test."""
     attncompiler.KERNEL_CALLS.clear()
     return attncompiler.KERNEL_CALLS
+
+
+@pytest.fixture
+def no_tuning_results():
+    """The test starts and ends without tuning results (generated kernels stay where the session put them)."""
+    from attncompiler import tuner
+    from attncompiler.cache import tuning_dir
+    from attncompiler.options import Options
+
+    shutil.rmtree(tuning_dir(), ignore_errors=True)
+    tuner.forget_caches()
+    yield
+    tuner.configure(Options.resolve())
+    tuner.forget_caches()
+    shutil.rmtree(tuning_dir(), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

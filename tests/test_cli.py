@@ -3,7 +3,6 @@
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,8 +10,7 @@ import textwrap
 import pytest
 
 from attncompiler import cli, tuner
-from attncompiler.cache import tuning_dir
-from attncompiler.options import Options, triton_interpret
+from attncompiler.options import triton_interpret
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 0/0 in padding rows of the interpreter
 
@@ -38,15 +36,9 @@ MODEL = textwrap.dedent("""
 
 
 @pytest.fixture(autouse=True)
-def _no_tuning_results(tmp_path, monkeypatch):
+def _in_its_own_directory(tmp_path, monkeypatch, no_tuning_results):
     """Each test runs in its own directory and starts without tuning results."""
     monkeypatch.chdir(tmp_path)
-    shutil.rmtree(tuning_dir(), ignore_errors=True)
-    tuner.forget_caches()
-    yield
-    tuner.configure(Options.resolve())
-    tuner.forget_caches()
-    shutil.rmtree(tuning_dir(), ignore_errors=True)
 
 
 @pytest.fixture

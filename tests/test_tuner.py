@@ -4,10 +4,8 @@ Kernels run through the Triton interpreter; timings come from an injected timer 
 decides the winner, so no test depends on how fast this machine is.
 """
 
-import dataclasses
 import logging
 import re
-import shutil
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 
 import attncompiler
 from attncompiler import tuner
-from attncompiler.cache import Entry, LocalCache, current_environment, tuning_dir
+from attncompiler.cache import Entry, LocalCache, current_environment
 from attncompiler.codegen.configs import (CONFIG_SPACE, MAX_REGISTERS_PER_THREAD, BwdConfig, FlashConfig, bwd_keep,
                                           keep, registers_per_thread)
 from attncompiler.options import Options, triton_interpret
@@ -31,14 +29,8 @@ H100_SMEM = 232448
 
 
 @pytest.fixture(autouse=True)
-def _no_tuning_results():
-    """Each test starts without tuning results (generated kernels stay where the session put them)."""
-    shutil.rmtree(tuning_dir(), ignore_errors=True)
-    tuner.forget_caches()
-    yield
-    tuner.configure(Options.resolve())
-    tuner.forget_caches()
-    shutil.rmtree(tuning_dir(), ignore_errors=True)
+def _no_tuning_results(no_tuning_results):
+    """Each test starts without tuning results."""
 
 
 def qkv(batch=1, heads=2, seq=16, dim=16, kv_heads=None, seq_k=None, dtype=torch.float32):
