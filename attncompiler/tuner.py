@@ -42,7 +42,8 @@ import torch
 
 from attncompiler.codegen.configs import (BWD_CONFIG_SPACE, CONFIG_SPACE, BwdConfig, FlashConfig, _pow2_at_least,
                                           bwd_keep, default_bwd_config, default_config, keep)
-from attncompiler.passes.score_mod import SCORE, Binary, Const, Index, Operand, Where, key_limit, leaves, parse
+from attncompiler.passes.score_mod import (SCORE, Binary, Const, Expr, Index, Operand, Where, is_sentinel_fill, key_limit,
+                                          leaves, parse)
 
 from . import report
 from .cache import BackwardEntry, Entry, LocalCache, TuningCache, current_environment
@@ -181,13 +182,15 @@ def _sdpa_form(program: str, operand_dtypes: tuple) -> dict | None:
             and operand_dtypes[0] != torch.bool:
         kwargs["attn_mask"] = True
         expr = expr.b if expr.a == Operand(0) else expr.a
-    elif isinstance(expr, Where) and expr.b == Const(-math.inf):
-        if is_operand and expr.cond == Operand(0) and operand_dtypes[0] == torch.bool:
-            kwargs["attn_mask"] = True
-            expr = expr.a
-        elif not operand_dtypes and expr.cond == Binary("le", Index("k"), Index("q")):
-            kwargs["is_causal"] = True
-            expr = expr.a
+    elif isinstance(expr, Where) and expr.b == Const(-math.inf) and is_operand and expr.cond == Operand(0) \
+            and operand_dtypes[0] == torch.bool:
+        kwargs["attn_mask"] = True
+        expr = expr.a
+    elif isinstance(expr, Where) and not operand_dtypes and expr.cond == Binary("le", Index("k"), Index("q")) \
+            and (expr.b == Const(-math.inf) or _is_sentinel_of(expr.b, expr.a)):
+        # Every row sees key 0, so a finite sentinel fill (Hugging Face's finfo.min) adds exactly nothing.
+        kwargs["is_causal"] = True
+        expr = expr.a
     if operand_dtypes and "attn_mask" not in kwargs:
         return None
     if expr == SCORE:
@@ -198,6 +201,13 @@ def _sdpa_form(program: str, operand_dtypes: tuple) -> dict | None:
     if isinstance(expr, Binary) and expr.op == "div" and expr.a == SCORE and isinstance(expr.b, Const):
         return {**kwargs, "scale": 1.0 / expr.b.value}
     return None
+
+
+def _is_sentinel_of(masked: Expr, kept: Expr) -> bool:
+    """``masked`` is ``kept + c`` (or a constant ``c``) with ``c`` a finite sentinel such as ``finfo.min``."""
+    if isinstance(masked, Binary) and masked.op == "add" and kept not in (masked.a, masked.b):
+        return False
+    return is_sentinel_fill(masked)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # What the lent GPU should check, in phases that each fit one device call; logs and tables go to $OUT.
-#   bash benchmarks/gpu_check.sh tests   GPU tests (forward, backward, training through the backend);
-#                                        about 6 min on an H100, mostly Triton compiles
-#   bash benchmarks/gpu_check.sh model   quickstart on SmolLM2 in bf16 and fp32 (when ~/smol/m.gguf is
-#                                        there, see the device notes), tune on the CLI then a pure cache
-#                                        hit; about 8.5 min
-#   bash benchmarks/gpu_check.sh bench   attention forward / forward+backward benchmark (D128 at two
-#                                        lengths took 1.5 min; the full grid is longer), Llama prefill
-#   bash benchmarks/gpu_check.sh saa     SAA tests, quality on SmolLM2, SAA benchmark
+# Several phases may run in one call (bash benchmarks/gpu_check.sh tests tune).
+#   tests   GPU tests (forward, backward, training through the backend); about 6 min on an H100,
+#           mostly Triton compiles; TESTS_K="backward or trains" runs a subset
+#   model   quickstart on SmolLM2 in bf16 and fp32 (when ~/smol/m.gguf is there, see the device notes)
+#   tune    attncompiler tune on SmolLM2 (real weights, 2K tokens) and on the Llama model of
+#           benchmarks/llama_prefill.py at 4K, each run twice: the second run must be a pure cache hit
+#   bench   attention forward / forward+backward benchmark (BENCH_ARGS narrows it; D128 at two lengths
+#           took 1.5 min), Llama prefill (LLAMA_ARGS, e.g. "--train")
+#   saa     SAA tests, quality on SmolLM2, SAA benchmark
+# The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
+# found; a copy lands in $OUT/cache.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/attncompiler-gpu-check}
@@ -17,34 +20,48 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-export ATTNCOMPILER_CACHE_DIR="$OUT/cache"
+export ATTNCOMPILER_CACHE_DIR=${ATTNCOMPILER_CACHE_DIR:-$HOME/attncompiler-gpu-cache}
 gguf=()
-[ -f ~/smol/m.gguf ] && gguf=(--gguf ~/smol/m.gguf)
+if [ -f ~/smol/m.gguf ]; then
+  gguf=(--gguf ~/smol/m.gguf)
+  export SMOLLM2_GGUF=~/smol/m.gguf
+fi
 status=0
-case "${1:-tests}" in
-  tests)
-    python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
-    ;;
-  model)
-    for dtype in bfloat16 float32; do
-      python3 examples/quickstart.py "${gguf[@]}" --dtype $dtype 2>&1 | grep -v "it/s" \
-        | tee "$OUT/quickstart_$dtype.log" | tail -9 || status=1
-    done
-    for run in first second; do
-      start=$SECONDS
-      python3 -m attncompiler tune --shapes 1x32x4096x128 4x16x2048x64 --kv-heads 8 --causal 2>&1 | tee "$OUT/tune_$run.log" | tail -8 || status=1
-      echo "$run tune: $((SECONDS - start)) s"
-    done
-    ;;
-  bench)
-    python3 benchmarks/attention.py --dtypes bfloat16 ${BENCH_ARGS:-} --out "$OUT/attention.md" 2>&1 | tail -45 || status=1
-    python3 benchmarks/llama_prefill.py --out "$OUT/llama.md" 2>&1 | tail -10 || status=1
-    ;;
-  saa)
-    python3 -m pytest tests/test_saa.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
-    python3 examples/saa_quality.py "${gguf[@]}" --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
-    python3 benchmarks/saa.py --no-record 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
-    ;;
-  *) echo "unknown phase $1 (tests, model, bench or saa)"; exit 2 ;;
-esac
+for phase in "${@:-tests}"; do
+  start=$SECONDS
+  case "$phase" in
+    tests)
+      python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+      ;;
+    model)
+      for dtype in bfloat16 float32; do
+        python3 examples/quickstart.py "${gguf[@]}" --dtype $dtype 2>&1 | grep -v "it/s" \
+          | tee "$OUT/quickstart_$dtype.log" | tail -9 || status=1
+      done
+      ;;
+    tune)
+      for target in smollm2 llama_4k; do
+        for run in first second; do
+          begin=$SECONDS
+          python3 -m attncompiler tune "examples/tune_targets.py:$target" 2>&1 | grep -v "it/s" \
+            | tee "$OUT/tune_${target}_$run.log" | tail -8 || status=1
+          echo "$target $run tune: $((SECONDS - begin)) s"
+        done
+      done
+      ;;
+    bench)
+      python3 benchmarks/attention.py --dtypes bfloat16 ${BENCH_ARGS:-} --out "$OUT/attention.md" 2>&1 | tail -45 || status=1
+      python3 benchmarks/llama_prefill.py ${LLAMA_ARGS:-} --out "$OUT/llama.md" 2>&1 | tail -10 || status=1
+      ;;
+    saa)
+      python3 -m pytest tests/test_saa.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
+      python3 examples/saa_quality.py "${gguf[@]}" --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
+      python3 benchmarks/saa.py --no-record 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
+      ;;
+    *) echo "unknown phase $phase (tests, model, tune, bench or saa)"; exit 2 ;;
+  esac
+  echo "phase $phase: $((SECONDS - start)) s"
+done
+cp -r "$ATTNCOMPILER_CACHE_DIR" "$OUT/cache" 2>/dev/null
 exit $status

@@ -23,13 +23,13 @@ CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, 
 EAGER_SCORE_BYTES = 24 << 30
 
 
-def build(attn_implementation: str):
+def build(attn_implementation: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(LlamaConfig(**CONFIG), attn_implementation=attn_implementation,
-                                          dtype=torch.bfloat16)
-    return model.cuda()
+                                          dtype=dtype)
+    return model.to(device)
 
 
 def variants() -> dict:

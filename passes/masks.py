@@ -2,7 +2,10 @@
 
 Models build attention masks from ``arange`` positions, comparisons, ``&``/``|``/``~``, index
 placement (``x[None, :, None]``, ``unsqueeze``), ``expand``, ``where``/``masked_fill`` with
-constant fills, and per-batch padding gathered from the user's ``attention_mask``. This module
+constant fills, and per-batch padding gathered from the user's ``attention_mask``. Hugging Face
+models without an ``attention_mask`` gather position ids with index tensors
+(``positions[batch_idx, q_idx]``) and compare packed-sequence ids made with ``diff`` and
+``cumsum``: those are read too, when the positions are an ``arange``. This module
 evaluates such a subgraph symbolically with sympy: axis positions become the symbols ``q`` (the
 score's second-to-last dim) and ``k`` (its last dim), and any small tensor it cannot see through
 (one that is not ``Sq × Sk``, such as padding ``[B, 1, 1, Sk]``) becomes an opaque atom. When the
@@ -35,7 +38,7 @@ SK = sympy.Symbol("Sk", integer=True, positive=True)
 
 def _axis(j: int) -> sympy.Symbol:
     """The index symbol of the ``j``-th dim from the right."""
-    return (K, Q)[j] if j < 2 else sympy.Symbol(f"axis{j}", integer=True)
+    return (K, Q)[j] if j < 2 else sympy.Symbol(f"axis{j}", integer=True, nonnegative=True)
 
 
 class Unreadable(Exception):
@@ -145,6 +148,10 @@ class MaskAnalysis:
             return _unsqueeze(x, nz._dim(nz._arg(node, 1, "dim"), x.rank + 1))
         if node.op == "call_function" and node.target is operator.getitem:
             return self._getitem(node)
+        if nz._is(node, (torch.diff,), ("diff",)):
+            return self._diff(node)
+        if nz._is(node, (torch.cumsum,), ("cumsum",)):
+            return self._cumsum(node)
         if nz._is(node, *NEG):
             return Value(-self.value(node.args[0]).expr, t.dim())
         if nz._is(node, *NOT):
@@ -206,7 +213,7 @@ class MaskAnalysis:
         x = self.value(x_node)
         index = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, Node) for i in index):
-            raise Unreadable(node.name)  # advanced indexing: an atom if small
+            return self._gather(node, x, index)
         if Ellipsis in index:
             at = index.index(Ellipsis)
             fill = x.rank - sum(1 for i in index if i is not None and i is not Ellipsis)
@@ -223,6 +230,58 @@ class MaskAnalysis:
                 raise Unreadable(node.name)
             position += 1
         return value
+
+    def _gather(self, node: Node, x: Value, index: tuple) -> Value:
+        """``x[i0, i1, ...]`` with one integer index tensor per dim: ``x``'s expression at the indices.
+
+        Only for a known ``x`` (no atoms) and indices provably non-negative (no wrap-around);
+        anything else is an atom if small."""
+        if len(index) != x.rank or x.expr.free_symbols & set(self.atoms):
+            raise Unreadable(node.name)
+        at = {}
+        for d, i in enumerate(index):
+            t = nz.tensor(i)
+            if t is None or t.dtype in (torch.bool, torch.uint8) or t.is_floating_point():
+                raise Unreadable(node.name)
+            position = self.value(i).expr
+            if position.free_symbols & set(self.atoms) or not position.is_nonnegative:
+                raise Unreadable(node.name)
+            at[_axis(x.rank - 1 - d)] = position
+        return Value(x.expr.xreplace(at), nz.tensor(node).dim())
+
+    def _diff(self, node: Node) -> Value:
+        """``diff(x, dim=d, prepend=p)`` (first differences; ``p`` one element long along ``d``, or none)."""
+        x = self.value(node.args[0])
+        n, dim = nz._arg(node, 1, "n", 1), nz._dim(nz._arg(node, 2, "dim", -1), x.rank)
+        prepend, append = nz._arg(node, 3, "prepend"), nz._arg(node, 4, "append")
+        if n != 1 or append is not None:
+            raise Unreadable(node.name)
+        axis = _axis(x.rank - 1 - dim)
+        if prepend is None:
+            return Value(sympy.expand(x.expr.subs(axis, axis + 1) - x.expr), x.rank)
+        p = nz.tensor(prepend)
+        if p is None or p.dim() != x.rank or p.shape[dim] != 1:
+            raise Unreadable(node.name)
+        inner = sympy.expand(x.expr - x.expr.subs(axis, axis - 1))
+        first = sympy.expand(x.expr.subs(axis, 0) - self.value(prepend).expr.subs(axis, 0))
+        if sympy.simplify(inner.subs(axis, 0) - first) == 0:
+            return Value(inner, x.rank)  # one formula for every position
+        return Value(sympy.Piecewise((inner, sympy.Ge(axis, 1)), (first, True)), x.rank)
+
+    def _cumsum(self, node: Node) -> Value:
+        """``cumsum`` along a dim the value does not vary on: the value times the position + 1."""
+        x = self.value(node.args[0])
+        axis = _axis(x.rank - 1 - nz._dim(nz._arg(node, 1, "dim"), x.rank))
+        if axis in x.expr.free_symbols or x.expr.free_symbols & set(self.atoms):
+            raise Unreadable(node.name)
+        expr = _as_bool(x.expr)
+        if expr == sympy.false:
+            return Value(sympy.Integer(0), x.rank)
+        if expr == sympy.true:
+            return Value(axis + 1, x.rank)
+        if isinstance(expr, sympy.logic.boolalg.Boolean):
+            expr = sympy.Piecewise((sympy.Integer(1), expr), (sympy.Integer(0), True))
+        return Value(expr * (axis + 1), x.rank)
 
     def _atom(self, node: Node) -> Value:
         """A tensor read as is: allowed when loading it per tile is cheap (not ``Sq × Sk``)."""

@@ -47,3 +47,19 @@ def test_masks_are_computed_from_positions(name, impl, kinds):
     masks = [site.summary["mask"] for site in report.sites]
     assert [kind for kind in kinds if any(f"computed: {kind} from" in m for m in masks)] == kinds, masks
     assert not any("12, 12]" in m for m in masks), masks
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3"])
+def test_without_attention_mask_the_mask_is_causal_from_positions(name, kernel_calls):
+    """No attention_mask: transformers gathers position ids and compares packed-sequence ids; the
+    analysis proves both come from an arange, leaving a causal (windowed) predicate and no operand."""
+    model, inputs = build(name, "eager", batch=1)
+    inputs = {"input_ids": inputs["input_ids"], "use_cache": False}
+    with torch.no_grad():
+        expected = first_tensor(model(**inputs))
+        report = attncompiler.explain(model, **inputs, options={"inner": "eager"})
+    for site in report.sites:
+        assert site.summary["mask"].startswith("computed: causal"), site.summary
+        assert "$" not in site.summary["program"], site.summary
+    assert kernel_calls["triton"] == len(report.sites) == attention_sites(name)
+    torch.testing.assert_close(first_tensor(report.output), expected, rtol=2e-5, atol=2e-5)

@@ -197,3 +197,30 @@ def test_finfo_min_causal_mask_skips_key_blocks_and_keeps_rows_without_keys_exac
     assert site.summary["program"].startswith("(where (and $0 (le k q))"), site.summary
     source = open(site.source).read()
     assert "kv_end = tl.minimum" in source and "tl.min(m_i, 0) < LOG2E_SAFE_MIN" in source
+
+
+def _packed_causal(q, k, v, positions):
+    """Hugging Face's mask without an attention_mask: positions gathered with index tensors and
+    packed-sequence ids from diff/cumsum (``find_packed_sequence_indices``)."""
+    step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+    packed = (step != 1).cumsum(-1)
+    b = torch.arange(1)[:, None, None, None]
+    qi, ki = torch.arange(S)[None, None, :, None], torch.arange(S)[None, None, None, :]
+    keep = (positions[b, ki] <= positions[b, qi]) & (packed[b, qi] == packed[b, ki])
+    return attend(q, k, v, keep.expand(B, -1, S, S))
+
+
+def test_positions_gathered_by_index_tensors_give_causal(kernel_calls):
+    def fn(q, k, v):
+        return _packed_causal(q, k, v, (torch.arange(S) + 0).unsqueeze(0))
+
+    site = compiled_site(fn, *qkv(), kernel_calls=kernel_calls)
+    assert site.summary["program"] == "(where (le k q) (div s 4.0) -inf)", site.summary
+    assert "computed: causal" in site.summary["mask"]
+
+
+def test_gathered_user_positions_stay_loaded_and_exact(kernel_calls):
+    """Position ids the graph cannot see (two packed sequences) are loaded, not assumed an arange."""
+    positions = torch.cat([torch.arange(10), torch.arange(S - 10)])[None]
+    site = compiled_site(_packed_causal, *qkv(), positions, kernel_calls=kernel_calls)
+    assert "index tensor" in site.summary["mask"] and "computed: causal from" not in site.summary["mask"], site.summary

@@ -109,6 +109,11 @@ def test_the_interpreter_times_each_tile_shape_once():
     ("(where $0 (mul s 0.125) -inf)", torch.bool, {"attn_mask": True, "scale": 0.125}),
     ("(where $0 (mul s 0.125) -inf)", torch.float32, None),
     ("(where (le k (add q 4.0)) (mul s 0.125) -inf)", None, None),
+    ("(where (le k q) (mul s 0.125) (add (mul s 0.125) -3.4028234663852886e+38))", None,
+     {"is_causal": True, "scale": 0.125}),  # Hugging Face's finfo.min causal mask
+    ("(where (le k q) (mul s 0.125) (add (mul s 0.5) -3.4028234663852886e+38))", None, None),
+    ("(where (le k q) (mul s 0.125) (add (mul s 0.125) -100.0))", None, None),
+    ("(where $0 (mul s 0.125) (add (mul s 0.125) -3.4028234663852886e+38))", torch.bool, None),
     ("(mul (add s $0) 0.5)", torch.float32, None),
     ("(neg s)", None, None),
 ])
