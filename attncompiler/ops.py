@@ -77,7 +77,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[
         config, backend = select(q, k, v, operands, program, zero_empty_rows)
         if backend is not None:
             try:
-                out = sdpa_attention(q, k, v, operands, program, backend).to(v.dtype)
+                # Contiguous, as the fake kernel promises (flash returns a [B, S, H, D]-major view).
+                out = sdpa_attention(q, k, v, operands, program, backend).to(v.dtype).contiguous()
             except Exception as e:  # a backend without a kernel for this call's exact shape: run Triton
                 sdpa_failed(q, k, v, operands, program, zero_empty_rows, e)
             else:

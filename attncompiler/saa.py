@@ -159,21 +159,30 @@ def triton_runnable(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret() and t.dtype != torch.bfloat16)
 
 
-def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,
-               config: SAAConfig, out: torch.Tensor | None = None, predictor: LayerPredictor | None = None,
-               ) -> tuple[torch.Tensor, Selection, Centroids]:
-    """SAA with the Triton kernels on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``:
-    ``(out, selection, centroids)``; ``out`` is written in place when given; ``predictor`` routes."""
-    from attncompiler.codegen.saa import pool_means, saa_attend
+def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,
+             config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
+    """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
+    (Triton pooling) and the routed selection of exact key blocks."""
+    from attncompiler.codegen.saa import pool_means
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
     centroids = Centroids(pool_means(k, config.sub_block, num_centroids),
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
-    selection = select(q_means, centroids, scale, geometry, config, predictor)
-    out = saa_attend(q, k, v, centroids.keys, centroids.values, counts, selection, scale, geometry, config,
-                     interpret=q.device.type == "cpu", out=out)
+    return select(q_means, centroids, scale, geometry, config, predictor), centroids
+
+
+def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,
+               config: SAAConfig, out: torch.Tensor | None = None, predictor: LayerPredictor | None = None,
+               ) -> tuple[torch.Tensor, Selection, Centroids]:
+    """SAA with the Triton kernels on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``:
+    ``(out, selection, centroids)``; ``out`` is written in place when given; ``predictor`` routes."""
+    from attncompiler.codegen.saa import saa_attend
+
+    selection, centroids = saa_plan(q, k, v, scale, geometry, config, predictor)
+    out = saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale, geometry,
+                     config, interpret=q.device.type == "cpu", out=out)
     return out, selection, centroids
 
 
@@ -210,4 +219,4 @@ def saa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         out, selection = saa_reference(q4, k4, v4, scale, causal, config, key_offset, predictor=predictor)
     if zero_empty_rows and causal and key_offset < 0:
         out[..., :-key_offset, :] = 0.0
-    return out.reshape(shape), SAAStats(selection.exact_blocks, selection.allowed_total())
+    return out.reshape(shape), SAAStats(selection.exact_blocks, geometry.allowed_total(q4.shape[0] * q4.shape[1]))

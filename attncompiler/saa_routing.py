@@ -73,6 +73,10 @@ class BlockGeometry:
         position = torch.clamp(last + self.seq_k - self.seq_q, 0, self.seq_k - 1)
         return position // self.block_n
 
+    def allowed_total(self, batch_heads: int) -> int:
+        """Allowed key blocks summed over every query block of ``batch_heads`` (batch × heads), on the host."""
+        return int(self.allowed_blocks("cpu").sum()) * batch_heads
+
     def forced_partial_blocks(self) -> int:
         """An upper bound on the partial (diagonal-straddling) blocks of one query block."""
         return (self.block_m + self.block_n - 2) // self.block_n + 1
@@ -112,7 +116,8 @@ class Selection:
         return self.counts.sum()
 
     def allowed_total(self) -> int:
-        """Allowed key blocks, summed over every (batch, head, query block)."""
+        """Allowed key blocks, summed over every (batch, head, query block) (reads ``allowed``: on a GPU,
+        a synchronization; :meth:`BlockGeometry.allowed_total` needs none)."""
         batch, heads = self.counts.shape[:2]
         return int(self.allowed.sum()) * batch * heads
 

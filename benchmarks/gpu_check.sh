@@ -6,9 +6,11 @@
 #   model   quickstart on SmolLM2 in bf16 and fp32 (when ~/smol/m.gguf is there, see the device notes)
 #   tune    attncompiler tune on SmolLM2 (real weights, 2K tokens) and on the Llama model of
 #           benchmarks/llama_prefill.py at 4K, each run twice: the second run must be a pure cache hit
-#   bench   attention forward / forward+backward benchmark (BENCH_ARGS narrows it; D128 at two lengths
-#           took 1.5 min), Llama prefill (LLAMA_ARGS, e.g. "--train")
-#   saa     SAA tests, quality on SmolLM2, SAA benchmark
+#   attention  forward / forward+backward benchmark (BENCH_ARGS narrows it; D128 at two lengths
+#           took 1.5 min)
+#   llama   Llama prefill against its peers (LLAMA_ARGS, e.g. "--train")
+#   bench   attention, then llama
+#   saa     SAA tests, quality on SmolLM2 (SAA_QUALITY_ARGS), SAA benchmark (SAA_ARGS)
 # The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
 # found; a copy lands in $OUT/cache.
 set -uo pipefail
@@ -27,7 +29,8 @@ if [ -f ~/smol/m.gguf ]; then
   export SMOLLM2_GGUF=~/smol/m.gguf
 fi
 status=0
-for phase in "${@:-tests}"; do
+phases=$(echo "${@:-tests}" | sed 's/\bbench\b/attention llama/')
+for phase in $phases; do
   start=$SECONDS
   case "$phase" in
     tests)
@@ -41,8 +44,10 @@ for phase in "${@:-tests}"; do
       done
       ;;
     tune)
-      for target in smollm2 llama_4k; do
-        for run in first second; do
+      for target in smollm2 llama_4k llama_16k; do
+        runs="first second"
+        [ $target = llama_16k ] && runs=first  # for the 16K prefill; the cache hit is shown at 4K
+        for run in $runs; do
           begin=$SECONDS
           python3 -m attncompiler tune "examples/tune_targets.py:$target" 2>&1 | grep -v "it/s" \
             | tee "$OUT/tune_${target}_$run.log" | tail -8 || status=1
@@ -50,16 +55,18 @@ for phase in "${@:-tests}"; do
         done
       done
       ;;
-    bench)
+    attention)
       python3 benchmarks/attention.py --dtypes bfloat16 ${BENCH_ARGS:-} --out "$OUT/attention.md" 2>&1 | tail -45 || status=1
+      ;;
+    llama)
       python3 benchmarks/llama_prefill.py ${LLAMA_ARGS:-} --out "$OUT/llama.md" 2>&1 | tail -10 || status=1
       ;;
     saa)
       python3 -m pytest tests/test_saa.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
-      python3 examples/saa_quality.py "${gguf[@]}" --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
-      python3 benchmarks/saa.py --no-record 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
+      python3 examples/saa_quality.py "${gguf[@]}" ${SAA_QUALITY_ARGS:-} --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
+      python3 benchmarks/saa.py --no-record ${SAA_ARGS:-} 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
       ;;
-    *) echo "unknown phase $phase (tests, model, tune, bench or saa)"; exit 2 ;;
+    *) echo "unknown phase $phase (tests, model, tune, attention, llama, bench or saa)"; exit 2 ;;
   esac
   echo "phase $phase: $((SECONDS - start)) s"
 done

@@ -1,7 +1,8 @@
 """SAA forward on the GPU against dense attention, in one run: causal prefill, bf16.
 
 SAA's time includes everything one call does (pooling, routing, centroids, the attend-and-
-aggregate kernel). Peers: attncompiler's dense kernel (``codegen.flash``), SDPA with cuDNN and
+aggregate kernel); the table also shows its two halves timed alone: planning (pooling, centroids,
+routing) and the attend kernel. Peers: attncompiler's dense kernel (``codegen.flash``), SDPA with cuDNN and
 SDPA with the flash backend. One sequence, heads·head_dim = 2048, random inputs. Prints a
 markdown table (milliseconds, SAA's density and relative error against dense, speedups) and
 records it, dated, in ``benchmarks/RESULTS.md`` unless ``--no-record``.
@@ -24,9 +25,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from attncompiler.codegen.flash import flash_forward
-from attncompiler.saa import saa_forward
+from attncompiler.codegen.saa import saa_attend
+from attncompiler.saa import saa_forward, saa_plan
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_ops import relative_error
+from attncompiler.saa_routing import BlockGeometry
 
 HIDDEN = 2048
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -50,6 +53,21 @@ def implementations(scale: float, config: SAAConfig) -> dict:
     }
 
 
+def saa_stages(q, k, v, scale: float, config: SAAConfig) -> dict:
+    """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel."""
+    seq = q.shape[-2]
+    geometry = BlockGeometry(seq, seq, config.block_m, config.block_n, True)
+    selection, centroids = saa_plan(q, k, v, scale, geometry, config)
+
+    def attend():
+        return saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale,
+                          geometry, config)
+
+    return {"plan": triton.testing.do_bench(lambda: saa_plan(q, k, v, scale, geometry, config),
+                                            warmup=25, rep=100, return_mode="median"),
+            "attend": triton.testing.do_bench(attend, warmup=25, rep=100, return_mode="median")}
+
+
 def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig) -> dict:
     """Milliseconds of each implementation at one shape (None where it cannot run), SAA's density
     and its relative error against the first dense peer that ran."""
@@ -58,7 +76,7 @@ def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig) ->
     q = torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, kv, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scale = head_dim ** -0.5
-    result: dict = {"density": None, "error": None}
+    result: dict = {"density": None, "error": None, "plan": None, "attend": None}
     outputs = {}
     for name, fn in implementations(scale, config).items():
         try:
@@ -71,6 +89,7 @@ def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig) ->
     if "saa" in outputs and dense is not None:
         result["error"] = relative_error(outputs["saa"], dense)
         result["density"] = saa_forward(q, k, v, scale, True, config, kernel="triton")[1].density
+        result.update(saa_stages(q, k, v, scale, config))
     return result
 
 
@@ -100,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
               f"triton {triton.__version__} · SAA forward, causal, bf16, batch 1, hidden {HIDDEN}"
               f"{f', {args.kv_heads} kv heads' if args.kv_heads else ''}")
     lines = [header, "", f"SAA operating point: {config}", "",
-             "| D | S | density | rel. error | SAA ms | " + " | ".join(f"{p} ms" for p in peers) + " | "
-             + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (5 + 2 * len(peers)) + "|"]
+             "| D | S | density | rel. error | SAA ms | plan ms | attend ms | " + " | ".join(f"{p} ms" for p in peers)
+             + " | " + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (7 + 2 * len(peers)) + "|"]
     for d in args.head_dims:
         for s in args.seqs:
             r = measure(s, d, args.kv_heads, config)
             cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
                      f"{r['error']:.3f}" if r["error"] is not None else "–"]
-            cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", *peers]]
+            cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", "plan", "attend", *peers]]
             cells += [f"{r[p] / r['saa']:.2f}×" if r[p] and r["saa"] else "–" for p in peers]
             lines.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)

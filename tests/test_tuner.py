@@ -370,6 +370,17 @@ def test_an_sdpa_winner_runs_sdpa_with_the_same_result(kernel_calls, program, he
     assert kernel_calls["triton"] == 1 and kernel_calls["sdpa-math"] == 1
 
 
+def test_an_sdpa_winner_returns_the_layout_the_fake_kernel_promises(kernel_calls):
+    """Flash SDPA on [B, S, H, D]-major inputs returns a non-contiguous view; Inductor checks the
+    op's strides against its fake kernel (contiguous), so the op returns a contiguous tensor."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(seq=40))
+    store_tuned(q, k, v, [], CAUSAL, ScriptedTimer({"sdpa-flash": 0.5, "sdpa-math": 0.7}))
+    use("cached")
+    out, _ = torch.ops.attncompiler.attention(q, k, v, [], CAUSAL, "triton")
+    assert kernel_calls["sdpa-flash"] == 1
+    assert out.stride() == torch.empty(out.shape).stride()
+
+
 def test_sdpa_runs_masked_sites_only_where_empty_rows_give_zeros(kernel_calls):
     q, k, v = qkv(seq=24)
     mask = torch.rand(24, 24) > 0.3
