@@ -17,6 +17,7 @@ sees none averages every key under a sentinel, which only happens bottom-right a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -163,14 +164,17 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
              config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     (Triton pooling) and the routed selection of exact key blocks."""
-    from attncompiler.codegen.saa import pool_means
+    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, pool_means, select_blocks
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
     centroids = Centroids(pool_means(k, config.sub_block, num_centroids),
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
-    return select(q_means, centroids, scale, geometry, config, predictor), centroids
+    if geometry.num_n > MAX_SORTED_BLOCKS:
+        return select(q_means, centroids, scale, geometry, config, predictor), centroids
+    choose = functools.partial(select_blocks, interpret=q.device.type == "cpu")
+    return select(q_means, centroids, scale, geometry, config, predictor, choose), centroids
 
 
 def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,

@@ -13,12 +13,12 @@ head ``h`` reading key head ``h // (H / Hk)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import BlockGeometry, Selection, block_means, group_counts, route
+from .saa_routing import BlockGeometry, Selection, block_means, estimated_logits, group_counts, select_blocks
 
 if TYPE_CHECKING:
     from .saa_predictor import LayerPredictor
@@ -52,13 +52,17 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
 
 
 def select(q_means: torch.Tensor, centroids: Centroids, scale: float, geometry: BlockGeometry,
-           config: SAAConfig, predictor: LayerPredictor | None = None) -> Selection:
+           config: SAAConfig, predictor: LayerPredictor | None = None,
+           choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks) -> Selection:
     """Route from mean queries ``[B, H, M, D]`` and the centroids (whose weighted means are the block means),
-    with ``predictor``'s learned term when given."""
+    with ``predictor``'s learned term when given; ``choose`` picks the blocks from the estimated logits
+    (PyTorch here, the Triton kernel on the kernel path)."""
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
     key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
-    learned = None if predictor is None else predictor.logits(q_means, k_means, geometry)
-    return route(q_means, k_means, key_counts, scale, geometry, config, learned)
+    logits = estimated_logits(q_means, k_means, key_counts, scale)                    # [B, H, M, N]
+    if predictor is not None:
+        logits = logits + predictor.logits(q_means, k_means, geometry)
+    return choose(logits, geometry, config)
 
 
 def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids,

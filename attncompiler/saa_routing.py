@@ -17,6 +17,7 @@ blocks to ``tau`` (at most ``top_k`` when both are set).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,6 +74,10 @@ class BlockGeometry:
         position = torch.clamp(last + self.seq_k - self.seq_q, 0, self.seq_k - 1)
         return position // self.block_n
 
+    def bounds(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(allowed_blocks, full_blocks)`` on ``device``, computed once per geometry and device."""
+        return _bounds(self, torch.device(device))
+
     def allowed_total(self, batch_heads: int) -> int:
         """Allowed key blocks summed over every query block of ``batch_heads`` (batch × heads), on the host."""
         return int(self.allowed_blocks("cpu").sum()) * batch_heads
@@ -80,6 +85,11 @@ class BlockGeometry:
     def forced_partial_blocks(self) -> int:
         """An upper bound on the partial (diagonal-straddling) blocks of one query block."""
         return (self.block_m + self.block_n - 2) // self.block_n + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(geometry: BlockGeometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return geometry.allowed_blocks(device), geometry.full_blocks(device)
 
 
 def group_counts(seq: int, group: int, groups: int, device) -> torch.Tensor:
@@ -140,24 +150,32 @@ def route(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor
     Query head ``h`` reads key head ``h // (H / Hk)``; ``key_counts`` ``[num_n]`` are the block sizes;
     ``learned`` ``[B, H, num_m, num_n]``, when given, is added to the estimated logits.
     """
-    batch, heads, num_m, _ = q_means.shape
-    num_n = k_means.shape[2]
-    device = q_means.device
     logits = estimated_logits(q_means, k_means, key_counts, scale)                   # [B, H, M, N]
     if learned is not None:
         logits = logits + learned
+    return select_blocks(logits, geometry, config)
 
+
+def selection_width(geometry: BlockGeometry, config: SAAConfig) -> int:
+    """Length of :attr:`Selection.indices`' last dim: every key block, or the most that ``top_k`` keeps."""
+    forced_bound = config.sinks + config.local_blocks + geometry.forced_partial_blocks()
+    return geometry.num_n if config.top_k is None else min(geometry.num_n, forced_bound + config.top_k)
+
+
+def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConfig) -> Selection:
+    """The exact key blocks from estimated logits ``[B, H, num_m, num_n]`` (the PyTorch form of
+    :func:`attncompiler.codegen.saa.select_blocks_kernel`)."""
+    batch, heads, num_m, num_n = logits.shape
+    device = logits.device
     blocks = torch.arange(num_n, device=device)                                      # [N]
-    allowed = geometry.allowed_blocks(device)
-    full = geometry.full_blocks(device)
+    allowed, full = geometry.bounds(device)
     diagonal = geometry.diagonal_block(device)
     is_allowed = blocks < allowed[:, None]                                           # [M, N]
     forced = is_allowed & ((blocks < config.sinks) | (blocks >= full[:, None])
                            | ((blocks <= diagonal[:, None]) & (blocks > diagonal[:, None] - config.local_blocks)))
 
     priority = torch.where(forced, math.inf, torch.where(is_allowed, logits, -math.inf))
-    forced_bound = config.sinks + config.local_blocks + geometry.forced_partial_blocks()
-    width = num_n if config.top_k is None else min(num_n, forced_bound + config.top_k)
+    width = selection_width(geometry, config)
     ranked, order = torch.topk(priority, width, dim=-1, sorted=True)                  # [B, H, M, K]
     num_forced = forced.sum(-1)                                                       # [M]
     position = torch.arange(width, device=device)

@@ -53,22 +53,29 @@ def implementations(scale: float, config: SAAConfig) -> dict:
     }
 
 
-def saa_stages(q, k, v, scale: float, config: SAAConfig) -> dict:
-    """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel."""
+def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False) -> dict:
+    """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel
+    (with ``sweep``, also the attend kernel under other warp and stage counts, printed)."""
     seq = q.shape[-2]
     geometry = BlockGeometry(seq, seq, config.block_m, config.block_n, True)
     selection, centroids = saa_plan(q, k, v, scale, geometry, config)
 
-    def attend():
-        return saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale,
-                          geometry, config)
+    def attend(**launch):
+        return lambda: saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale,
+                                  geometry, config, **launch)
 
-    return {"plan": triton.testing.do_bench(lambda: saa_plan(q, k, v, scale, geometry, config),
-                                            warmup=25, rep=100, return_mode="median"),
-            "attend": triton.testing.do_bench(attend, warmup=25, rep=100, return_mode="median")}
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    if sweep:
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                ms = bench(attend(num_warps=warps, num_stages=stages))
+                print(f"  attend S={seq} D={q.shape[-1]}: {warps} warps, {stages} stages: {ms:.3f} ms", file=sys.stderr)
+    return {"plan": bench(lambda: saa_plan(q, k, v, scale, geometry, config)), "attend": bench(attend())}
 
 
-def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig) -> dict:
+def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig, sweep: bool = False) -> dict:
     """Milliseconds of each implementation at one shape (None where it cannot run), SAA's density
     and its relative error against the first dense peer that ran."""
     heads = HIDDEN // head_dim
@@ -89,7 +96,7 @@ def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig) ->
     if "saa" in outputs and dense is not None:
         result["error"] = relative_error(outputs["saa"], dense)
         result["density"] = saa_forward(q, k, v, scale, True, config, kernel="triton")[1].density
-        result.update(saa_stages(q, k, v, scale, config))
+        result.update(saa_stages(q, k, v, scale, config, sweep))
     return result
 
 
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: as many as query heads)")
     parser.add_argument("--saa", default="{}", help="SAA operating point as JSON (SAAConfig fields)")
+    parser.add_argument("--sweep", action="store_true", help="also time the attend kernel under other launch settings")
     parser.add_argument("--no-record", action="store_true", help="do not write to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
              + " | " + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (7 + 2 * len(peers)) + "|"]
     for d in args.head_dims:
         for s in args.seqs:
-            r = measure(s, d, args.kv_heads, config)
+            r = measure(s, d, args.kv_heads, config, args.sweep)
             cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
                      f"{r['error']:.3f}" if r["error"] is not None else "–"]
             cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", "plan", "attend", *peers]]

@@ -1,7 +1,8 @@
-"""SAA Triton kernels: block means, and one attend-and-aggregate pass per query block.
+"""SAA Triton kernels: block means, block selection, and one attend-and-aggregate pass per query block.
 
 ``saa_pool_kernel`` averages runs of consecutive rows (mean queries for routing, key and value
-centroids). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]`` query tile on chip and folds two kinds
+centroids). ``select_blocks_kernel`` picks each query block's exact key blocks from the estimated
+logits (the PyTorch form is :func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]`` query tile on chip and folds two kinds
 of entries into one online softmax (base 2): the keys of the key blocks routed to this query
 block, exactly, and then the centroids of every other full key block, whose logits carry
 ``log2 n`` for the ``n`` keys each stands for. The PyTorch oracle is
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from attncompiler.saa_config import SAAConfig
-from attncompiler.saa_routing import BlockGeometry, Selection
+from attncompiler.saa_routing import BlockGeometry, Selection, selection_width
 
 LOG2E = 1.4426950408889634
 
@@ -43,6 +44,61 @@ def saa_pool_kernel(
     b_mean = tl.sum(b_x.to(tl.float32), 0) / count                        # [BD]
     p_o = OUT + b * stride_ob + h * stride_oh + pid_g * stride_og + offs_d * stride_od
     tl.store(p_o, b_mean, mask=offs_d < HEAD_D)
+
+
+@triton.jit
+def select_blocks_kernel(
+    LOGITS, IDX, CNT, EXACT,
+    NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
+    CAUSAL: tl.constexpr, USE_TOP_K: tl.constexpr, USE_TAU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)                                   # (b, h, query block)
+    m = row % NUM_M
+    offs_n = tl.arange(0, N_PAD)                                          # [NP] key blocks
+    first = m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
+    if CAUSAL:
+        allowed = (tl.minimum(tl.maximum(last + KEY_OFFSET + 1, 0), SEQ_K) + BLOCK_N - 1) // BLOCK_N
+        visible = tl.minimum(tl.maximum(first + KEY_OFFSET + 1, 0), SEQ_K)
+        full = tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
+        diagonal = allowed - 1
+    else:
+        allowed = NUM_N
+        full = NUM_N
+        diagonal = tl.minimum(tl.maximum(last + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
+    is_allowed = offs_n < allowed
+    forced = is_allowed & ((offs_n < SINKS) | (offs_n >= full)
+                           | ((offs_n <= diagonal) & (offs_n > diagonal - LOCAL)))
+    logits = tl.load(LOGITS + row * NUM_N + offs_n, mask=offs_n < NUM_N, other=float("-inf"))  # [NP]
+    priority = tl.where(forced, float("inf"), tl.where(is_allowed, logits, float("-inf")))
+
+    # Sort by priority, descending, ties to the lower block: the float's bits made order-preserving
+    # as an int32, above the block number in one int64 key.
+    bits = priority.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
+    key = tl.sort(key, 0, descending=True)                                # [NP]
+    order = N_PAD - 1 - (key & 0xFFFFFFFF).to(tl.int32)                   # [NP] block at each rank
+    bits = (key >> 32).to(tl.int32)
+    ranked = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # [NP] its priority
+
+    keep = ranked > float("-inf")
+    if USE_TOP_K:
+        keep = keep & (offs_n < tl.sum(forced.to(tl.int32), 0) + TOP_K)
+    if USE_TAU:
+        # Estimated mass: the softmax of the logits over the allowed blocks.
+        top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)          # [NP]
+        total = tl.sum(weight, 0)
+        forced_mass = tl.sum(tl.where(forced, weight, 0.0), 0) / total
+        routed = (ranked < float("inf")) & (ranked > float("-inf"))
+        routed_mass = tl.where(routed, tl.exp(ranked - top), 0.0) / total  # [NP] in ranked order
+        before = forced_mass + tl.cumsum(routed_mass, 0) - routed_mass
+        keep = keep & ((ranked == float("inf")) | (before < TAU))
+    tl.store(CNT + row, tl.sum(keep.to(tl.int32), 0))
+    tl.store(IDX + row * MAX_EXACT + offs_n, tl.where(keep, order, 0), mask=offs_n < MAX_EXACT)
+    tl.store(EXACT + row * NUM_N + order, keep.to(tl.int8), mask=order < NUM_N)
 
 
 @triton.jit
@@ -149,14 +205,45 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
+MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers
+
+
+def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConfig,
+                  interpret: bool = False) -> Selection:
+    """The exact key blocks of every query block from estimated logits ``[B, H, num_m, num_n]``
+    (fp32), in one kernel launch; at most :data:`MAX_SORTED_BLOCKS` key blocks."""
+    batch, heads, num_m, num_n = logits.shape
+    if num_n > MAX_SORTED_BLOCKS:
+        raise ValueError(f"{num_n} key blocks: the selection kernel sorts at most {MAX_SORTED_BLOCKS}")
+    width = selection_width(geometry, config)
+    device = logits.device
+    indices = torch.empty(batch, heads, num_m, width, dtype=torch.int32, device=device)
+    counts = torch.empty(batch, heads, num_m, dtype=torch.int32, device=device)
+    exact = torch.empty(batch, heads, num_m, num_n, dtype=torch.int8, device=device)
+    allowed, full = geometry.bounds(device)
+    if logits.numel():
+        n_pad = _pow2_at_least(num_n, floor=2)
+        select_blocks_kernel[(batch * heads * num_m,)](
+            logits.float().contiguous(), indices, counts, exact,
+            num_m, num_n, geometry.seq_q, geometry.seq_k, geometry.key_offset, width,
+            config.sinks, config.local_blocks, config.top_k or 0, config.tau or 0.0,
+            CAUSAL=geometry.causal, USE_TOP_K=config.top_k is not None, USE_TAU=config.tau is not None,
+            BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, N_PAD=n_pad,
+            num_warps=4 if n_pad <= 1024 else 8,
+        )
+    return Selection(indices, counts, exact.view(torch.bool), allowed, full)
+
+
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,
                value_centroids: torch.Tensor, centroid_counts: torch.Tensor, selection: Selection,
                scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, num_warps: int | None = None,
+               num_stages: int | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``,
     centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` with ``centroid_counts`` ``[N·C]``.
 
-    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given).
+    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps`` and
+    ``num_stages`` override the defaults (4 warps per 64 query rows, 2 stages).
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
@@ -182,6 +269,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
         BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if widest <= 64 else 8, num_stages=1 if interpret else 2,
+        num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
+        num_stages=1 if interpret else num_stages or 2,
     )
     return out

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from attncompiler.codegen.saa import pool_means
+from attncompiler.codegen.saa import pool_means, select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_program, saa_triton
@@ -19,7 +19,7 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import BlockGeometry, route
+from attncompiler.saa_routing import BlockGeometry, route, select_blocks
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -100,6 +100,30 @@ def test_triton_path_routes_as_the_reference(form):
     assert torch.equal(selection.exact, reference_selection.exact)
     assert torch.equal(selection.counts, reference_selection.counts)
     torch.testing.assert_close(out, reference_out, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [
+    (77, 93, False, 0), (77, 93, True, 0), (77, 93, True, 16), (93, 40, True, -53), (300, 300, True, 0),
+    (16, 1000, False, 0),
+])
+@pytest.mark.parametrize("knobs", [dict(top_k=2), dict(top_k=None, tau=0.6), dict(top_k=3, tau=0.9),
+                                   dict(top_k=0, sinks=0, local_blocks=0), dict(top_k=100)])
+def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, causal, key_offset, knobs):
+    """Forced blocks (sinks, local, partial) first, then the best-ranked others, by top-k and/or
+    estimated mass: the same sets, counts and ranked order as the PyTorch form."""
+    config = SAAConfig(**{**SMALL, "sinks": 1, "local_blocks": 2, **knobs})
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    logits = randn(2, 3, geometry.num_m, geometry.num_n) * 3
+    got = select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+    want = select_blocks(logits, geometry, config)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.exact, want.exact)
+    assert got.indices.shape == want.indices.shape
+    listed = torch.arange(want.indices.shape[-1], device=DEVICE) < want.counts[..., None]
+    for selection in (got, want):  # listed: the kept blocks (in a free order among the forced ones), then 0
+        assert torch.equal(torch.where(listed, -1, selection.indices), torch.zeros_like(selection.indices) - listed.int())
+    in_order = torch.sort(torch.where(listed, got.indices, -1), -1).values
+    assert torch.equal(in_order, torch.sort(torch.where(listed, want.indices, -1), -1).values)
+    assert (got.counts > 0).any() or knobs.get("top_k") == 0
 
 
 def test_pool_means_short_last_run():
