@@ -243,7 +243,9 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` with ``centroid_counts`` ``[N·C]``.
 
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps`` and
-    ``num_stages`` override the defaults (4 warps per 64 query rows, 2 stages).
+    ``num_stages`` override the defaults: 4 warps per 64 query rows and 1 stage, the fastest on an H100
+    at 32K and 128K tokens (``benchmarks/saa.py --sweep``; with routed, data-dependent key blocks,
+    deeper pipelines cost more than they hide).
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
@@ -270,6 +272,6 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
-        num_stages=1 if interpret else num_stages or 2,
+        num_stages=num_stages or 1,
     )
     return out

@@ -129,7 +129,7 @@ def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, caus
 def test_pool_means_short_last_run():
     x = randn(2, 3, 37, 80)
     torch.testing.assert_close(pool_means(x, 16, 4), pool_reference(x, 16, 4))
-    assert torch.equal(pool_means(x, 16, 4)[:, :, 3], torch.zeros(2, 3, 80))  # a run past the end
+    assert torch.equal(pool_means(x, 16, 4)[:, :, 3], torch.zeros(2, 3, 80, device=DEVICE))  # a run past the end
 
 
 @pytest.mark.parametrize("kernel", ["triton", "reference"])
