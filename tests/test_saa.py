@@ -154,7 +154,7 @@ def test_rows_seeing_no_key_are_zero_on_request(kernel):
     program = CAUSAL_FORMS["bottom-right"][2].format(scale=0.125)
     config = SAAConfig(**SMALL, top_k=0, local_blocks=1)
     out, _ = saa_forward(q, k, v, 0.125, True, config, bottom_right=True, zero_empty_rows=True, kernel=kernel)
-    assert torch.equal(out[..., :29, :], torch.zeros(1, 2, 29, 64))
+    assert torch.equal(out[..., :29, :], torch.zeros(1, 2, 29, 64, device=DEVICE))
     assert not out[..., 29:, :].isnan().any()
     dense = attention_reference(q, k, v, [], program, zero_empty_rows=True)
     assert relative_error(out, dense) < 1e-5  # 21 keys: the sink and diagonal blocks are all of them
