@@ -75,12 +75,24 @@ LOGIC = {
             sympy.And),
     "or": ((operator.or_, torch.logical_or, torch.bitwise_or), ("__or__", "logical_or", "bitwise_or"), sympy.Or),
 }
+
+
+def _out_of_place(op: str) -> tuple[tuple, tuple]:
+    """:data:`normalize.ELEMENTWISE`'s spellings of ``op`` without the in-place ones: a mask built by
+    mutation is not a pure function of its inputs, so it stays a tensor."""
+    functions, methods = nz.ELEMENTWISE[op]
+    in_place = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+    return tuple(f for f in functions if f not in in_place), tuple(m for m in methods if not m.endswith("_"))
+
+
 ARITH = {
-    "add": ((operator.add, torch.add), ("add", "__add__", "__radd__"), lambda a, b: a + b),
-    "sub": ((operator.sub, torch.sub), ("sub", "__sub__"), lambda a, b: a - b),
-    "mul": ((operator.mul, torch.mul), ("mul", "__mul__", "__rmul__"), lambda a, b: a * b),
+    "add": (*_out_of_place("add"), lambda a, b: a + b),
+    "sub": (*_out_of_place("sub"), lambda a, b: a - b),
+    "mul": (*_out_of_place("mul"), lambda a, b: a * b),
 }
-NEG = ((operator.neg, torch.neg), ("neg", "__neg__"))
+NEG = _out_of_place("neg")
+MASKED_FILL = _out_of_place("masked_fill")
+WHERE = _out_of_place("where")
 NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("__invert__", "logical_not", "bitwise_not"))
 SAME_VALUE = ((), ("contiguous", "clone"))
 EXPANDS = ((torch.broadcast_to,), ("expand", "expand_as", "broadcast_to"))
@@ -165,10 +177,10 @@ class MaskAnalysis:
                     if table is LOGIC:
                         return Value(build(_as_bool(a.expr), _as_bool(b.expr)), t.dim())
                     return Value(build(a.expr, b.expr), t.dim())
-        if nz._is(node, (torch.where,), ()) and len(node.args) == 3:
+        if nz._is(node, *WHERE) and len(node.args) == 3:
             cond, a, b = self._boolean(node.args[0]), self.value(node.args[1]), self.value(node.args[2])
             return Value(sympy.Piecewise((a.expr, cond), (b.expr, True)), t.dim())
-        if nz._is(node, (torch.masked_fill, torch.Tensor.masked_fill), ("masked_fill",)):
+        if nz._is(node, *MASKED_FILL):
             x, cond = self.value(node.args[0]), self._boolean(node.args[1])
             fill = self.value(nz._arg(node, 2, "value"))
             return Value(sympy.Piecewise((fill.expr, cond), (x.expr, True)), t.dim())
