@@ -1,8 +1,8 @@
 """SAA, sparse-aggregate attention: attention that computes only some key blocks exactly.
 
-Per query block and head, SAA routes (mean query against each key block's mean key), keeps the
-attention sinks, the diagonal blocks and the best-scoring blocks exact, and lets every other
-visible key block enter the same softmax through its centroids (see
+Per query block and head, SAA routes (the block's mean query against every key, summed per key
+block), keeps the attention sinks, the diagonal blocks and the best-scoring blocks exact, and lets
+every other visible key block enter the same softmax through its centroids (see
 :mod:`attncompiler.saa_routing` and :mod:`attncompiler.saa_reference`). It is approximate, so it
 runs only where the user asked for it, and within an error budget (:mod:`attncompiler.saa_ops`).
 
@@ -164,17 +164,19 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
              config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     (Triton pooling) and the routed selection of exact key blocks."""
-    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, pool_means, select_blocks
+    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, estimated_logits, pool_means, select_blocks
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
     centroids = Centroids(pool_means(k, config.sub_block, num_centroids),
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
+    interpret = q.device.type == "cpu"
+    estimate = functools.partial(estimated_logits, interpret=interpret)
+    choose = functools.partial(select_blocks, interpret=interpret)
     if geometry.num_n > MAX_SORTED_BLOCKS:
-        return select(q_means, centroids, scale, geometry, config, predictor), centroids
-    choose = functools.partial(select_blocks, interpret=q.device.type == "cpu")
-    return select(q_means, centroids, scale, geometry, config, predictor, choose), centroids
+        return select(q_means, k, centroids, scale, geometry, config, predictor, estimate), centroids
+    return select(q_means, k, centroids, scale, geometry, config, predictor, estimate, choose), centroids
 
 
 def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,
@@ -201,7 +203,7 @@ def saa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     Rows that see no key are NaN, as with ``torch.softmax``, or zeros with ``zero_empty_rows`` (as
     ``scaled_dot_product_attention`` gives).
     ``kernel``: "triton", "reference" or "auto" (Triton where it can run). ``predictor``: a calibrated
-    router for this layer (:mod:`attncompiler.saa_predictor`; default: mean pooling alone).
+    router for this layer (:mod:`attncompiler.saa_predictor`; default: the training-free estimate alone).
     """
     if kernel not in ("auto", "triton", "reference"):
         raise ValueError(f"kernel must be 'auto', 'triton' or 'reference', got {kernel!r}")

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = calibrate(train, config, model_key, rank=args.rank, steps=args.steps)
     before, after = routing_error(held_out, config), routing_error(held_out, config, predictor)
     share = predictor.num_parameters / sum(p.numel() for p in model.parameters())
-    print(f"routing error on held-out text (KL, nats): {before:.4g} with mean pooling, {after:.4g} learned")
+    print(f"routing error on held-out text (KL, nats): {before:.4g} training-free, {after:.4g} learned")
     print(f"{predictor.num_parameters} parameters ({100 * share:.3g}% of the model's)")
     path = save_predictor(predictor, Path(args.out) if args.out else predictor_path(model_key))
     print(f"wrote {path}")

@@ -1,10 +1,10 @@
 """The learned SAA router: per-layer low-rank projections of pooled queries and keys, distilled from true block masses.
 
 The training-free router estimates the logit of key block ``n`` for query block ``m`` as
-``scale · q̄_m·k̄_n + log |n|`` (:func:`attncompiler.saa_routing.estimated_logits`). The learned
+``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` (:func:`attncompiler.saa_routing.estimated_logits`). The learned
 router adds, per layer, ``(q̄_m U)·(k̄_n V)`` with ``U``, ``V`` of shape ``[D, rank]`` per key head, and a
 bias per query head and distance bucket (``⌈log2(1 + d)⌉`` for a key block ``d`` blocks before the
-query block's diagonal block), which mean pooling cannot see: how much a head favours recent keys.
+query block's diagonal block), which pooled queries cannot see: how much a head favours recent keys.
 Calibration fits ``U`` and ``V`` so that the softmax of the estimated logits over the allowed key
 blocks matches the *true block masses* (the attention probability that falls in each key block,
 averaged over the query block's rows) on sample text: it minimizes their KL divergence, which is
@@ -112,9 +112,8 @@ def _prepare(sample: Sample, config: SAAConfig) -> _Prepared:
     geometry = BlockGeometry(q.shape[-2], k.shape[-2], config.block_m, config.block_n, causal=True)
     q_means = pool_reference(q, config.block_m, geometry.num_m)
     k_means = pool_reference(k, config.block_n, geometry.num_n)
-    counts = group_counts(geometry.seq_k, config.block_n, geometry.num_n, q.device)
     allowed = torch.arange(geometry.num_n, device=q.device) < geometry.allowed_blocks(q.device)[:, None]
-    base = estimated_logits(q_means, k_means, counts, scale).masked_fill(~allowed, -math.inf)
+    base = estimated_logits(q_means, k, scale, geometry).masked_fill(~allowed, -math.inf)
     return _Prepared(q_means, k_means, geometry, base, true_block_masses(q, k, scale, geometry), allowed)
 
 

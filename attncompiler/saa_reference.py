@@ -51,16 +51,16 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
                      counts)
 
 
-def select(q_means: torch.Tensor, centroids: Centroids, scale: float, geometry: BlockGeometry,
+def select(q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float, geometry: BlockGeometry,
            config: SAAConfig, predictor: LayerPredictor | None = None,
+           estimate: Callable[..., torch.Tensor] = estimated_logits,
            choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks) -> Selection:
-    """Route from mean queries ``[B, H, M, D]`` and the centroids (whose weighted means are the block means),
-    with ``predictor``'s learned term when given; ``choose`` picks the blocks from the estimated logits
-    (PyTorch here, the Triton kernel on the kernel path)."""
-    k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
-    key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
-    logits = estimated_logits(q_means, k_means, key_counts, scale)                    # [B, H, M, N]
+    """Route from mean queries ``[B, H, M, D]`` and keys ``[B, Hk, Sk, D]``, with ``predictor``'s learned
+    term (on the mean keys, the centroids' weighted means) when given. ``estimate`` computes the
+    logits and ``choose`` picks the blocks (PyTorch here, Triton kernels on the kernel path)."""
+    logits = estimate(q_means, k, scale, geometry)                                     # [B, H, M, N]
     if predictor is not None:
+        k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
         logits = logits + predictor.logits(q_means, k_means, geometry)
     return choose(logits, geometry, config)
 
@@ -100,11 +100,11 @@ def saa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """SAA of q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``: ``(out in v's dtype, selection)``.
 
     Causal: key ``j`` is visible to query ``i`` when ``j <= i + key_offset``. ``predictor``: a
-    calibrated router for this layer (default: mean pooling alone).
+    calibrated router for this layer (default: the training-free estimate alone).
     """
     geometry = BlockGeometry(q.shape[-2], k.shape[-2], config.block_m, config.block_n, causal, key_offset)
     centroids = centroids_reference(k, v, geometry, config)
-    selection = select(pool_reference(q, config.block_m, geometry.num_m), centroids, scale, geometry, config,
+    selection = select(pool_reference(q, config.block_m, geometry.num_m), k, centroids, scale, geometry, config,
                        predictor)
     out = attend_reference(q, k, v, centroids, selection, scale, geometry, config, compute_dtype)
     return out.to(v.dtype), selection

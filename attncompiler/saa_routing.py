@@ -6,13 +6,19 @@ for a query block when some of its keys are visible to some of the block's queri
 when all of its keys are visible to all of them. Allowed blocks that are not full straddle the
 diagonal; they are always computed exactly, because their visible keys differ from row to row.
 
-The estimated logit of key block ``n`` for query block ``m`` is ``scale · q̄_m · k̄_n + log |n|``
-(mean query, mean key, number of keys), plus the learned term of a calibrated predictor when one
-is given (:mod:`attncompiler.saa_predictor`), and its estimated mass the softmax of these logits
-over the allowed blocks. Exact blocks are the forced ones (the first ``sinks`` blocks, the
-``local_blocks`` blocks ending at the diagonal, every partial block) plus, in order of estimated
-logit, the ``top_k`` best others, or the fewest others that bring the estimated mass of the exact
-blocks to ``tau`` (at most ``top_k`` when both are set).
+The estimated logit of key block ``n`` for query block ``m`` is ``log Σ_{j ∈ n} exp(scale · q̄_m · k_j)``:
+the block's logsumexp for the block's mean query ``q̄_m`` against each of its keys, plus the learned
+term of a calibrated predictor when one is given (:mod:`attncompiler.saa_predictor`); its
+estimated mass is the softmax of these logits over the allowed blocks. Against every key rather
+than the block's mean key, the estimate sees a block that holds a few keys the queries want, which
+a mean key averages away. It costs ``1 / block_m`` of the dense score product. On SmolLM2-135M at
+4K tokens of real text the top-16 blocks chosen this way hold 97.2% of the attention mass (97.3%
+for the true masses' own top 16), against 92.7% with mean keys.
+
+Exact blocks are the forced ones (the first ``sinks`` blocks, the ``local_blocks`` blocks ending
+at the diagonal, every partial block) plus, in order of estimated logit, the ``top_k`` best
+others, or the fewest others that bring the estimated mass of the exact blocks to ``tau`` (at
+most ``top_k`` when both are set).
 """
 
 from __future__ import annotations
@@ -132,28 +138,25 @@ class Selection:
         return int(self.allowed.sum()) * batch * heads
 
 
-def estimated_logits(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """``[B, H, num_m, num_n]``: ``scale · q̄·k̄ + log |n|`` from mean queries ``[B, H, num_m, D]`` and mean keys
-    ``[B, Hk, num_n, D]`` (query head ``h`` reads key head ``h // (H / Hk)``), in fp32."""
+def estimated_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
+                     chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """``[B, H, num_m, num_n]`` fp32: ``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` for mean queries ``[B, H, num_m, D]``
+    and keys ``[B, Hk, Sk, D]`` (query head ``h`` reads key head ``h // (H / Hk)``). Query blocks go
+    in chunks whose scores take at most ``chunk_bytes``."""
     batch, heads, num_m, dim = q_means.shape
-    kv_heads, num_n = k_means.shape[1], k_means.shape[2]
-    grouped = q_means.float().reshape(batch, kv_heads, (heads // kv_heads) * num_m, dim)
-    logits = torch.matmul(grouped, k_means.float().transpose(-2, -1)) * scale
-    return logits.reshape(batch, heads, num_m, num_n) + key_counts.float().log()
-
-
-def route(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor, scale: float,
-          geometry: BlockGeometry, config: SAAConfig, learned: torch.Tensor | None = None) -> Selection:
-    """Choose the exact key blocks from mean queries ``[B, H, num_m, D]`` and mean keys ``[B, Hk, num_n, D]``.
-
-    Query head ``h`` reads key head ``h // (H / Hk)``; ``key_counts`` ``[num_n]`` are the block sizes;
-    ``learned`` ``[B, H, num_m, num_n]``, when given, is added to the estimated logits.
-    """
-    logits = estimated_logits(q_means, k_means, key_counts, scale)                   # [B, H, M, N]
-    if learned is not None:
-        logits = logits + learned
-    return select_blocks(logits, geometry, config)
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group, block_n, num_n = heads // kv_heads, geometry.block_n, geometry.num_n
+    keys = torch.nn.functional.pad(k.float(), (0, 0, 0, num_n * block_n - seq_k)).transpose(-2, -1)
+    padding = torch.arange(num_n * block_n, device=k.device) >= seq_k                  # [N·bn]
+    grouped = q_means.float().reshape(batch, kv_heads, group, num_m, dim)
+    out = torch.empty(batch, kv_heads, group, num_m, num_n, dtype=torch.float32, device=k.device)
+    step = max(1, chunk_bytes // max(1, 4 * batch * heads * num_n * block_n))
+    for start in range(0, num_m, step):
+        part = grouped[:, :, :, start:start + step].reshape(batch, kv_heads, -1, dim)
+        scores = (torch.matmul(part, keys) * scale).masked_fill(padding, -math.inf)    # [B, Hk, G·m, N·bn]
+        blocks = scores.reshape(batch, kv_heads, group, -1, num_n, block_n).logsumexp(-1)
+        out[:, :, :, start:start + step] = blocks
+    return out.reshape(batch, heads, num_m, num_n)
 
 
 def selection_width(geometry: BlockGeometry, config: SAAConfig) -> int:

@@ -1,7 +1,9 @@
 """SAA Triton kernels: block means, block selection, and one attend-and-aggregate pass per query block.
 
 ``saa_pool_kernel`` averages runs of consecutive rows (mean queries for routing, key and value
-centroids). ``select_blocks_kernel`` picks each query block's exact key blocks from the estimated
+centroids). ``block_logits_kernel`` estimates each key block's logit for each query block (the
+logsumexp of the block's mean query against each key; PyTorch form:
+:func:`attncompiler.saa_routing.estimated_logits`). ``select_blocks_kernel`` picks each query block's exact key blocks from the estimated
 logits (the PyTorch form is :func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]`` query tile on chip and folds two kinds
 of entries into one online softmax (base 2): the keys of the key blocks routed to this query
 block, exactly, and then the centroids of every other full key block, whose logits carry
@@ -44,6 +46,46 @@ def saa_pool_kernel(
     b_mean = tl.sum(b_x.to(tl.float32), 0) / count                        # [BD]
     p_o = OUT + b * stride_ob + h * stride_oh + pid_g * stride_og + offs_d * stride_od
     tl.store(p_o, b_mean, mask=offs_d < HEAD_D)
+
+
+@triton.jit
+def block_logits_kernel(
+    QM, K, OUT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kh = h // GROUP
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)                     # [BQ] query blocks
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    q_ok = offs_q < NUM_M
+    p_q = QM + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=q_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BQ, BD] mean queries
+    b_q = b_q.to(K.dtype.element_ty)
+    p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + offs_q * NUM_N   # [BQ] rows of [B·H, M, N]
+
+    n_end = NUM_N
+    if CAUSAL:  # key blocks no query of this tile sees: -inf
+        last_row = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q) * BLOCK_M, SEQ_Q) - 1
+        n_end = (tl.minimum(tl.maximum(last_row + KEY_OFFSET + 1, 0), SEQ_K) + BLOCK_N - 1) // BLOCK_N
+    for n in range(0, n_end):
+        offs_k = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        k_ok = offs_k < SEQ_K
+        p_k = K + b * stride_kb + kh * stride_kh + offs_k[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=k_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BN]
+        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BQ, BN] log2 domain
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        top = tl.max(s, 1)                                                # [BQ]
+        lse = (top + tl.log2(tl.sum(tl.exp2(s - top[:, None]), 1))) * 0.6931471805599453  # [BQ] ln
+        tl.store(p_out + n, lse, mask=q_ok)
+    for n in range(n_end, NUM_N):
+        tl.store(p_out + n, tl.full([BLOCK_Q], float("-inf"), tl.float32), mask=q_ok)
 
 
 @triton.jit
@@ -201,6 +243,28 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     saa_pool_kernel[(filled, batch * heads)](
         x, out, *x.stride(), *out.stride(), heads, seq, dim,
         GROUP=group, BLOCK_D=_pow2_at_least(dim, floor=1),
+    )
+    return out
+
+
+def estimated_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
+                     interpret: bool = False) -> torch.Tensor:
+    """``[B, H, num_m, num_n]`` fp32: ``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` for mean queries ``[B, H, num_m, D]``
+    (fp32) and keys ``[B, Hk, Sk, D]``. Causal: ``-inf`` past the last key block that some query block
+    of the same program's tile sees (never an allowed block)."""
+    batch, heads, num_m, dim = q_means.shape
+    out = torch.empty(batch, heads, num_m, geometry.num_n, dtype=torch.float32, device=k.device)
+    if out.numel() == 0:
+        return out
+    block_q = 16 if interpret else 64
+    block_logits_kernel[(triton.cdiv(num_m, block_q), batch * heads)](
+        q_means, k, out, *q_means.stride(), *k.stride(),
+        scale * LOG2E, heads, heads // k.shape[1], num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
+        geometry.key_offset,
+        CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_Q=block_q,
+        BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=1 if interpret else 2,
     )
     return out
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from attncompiler.codegen.saa import pool_means, select_blocks as select_blocks_kernel
+from attncompiler.codegen.saa import estimated_logits as estimated_logits_kernel, pool_means, select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_program, saa_triton
@@ -19,7 +19,7 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import BlockGeometry, route, select_blocks
+from attncompiler.saa_routing import BlockGeometry, estimated_logits, select_blocks
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -126,6 +126,32 @@ def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, caus
     assert (got.counts > 0).any() or knobs.get("top_k") == 0
 
 
+def test_estimated_logits_are_each_key_blocks_logsumexp_for_the_mean_query():
+    """A block holding one key the mean query wants outranks a block whose mean key looks the same."""
+    geometry = BlockGeometry(16, 48, 16, 16, causal=False)
+    q_mean = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    k = torch.zeros(1, 1, 48, 2)
+    k[0, 0, 16:32, 0] = 0.25                     # block 1: every key a little aligned (mean 0.25)
+    k[0, 0, 32, 0], k[0, 0, 33:48, 0] = 4.0, 0.0  # block 2: one key strongly aligned (mean 0.25)
+    logits = estimated_logits(q_mean, k, 1.0, geometry)[0, 0, 0]
+    expected = torch.stack([torch.tensor(16.0).log(), (16 * torch.tensor(0.25).exp()).log(),
+                            (torch.tensor(4.0).exp() + 15).log()])
+    torch.testing.assert_close(logits, expected)
+    assert logits.argmax() == 2
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_estimated_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q_means, k = randn(2, 4, geometry.num_m, 32), randn(2, 2, sk, 32)
+    got = estimated_logits_kernel(q_means, k, 0.3, geometry, interpret=INTERPRET)
+    want = estimated_logits(q_means, k, 0.3, geometry)
+    allowed = torch.arange(geometry.num_n, device=DEVICE) < geometry.allowed_blocks(DEVICE)[:, None]
+    torch.testing.assert_close(got[..., allowed], want[..., allowed], atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(got).any()
+
+
 def test_pool_means_short_last_run():
     x = randn(2, 3, 37, 80)
     torch.testing.assert_close(pool_means(x, 16, 4), pool_reference(x, 16, 4))
@@ -196,12 +222,11 @@ def test_top_k_and_tau_rank_by_estimated_mass():
     """One query block over five key blocks with estimated logits 3, 1, 2, 0, -1 (no forced blocks)."""
     logits = torch.tensor([3.0, 1.0, 2.0, 0.0, -1.0])
     geometry = BlockGeometry(16, 80, 16, 16, causal=False)
-    q_means, k_means, counts = torch.ones(1, 1, 1, 1), logits.view(1, 1, 5, 1), torch.ones(5)
     mass = torch.softmax(logits, 0)                                           # 0.636, 0.086, 0.234, 0.032, 0.012
 
     def chosen(**knobs):
         config = SAAConfig(**SMALL, sinks=0, local_blocks=0, **knobs)
-        selection = route(q_means, k_means, counts, 1.0, geometry, config)
+        selection = select_blocks(logits.view(1, 1, 1, 5), geometry, config)
         return selection.indices[0, 0, 0, :selection.counts[0, 0, 0]].tolist()
 
     assert chosen(top_k=2) == [0, 2]
