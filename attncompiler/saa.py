@@ -1,7 +1,7 @@
 """SAA, sparse-aggregate attention: attention that computes only some key blocks exactly.
 
-Per query block and head, SAA routes (the block's mean query against every key, summed per key
-block), keeps the attention sinks, the diagonal blocks and the best-scoring blocks exact, and lets
+Per query block and head, SAA routes (the block's mean query against each key block's mean key,
+or against every key), keeps the attention sinks, the diagonal blocks and the best-scoring blocks exact, and lets
 every other visible key block enter the same softmax through its centroids (see
 :mod:`attncompiler.saa_routing` and :mod:`attncompiler.saa_reference`). It is approximate, so it
 runs only where the user asked for it, and within an error budget (:mod:`attncompiler.saa_ops`).
@@ -164,7 +164,7 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
              config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     (Triton pooling) and the routed selection of exact key blocks."""
-    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, estimated_logits, pool_means, select_blocks
+    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, every_key_logits, pool_means, select_blocks
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
@@ -172,11 +172,11 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
     interpret = q.device.type == "cpu"
-    estimate = functools.partial(estimated_logits, interpret=interpret)
+    every_key = functools.partial(every_key_logits, interpret=interpret)
     choose = functools.partial(select_blocks, interpret=interpret)
     if geometry.num_n > MAX_SORTED_BLOCKS:
-        return select(q_means, k, centroids, scale, geometry, config, predictor, estimate), centroids
-    return select(q_means, k, centroids, scale, geometry, config, predictor, estimate, choose), centroids
+        return select(q_means, k, centroids, scale, geometry, config, predictor, every_key), centroids
+    return select(q_means, k, centroids, scale, geometry, config, predictor, every_key, choose), centroids
 
 
 def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,

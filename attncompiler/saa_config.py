@@ -5,7 +5,8 @@ block computes exactly (``top_k`` routed blocks, or the fewest reaching estimate
 on top of the ``sinks`` first blocks and the ``local_blocks`` diagonal blocks, which are always
 exact), how many centroids stand in for each remaining key block, and the error budget
 ``max_error``: the largest relative error (Frobenius norm, against dense attention) a site may
-show on its first call before it falls back to dense.
+show on its first call before it falls back to dense. ``router`` picks the training-free block
+estimate (:mod:`attncompiler.saa_routing`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+
+ROUTERS = ("mean-key", "every-key")
 
 
 class SAAConfigError(ValueError):
@@ -34,6 +38,7 @@ class SAAConfig:
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 2           # centroids per key block that is not computed exactly
     max_error: float = 0.1       # relative error budget against dense attention
+    router: str = "mean-key"     # block logits from mean keys, or "every-key" (see saa_routing)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -55,6 +60,8 @@ class SAAConfig:
                 or self.block_n % self.centroids):
             raise SAAConfigError(f"SAA centroids must be an integer >= 1 dividing block_n={self.block_n}, "
                                  f"got {self.centroids!r}")
+        if self.router not in ROUTERS:
+            raise SAAConfigError(f"SAA router must be one of {list(ROUTERS)}, got {self.router!r}")
         if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error > 0):
             raise SAAConfigError(f"SAA max_error must be a finite number > 0, got {self.max_error!r}")
 

@@ -1,8 +1,8 @@
 """The learned SAA router: per-layer low-rank projections of pooled queries and keys, distilled from true block masses.
 
-The training-free router estimates the logit of key block ``n`` for query block ``m`` as
-``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` (:func:`attncompiler.saa_routing.estimated_logits`). The learned
-router adds, per layer, ``(q̄_m U)·(k̄_n V)`` with ``U``, ``V`` of shape ``[D, rank]`` per key head, and a
+The training-free router estimates the logit of key block ``n`` for query block ``m`` from the
+mean query ``q̄_m`` (:func:`attncompiler.saa_routing.training_free_logits`, by the operating point's
+``router``). The learned router adds, per layer, ``(q̄_m U)·(k̄_n V)`` with ``U``, ``V`` of shape ``[D, rank]`` per key head, and a
 bias per query head and distance bucket (``⌈log2(1 + d)⌉`` for a key block ``d`` blocks before the
 query block's diagonal block), which pooled queries cannot see: how much a head favours recent keys.
 Calibration fits ``U`` and ``V`` so that the softmax of the estimated logits over the allowed key
@@ -27,7 +27,7 @@ import torch
 from .options import cache_dir
 from .saa_config import SAAConfig
 from .saa_reference import pool_reference
-from .saa_routing import BlockGeometry, estimated_logits, group_counts
+from .saa_routing import BlockGeometry, group_counts, training_free_logits
 
 SCHEMA = 1
 BUCKETS = 16  # distance buckets: 0, 1, 2-3, 4-7, ... blocks before the diagonal
@@ -113,7 +113,7 @@ def _prepare(sample: Sample, config: SAAConfig) -> _Prepared:
     q_means = pool_reference(q, config.block_m, geometry.num_m)
     k_means = pool_reference(k, config.block_n, geometry.num_n)
     allowed = torch.arange(geometry.num_n, device=q.device) < geometry.allowed_blocks(q.device)[:, None]
-    base = estimated_logits(q_means, k, scale, geometry).masked_fill(~allowed, -math.inf)
+    base = training_free_logits(q_means, k, k_means, scale, geometry, config).masked_fill(~allowed, -math.inf)
     return _Prepared(q_means, k_means, geometry, base, true_block_masses(q, k, scale, geometry), allowed)
 
 

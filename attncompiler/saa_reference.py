@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import BlockGeometry, Selection, block_means, estimated_logits, group_counts, select_blocks
+from .saa_routing import (BlockGeometry, Selection, block_means, every_key_logits, group_counts, select_blocks,
+                          training_free_logits)
 
 if TYPE_CHECKING:
     from .saa_predictor import LayerPredictor
@@ -53,14 +54,15 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
 
 def select(q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float, geometry: BlockGeometry,
            config: SAAConfig, predictor: LayerPredictor | None = None,
-           estimate: Callable[..., torch.Tensor] = estimated_logits,
+           every_key: Callable[..., torch.Tensor] = every_key_logits,
            choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks) -> Selection:
-    """Route from mean queries ``[B, H, M, D]`` and keys ``[B, Hk, Sk, D]``, with ``predictor``'s learned
-    term (on the mean keys, the centroids' weighted means) when given. ``estimate`` computes the
-    logits and ``choose`` picks the blocks (PyTorch here, Triton kernels on the kernel path)."""
-    logits = estimate(q_means, k, scale, geometry)                                     # [B, H, M, N]
+    """Route from mean queries ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and the centroids (whose weighted
+    means are the mean keys) by ``config.router``, with ``predictor``'s learned term when given.
+    ``every_key`` and ``choose`` compute the every-key logits and pick the blocks (PyTorch here,
+    Triton kernels on the kernel path)."""
+    k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
+    logits = training_free_logits(q_means, k, k_means, scale, geometry, config, every_key)  # [B, H, M, N]
     if predictor is not None:
-        k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
         logits = logits + predictor.logits(q_means, k_means, geometry)
     return choose(logits, geometry, config)
 

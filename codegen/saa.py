@@ -1,13 +1,14 @@
-"""SAA Triton kernels: block means, block selection, and one attend-and-aggregate pass per query block.
+"""SAA Triton kernels: block means, block logits, block selection, and one attend-and-aggregate pass.
 
 ``saa_pool_kernel`` averages runs of consecutive rows (mean queries for routing, key and value
-centroids). ``block_logits_kernel`` estimates each key block's logit for each query block (the
-logsumexp of the block's mean query against each key; PyTorch form:
-:func:`attncompiler.saa_routing.estimated_logits`). ``select_blocks_kernel`` picks each query block's exact key blocks from the estimated
-logits (the PyTorch form is :func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]`` query tile on chip and folds two kinds
-of entries into one online softmax (base 2): the keys of the key blocks routed to this query
-block, exactly, and then the centroids of every other full key block, whose logits carry
-``log2 n`` for the ``n`` keys each stands for. The PyTorch oracle is
+centroids). ``block_logits_kernel`` gives the ``"every-key"`` router's logits: for each query block,
+the logsumexp of its mean query against each key block's keys (PyTorch form:
+:func:`attncompiler.saa_routing.every_key_logits`). ``select_blocks_kernel`` picks each query
+block's exact key blocks from the logits (PyTorch form:
+:func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
+query tile on chip and folds two kinds of entries into one online softmax (base 2): the keys of
+the key blocks routed to this query block, exactly, and then the centroids of every other full key
+block, whose logits carry ``log2 n`` for the ``n`` keys each stands for. The PyTorch oracle is
 :func:`attncompiler.saa_reference.attend_reference`.
 """
 
@@ -247,7 +248,7 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
-def estimated_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
+def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
                      interpret: bool = False) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32: ``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` for mean queries ``[B, H, num_m, D]``
     (fp32) and keys ``[B, Hk, Sk, D]``. Causal: ``-inf`` past the last key block that some query block

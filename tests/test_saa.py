@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from attncompiler.codegen.saa import estimated_logits as estimated_logits_kernel, pool_means, select_blocks as select_blocks_kernel
+from attncompiler.codegen.saa import every_key_logits as every_key_logits_kernel, pool_means
+from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_program, saa_triton
@@ -19,7 +20,7 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import BlockGeometry, estimated_logits, select_blocks
+from attncompiler.saa_routing import BlockGeometry, every_key_logits, select_blocks
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -84,11 +85,12 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < selection.allowed_total()  # some blocks enter through centroids
 
 
+@pytest.mark.parametrize("router", ["mean-key", "every-key"])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
-def test_triton_path_routes_as_the_reference(form):
+def test_triton_path_routes_as_the_reference(form, router):
     """The kernels' pooling gives the same centroids and the same selection as the reference."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
-    config = SAAConfig(**SMALL, top_k=2, centroids=4)
+    config = SAAConfig(**SMALL, top_k=2, centroids=4, router=router)
     q, k, v = qkv(2, 4, 2, 77, 93, 64, 64)
     geometry = geometry_of(q, k, config, causal, bottom_right)
     out, selection, centroids = saa_triton(q, k, v, 0.125, geometry, config)
@@ -126,14 +128,14 @@ def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, caus
     assert (got.counts > 0).any() or knobs.get("top_k") == 0
 
 
-def test_estimated_logits_are_each_key_blocks_logsumexp_for_the_mean_query():
+def test_every_key_logits_are_each_key_blocks_logsumexp_for_the_mean_query():
     """A block holding one key the mean query wants outranks a block whose mean key looks the same."""
     geometry = BlockGeometry(16, 48, 16, 16, causal=False)
     q_mean = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
     k = torch.zeros(1, 1, 48, 2)
     k[0, 0, 16:32, 0] = 0.25                     # block 1: every key a little aligned (mean 0.25)
     k[0, 0, 32, 0], k[0, 0, 33:48, 0] = 4.0, 0.0  # block 2: one key strongly aligned (mean 0.25)
-    logits = estimated_logits(q_mean, k, 1.0, geometry)[0, 0, 0]
+    logits = every_key_logits(q_mean, k, 1.0, geometry)[0, 0, 0]
     expected = torch.stack([torch.tensor(16.0).log(), (16 * torch.tensor(0.25).exp()).log(),
                             (torch.tensor(4.0).exp() + 15).log()])
     torch.testing.assert_close(logits, expected)
@@ -142,11 +144,11 @@ def test_estimated_logits_are_each_key_blocks_logsumexp_for_the_mean_query():
 
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
-def test_estimated_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
+def test_every_key_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q_means, k = randn(2, 4, geometry.num_m, 32), randn(2, 2, sk, 32)
-    got = estimated_logits_kernel(q_means, k, 0.3, geometry, interpret=INTERPRET)
-    want = estimated_logits(q_means, k, 0.3, geometry)
+    got = every_key_logits_kernel(q_means, k, 0.3, geometry, interpret=INTERPRET)
+    want = every_key_logits(q_means, k, 0.3, geometry)
     allowed = torch.arange(geometry.num_n, device=DEVICE) < geometry.allowed_blocks(DEVICE)[:, None]
     torch.testing.assert_close(got[..., allowed], want[..., allowed], atol=1e-5, rtol=1e-5)
     assert not torch.isnan(got).any()
@@ -265,6 +267,7 @@ def test_applicable_programs(program, expected):
     ({"centroids": 3}, "centroids must be"),
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
+    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key.\]"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
 def test_config_validation(values, message):
