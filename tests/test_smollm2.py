@@ -1,7 +1,6 @@
 """SmolLM2-135M-Instruct with real weights, end to end: every attention site rewritten, same results."""
 
 import importlib.util
-import os
 
 import pytest
 import torch
