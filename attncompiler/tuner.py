@@ -42,8 +42,8 @@ import torch
 
 from attncompiler.codegen.configs import (BWD_CONFIG_SPACE, CONFIG_SPACE, BwdConfig, FlashConfig, _pow2_at_least,
                                           bwd_keep, default_bwd_config, default_config, keep)
-from attncompiler.passes.score_mod import (SCORE, Binary, Const, Expr, Index, Operand, Where, is_sentinel_fill, key_limit,
-                                          leaves, parse)
+from attncompiler.passes.score_mod import (SCORE, Binary, Const, Index, Operand, Where, is_sentinel_fill_of,
+                                          key_limit, leaves, parse)
 
 from . import report
 from .cache import BackwardEntry, Entry, LocalCache, TuningCache, current_environment
@@ -143,22 +143,11 @@ def triton_configs(q: torch.Tensor, v: torch.Tensor, seq_k: int, search: str, sm
     keeps the default's pipeline depth; an exhaustive one tries every depth. The interpreter
     ignores warps and stages, so there only distinct tile shapes are kept.
     """
-    interpret = smem is None
-    head_dim, head_dim_v, itemsize = q.shape[-1], v.shape[-1], q.element_size()
-    default = default_config(q, head_dim_v, interpret)
-    found = [default]
-    for c in CONFIG_SPACE:
-        if search == "quick" and not interpret and c.num_stages != default.num_stages:
-            continue
-        if not interpret and not keep(c, head_dim, head_dim_v, itemsize, smem):
-            continue
-        if not fits_sequences(c, q.shape[-2], seq_k):
-            continue
-        if interpret and any((c.block_m, c.block_n) == (f.block_m, f.block_n) for f in found):
-            continue
-        if c not in found:
-            found.append(c)
-    return found
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    return _candidate_configs(
+        default_config(q, head_dim_v, smem is None), CONFIG_SPACE, search, smem,
+        lambda c: keep(c, head_dim, head_dim_v, q.element_size(), smem),
+        lambda c: fits_sequences(c, q.shape[-2], seq_k), lambda c: (c.block_m, c.block_n))
 
 
 def sdpa_arguments(program: str, operands: Sequence[torch.Tensor]) -> dict | None:
@@ -187,7 +176,7 @@ def _sdpa_form(program: str, operand_dtypes: tuple) -> dict | None:
         kwargs["attn_mask"] = True
         expr = expr.a
     elif isinstance(expr, Where) and not operand_dtypes and expr.cond == Binary("le", Index("k"), Index("q")) \
-            and (expr.b == Const(-math.inf) or _is_sentinel_of(expr.b, expr.a)):
+            and (expr.b == Const(-math.inf) or is_sentinel_fill_of(expr.b, expr.a)):
         # Every row sees key 0, so a finite sentinel fill (Hugging Face's finfo.min) adds exactly nothing.
         kwargs["is_causal"] = True
         expr = expr.a
@@ -201,13 +190,6 @@ def _sdpa_form(program: str, operand_dtypes: tuple) -> dict | None:
     if isinstance(expr, Binary) and expr.op == "div" and expr.a == SCORE and isinstance(expr.b, Const):
         return {**kwargs, "scale": 1.0 / expr.b.value}
     return None
-
-
-def _is_sentinel_of(masked: Expr, kept: Expr) -> bool:
-    """``masked`` is ``kept + c`` (or a constant ``c``) with ``c`` a finite sentinel such as ``finfo.min``."""
-    if isinstance(masked, Binary) and masked.op == "add" and kept not in (masked.a, masked.b):
-        return False
-    return is_sentinel_fill(masked)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
@@ -268,19 +250,28 @@ def fits_sequences_bwd(c: BwdConfig, seq_q: int, seq_k: int) -> bool:
 def backward_configs(q: torch.Tensor, v: torch.Tensor, seq_k: int, search: str, smem: int | None) -> list[BwdConfig]:
     """The backward configs worth timing: the default first, then those of :data:`BWD_CONFIG_SPACE` that fit
     (pruned and searched as :func:`triton_configs` does for the forward)."""
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    return _candidate_configs(
+        default_bwd_config(q, head_dim_v, smem is None), BWD_CONFIG_SPACE, search, smem,
+        lambda c: bwd_keep(c, head_dim, head_dim_v, q.element_size(), smem),
+        lambda c: fits_sequences_bwd(c, q.shape[-2], seq_k), lambda c: (c.block_resident, c.block_streamed))
+
+
+def _candidate_configs(default, space, search: str, smem: int | None, fits_device: Callable, fits_lengths: Callable,
+                       tile: Callable) -> list:
+    """``default``, then the configs of ``space`` worth timing: those that fit the device (unless
+    interpreted) and the sequence lengths; a quick search keeps the default's pipeline depth, and the
+    interpreter, which ignores warps and stages, keeps one config per ``tile`` shape."""
     interpret = smem is None
-    head_dim, head_dim_v, itemsize = q.shape[-1], v.shape[-1], q.element_size()
-    default = default_bwd_config(q, head_dim_v, interpret)
     found = [default]
-    for c in BWD_CONFIG_SPACE:
+    for c in space:
         if search == "quick" and not interpret and c.num_stages != default.num_stages:
             continue
-        if not interpret and not bwd_keep(c, head_dim, head_dim_v, itemsize, smem):
+        if not interpret and not fits_device(c):
             continue
-        if not fits_sequences_bwd(c, q.shape[-2], seq_k):
+        if not fits_lengths(c):
             continue
-        if interpret and any((c.block_resident, c.block_streamed) == (f.block_resident, f.block_streamed)
-                             for f in found):
+        if interpret and any(tile(c) == tile(f) for f in found):
             continue
         if c not in found:
             found.append(c)
