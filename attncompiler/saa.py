@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attncompiler.passes.score_mod import Binary, Const, Expr, Index, Score, Where, is_sentinel_fill, parse
+from attncompiler.passes.score_mod import Binary, Const, Expr, Index, Score, Where, is_sentinel_fill_of, parse
 
 from .options import triton_interpret
 from .saa_config import SAAConfig
@@ -108,9 +108,7 @@ def _masked_fill(where: Where) -> str | None:
     fill = where.b
     if isinstance(fill, Const) and fill.value == -math.inf:
         return "-inf"
-    if isinstance(fill, Binary) and fill.op == "add" and where.a not in (fill.a, fill.b):
-        return None
-    return "sentinel" if is_sentinel_fill(fill) else None
+    return "sentinel" if is_sentinel_fill_of(fill, where.a) else None
 
 
 def saa_program(program: str) -> SAAProgram | None:

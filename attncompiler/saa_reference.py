@@ -60,7 +60,8 @@ def select(q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: 
     means are the mean keys) by ``config.router``, with ``predictor``'s learned term when given.
     ``every_key`` and ``choose`` compute the every-key logits and pick the blocks (PyTorch here,
     Triton kernels on the kernel path)."""
-    k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids)
+    needs_means = config.router == "mean-key" or predictor is not None
+    k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
     logits = training_free_logits(q_means, k, k_means, scale, geometry, config, every_key)  # [B, H, M, N]
     if predictor is not None:
         logits = logits + predictor.logits(q_means, k_means, geometry)

@@ -139,12 +139,6 @@ class Selection:
         """Key blocks computed exactly, summed over every (batch, head, query block)."""
         return self.counts.sum()
 
-    def allowed_total(self) -> int:
-        """Allowed key blocks, summed over every (batch, head, query block) (reads ``allowed``: on a GPU,
-        a synchronization; :meth:`BlockGeometry.allowed_total` needs none)."""
-        batch, heads = self.counts.shape[:2]
-        return int(self.allowed.sum()) * batch * heads
-
 
 def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor,
                     scale: float) -> torch.Tensor:
@@ -178,11 +172,11 @@ def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geome
     return out.reshape(batch, heads, num_m, num_n)
 
 
-def training_free_logits(q_means: torch.Tensor, k: torch.Tensor, k_means: torch.Tensor, scale: float,
+def training_free_logits(q_means: torch.Tensor, k: torch.Tensor, k_means: torch.Tensor | None, scale: float,
                          geometry: BlockGeometry, config: SAAConfig,
                          every_key: Callable[..., torch.Tensor] = every_key_logits) -> torch.Tensor:
     """``[B, H, num_m, num_n]``: the logits of ``config.router`` from mean queries, keys ``[B, Hk, Sk, D]``
-    and mean keys ``[B, Hk, num_n, D]``; ``every_key`` computes the ``"every-key"`` form (a kernel on
+    and mean keys ``[B, Hk, num_n, D]`` (needed by ``"mean-key"`` only); ``every_key`` computes the ``"every-key"`` form (a kernel on
     the Triton path)."""
     if config.router == "every-key":
         return every_key(q_means, k, scale, geometry)

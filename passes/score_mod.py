@@ -277,6 +277,14 @@ def is_sentinel_fill(expr: Expr) -> bool:
     return isinstance(expr, Const) and -math.inf < expr.value <= SENTINEL_FILL
 
 
+def is_sentinel_fill_of(masked: Expr, kept: Expr) -> bool:
+    """``masked`` is a sentinel constant, or ``kept +`` one: what a ``finfo.min`` mask puts where
+    ``kept`` is hidden (any other ``x +`` sentinel is not the masked form of ``kept``)."""
+    if isinstance(masked, Binary) and masked.op == "add" and kept not in (masked.a, masked.b):
+        return False
+    return is_sentinel_fill(masked)
+
+
 def _conjuncts(expr: Expr) -> list[Expr]:
     if isinstance(expr, Binary) and expr.op == "and":
         return _conjuncts(expr.a) + _conjuncts(expr.b)
