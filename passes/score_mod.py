@@ -239,6 +239,28 @@ def scale_of(expr: Expr) -> float | None:
     return found[0] if found else 1.0
 
 
+def factor_scale(expr: Expr) -> tuple[float, Expr] | None:
+    """``(c, raw)`` with ``expr ≡ c·raw`` for a constant ``c > 0``, when ``raw`` is the raw score under
+    ``-inf`` selects only (``s``, or ``(where cond raw -inf)`` with ``cond`` free of the score).
+
+    Kernels then fold ``c·log2(e)`` into the exponent (one FMA per score), track row maxima on the
+    raw scores, and never see a finite sentinel. None for any other program."""
+    if isinstance(expr, Where):
+        inner = factor_scale(expr.a)
+        if inner is None or not _is_neg_inf(expr.b) or SCORE in leaves(expr.cond):
+            return None
+        return inner[0], Where(expr.cond, inner[1], expr.b)
+    if expr == SCORE:
+        return 1.0, SCORE
+    if isinstance(expr, Binary) and expr.op in ("mul", "div") and SCORE in (expr.a, expr.b):
+        other = expr.b if expr.a == SCORE else expr.a
+        if not isinstance(other, Const) or (expr.op == "div" and expr.a != SCORE):
+            return None
+        c = other.value if expr.op == "mul" else 1.0 / other.value
+        return (c, SCORE) if 0.0 < c < math.inf else None
+    return None
+
+
 def leaves(expr: Expr) -> set[Expr]:
     children = [getattr(expr, f) for f in ("cond", "a", "b") if hasattr(expr, f)]
     return set().union(*(leaves(c) for c in children)) if children else {expr}
