@@ -80,6 +80,10 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
     return dict(times)
 
 
+def wanted(config, args) -> bool:
+    return (not args.stages or config.num_stages in args.stages) and (not args.warps or config.num_warps in args.warps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", nargs="+", choices=("fwd", "bwd"), default=["fwd", "bwd"])
     parser.add_argument("--warp-specialize", action="store_true")
     parser.add_argument("--stages", type=int, nargs="+", help="only these num_stages")
+    parser.add_argument("--warps", type=int, nargs="+", help="only these num_warps")
     parser.add_argument("--top", type=int, default=12, help="rows to print per table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -103,20 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
           f"{args.dtype} D{d} S{s} B{batch} H{heads} causal={args.causal}")
 
+    yardsticks = []
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         with sdpa_kernel(backend):
             fwd = bench(lambda: sdpa(q, k, v, is_causal=args.causal))
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
             out = sdpa(qg, kg, vg, is_causal=args.causal)
             bwd = bench(lambda: torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True))
-        print(f"{name}: fwd {fwd:.3f} ms ({fwd_work / fwd / 1e9:.0f} TFLOP/s), "
-              f"bwd {bwd:.3f} ms ({bwd_work / bwd / 1e9:.0f} TFLOP/s)")
+        yardsticks.append(f"{name}: fwd {fwd:.3f} ms ({fwd_work / fwd / 1e9:.0f} TFLOP/s), "
+                          f"bwd {bwd:.3f} ms ({bwd_work / bwd / 1e9:.0f} TFLOP/s)")
+        print(yardsticks[-1])
 
     if "fwd" in args.passes:
         rows = []
         variants = [(False, None)] + ([(True, warp_specialized_kernel(program))] if args.warp_specialize else [])
         for config in CONFIG_SPACE:
-            if args.stages and config.num_stages not in args.stages:
+            if not wanted(config, args):
                 continue
             for ws, kernel in variants:
                 try:
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         out, lse = flash.flash_forward(q, k, v, [], program)
         rows = []
         for config in BWD_CONFIG_SPACE:
-            if args.stages and config.num_stages not in args.stages:
+            if not wanted(config, args):
                 continue
 
             def step():
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         best_dq = min(rows, key=lambda r: r[2].get("dq", math.inf))
         print(f"fastest dK/dV: {best_dkdv[1]} {best_dkdv[2].get('dkdv', 0):.3f} ms; "
               f"fastest dQ: {best_dq[1]} {best_dq[2].get('dq', 0):.3f} ms")
+    print("\n".join(yardsticks))
     return 0
 
 

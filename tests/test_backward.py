@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from attncompiler.codegen.configs import BwdConfig, FlashConfig, bwd_keep, default_bwd_config
+from attncompiler.codegen.configs import bwd_keep, default_bwd_config, default_config
 from attncompiler.codegen.flash import flash_forward
 from attncompiler.codegen.flash_bwd import flash_backward, generate
 from attncompiler.options import triton_interpret
@@ -157,20 +157,31 @@ def test_lse_is_the_row_logsumexp():
 
 @pytest.mark.parametrize("program", [CAUSAL, MASKED, BIASED])
 def test_gpu_default_tiles(program):
-    """The sm_90 fp16 defaults (forward 128x64, backward resident 128 and streamed 32 tiles, three
-    stages) over several tiles of a GQA head, with the ragged last tile and a mask or bias."""
+    """The GPU's fp16 default configs (forward and backward) over several tiles of a GQA head, with
+    the ragged last tile and a mask or bias."""
     q, k, v = randn(1, 4, 300, 64, dtype=torch.float16), randn(1, 2, 300, 64, dtype=torch.float16), \
         randn(1, 2, 300, 64, dtype=torch.float16)
     operands = {MASKED: [torch.rand(300, 300, device=DEVICE) < 0.7], BIASED: [randn(1, 4, 300, 300)]}
     operands = operands.get(program, [])
     grad_out = randn(1, 4, 300, 64, dtype=torch.float16)
-    out, lse = flash_forward(q, k, v, operands, program, FlashConfig(128, 64, 4, 3), interpret=INTERPRET)
-    ours = flash_backward(q, k, v, out, lse, grad_out, operands, program, False, BwdConfig(128, 32, 8, 3),
-                          interpret=INTERPRET)
+    out, lse = flash_forward(q, k, v, operands, program, default_config(q, 64, interpret=False), interpret=INTERPRET)
+    ours = flash_backward(q, k, v, out, lse, grad_out, operands, program, False,
+                          default_bwd_config(q, 64, interpret=False), interpret=INTERPRET)
     exact = autograd_grads(q, k, v, operands, program, grad_out, torch.float64)
     theirs = autograd_grads(q, k, v, operands, program, grad_out, torch.float16)
     for got, want, torch_got in zip(ours, exact, theirs):
         assert_as_accurate_as_torch(got, want, torch_got)
+
+
+@pytest.mark.parametrize("program, folded", [(MASKED, True), (CAUSAL, True), (BIASED, False)])
+def test_scale_folded_in_the_backward(program, folded):
+    """With the scale folded, P is one FMA and exp2 per score and the scale multiplies dK and dQ once."""
+    source = generate(program)[1]
+    assert ("p = tl.exp2(z * SCORE_RATE" in source) == folded
+    assert f"SCORE_SCALE = tl.constexpr({0.125 if folded else 1.0})" in source
+    q, k, v = randn(1, 2, 37, 32), randn(1, 2, 45, 32), randn(1, 2, 45, 32)
+    operands = {MASKED: [torch.rand(37, 45, device=DEVICE) < 0.7], BIASED: [randn(1, 2, 37, 45)]}
+    check(q, k, v, operands.get(program, []), program)
 
 
 def test_sequences_longer_than_a_tile_in_both_directions():

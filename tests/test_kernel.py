@@ -119,6 +119,23 @@ def test_dtypes_with_mask_and_bias(dtype):
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("program, folded", [
+    ("(div s 8.0)", True), (MASKED, True), ("(where (le k q) (mul s 0.125) -inf)", True),
+    (BIASED, False), ("(where $0 (mul s 0.125) -3.4028234663852886e+38)", False),
+])
+def test_scale_folded_into_the_exponent(program, folded):
+    """A scale times -inf-masked raw scores runs with scale·log2(e) folded into one FMA per score;
+    biases and finite fills keep the per-row rate. Both agree with PyTorch."""
+    _, source = generate(program)
+    assert ("p = tl.exp2(s * SCORE_RATE" in source) == folded
+    assert ("rate = tl.where(m_use >= LOG2E_SAFE_MIN" in source) != folded
+    q, k, v = randn(1, 2, 37, 64), randn(1, 2, 45, 64), randn(1, 2, 45, 64)
+    operands = [torch.rand(37, 45, device=DEVICE) < 0.7] if "$0" in program else []
+    if program == BIASED:
+        operands = [randn(1, 2, 37, 45)]
+    check(q, k, v, operands, program)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_bool_mask_sq_sk(dtype):
     """A random [Sq, Sk] boolean mask broadcast over batch and heads."""

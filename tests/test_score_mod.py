@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attncompiler.passes.score_mod import (SCORE, Binary, Const, Operand, Unary, Where, evaluate,
+from attncompiler.passes.score_mod import (SCORE, Binary, Const, Operand, Unary, Where, evaluate, factor_scale,
                                            operand_indices, parse, scale_of, to_triton)
 
 EXPRS = [
@@ -140,3 +140,28 @@ def test_to_triton_computes_what_evaluate_computes():
 ])
 def test_scale_of(text, scale):
     assert scale_of(parse(text)) == scale
+
+
+@pytest.mark.parametrize("text, factored", [
+    ("(mul s 0.125)", (0.125, "s")),
+    ("(mul 0.125 s)", (0.125, "s")),
+    ("(div s 8.0)", (0.125, "s")),
+    ("s", (1.0, "s")),
+    ("(where (le k q) (mul s 0.125) -inf)", (0.125, "(where (le k q) s -inf)")),
+    ("(where $0 (where (le k q) (div s 2.0) -inf) -inf)", (0.5, "(where $0 (where (le k q) s -inf) -inf)")),
+    ("(mul s -0.5)", None),                                    # a negative scale flips the row maximum
+    ("(div 8.0 s)", None),
+    ("(mul s $0)", None),
+    ("(add (mul s 0.125) $0)", None),                          # a bias
+    ("(where (le k q) (mul s 0.125) -3.4028234663852886e+38)", None),  # a finite fill
+    ("(where (gt s 0.0) (mul s 0.125) -inf)", None),           # a select that reads the score
+    ("(tanh (mul s 0.125))", None),
+])
+def test_factor_scale(text, factored):
+    """Programs that are a positive constant times -inf-masked raw scores, and the raw program."""
+    got = factor_scale(parse(text))
+    assert (got if got is None else (got[0], str(got[1]))) == factored
+    if got is not None:
+        s = torch.randn(4, 6, dtype=torch.float64)
+        mask = torch.rand(4, 6) < 0.5
+        torch.testing.assert_close(evaluate(parse(text), s, [mask]), got[0] * evaluate(got[1], s, [mask]))
