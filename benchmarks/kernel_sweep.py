@@ -4,7 +4,8 @@ For each forward config of :data:`~attncompiler.codegen.configs.CONFIG_SPACE` an
 config of :data:`~attncompiler.codegen.configs.BWD_CONFIG_SPACE` that compiles, prints the time of
 the forward, and of each backward kernel (preprocess, dK/dV, dQ, from the profiler), in ms and
 TFLOP/s. No prune predicate is applied: the sweep shows what the predicates keep out.
-``--warp-specialize`` also times the forward with Triton's warp-specialized key loop.
+``--variants`` adds forward kernels: the generated one with its key loop warp-specialized, with the
+heaviest (causal) query tiles scheduled first, or a kernel that moves every tile by TMA.
 
     python benchmarks/kernel_sweep.py [--seq 4096] [--head-dim 128] [--causal] [--passes fwd bwd] [--top 12]
 """
@@ -30,22 +31,84 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from attention import HIDDEN, TOKENS, flops, program_of  # noqa: E402
 
 KEY_LOOP = "for start_n in range(key_start, key_end, BLOCK_N):"
+QUERY_TILE = "pid_m = pid % NUM_M_BLOCKS"
+# Source rewrites of the generated forward that a variant times: (text, replacement).
+VARIANT_EDITS = {
+    "warp-specialized": (KEY_LOOP, "for start_n in tl.range(key_start, key_end, BLOCK_N, warp_specialize=True):"),
+    "heavy-first": (QUERY_TILE, "pid_m = NUM_M_BLOCKS - 1 - pid % NUM_M_BLOCKS"),
+}
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def warp_specialized_kernel(program: str):
-    """The forward kernel with its key loop as ``tl.range(..., warp_specialize=True)``."""
+def variant_kernel(program: str, variant: str):
+    """The forward kernel for ``program`` with one of :data:`VARIANT_EDITS` applied."""
     _, source = flash.generate(program)
-    if KEY_LOOP not in source:
-        raise RuntimeError("the forward template's key loop changed")
-    source = source.replace(KEY_LOOP, "for start_n in tl.range(key_start, key_end, BLOCK_N, warp_specialize=True):")
-    name = f"flash_fwd_ws_{source_hash(source)}"
+    text, replacement = VARIANT_EDITS[variant]
+    if text not in source:
+        raise RuntimeError(f"the forward template changed: no {text!r}")
     old = source.split("def flash_fwd_", 1)[1].split("(", 1)[0]
+    source = source.replace(text, replacement)
+    name = f"flash_fwd_{variant.replace('-', '_')}_{source_hash(source)}"
     source = source.replace(f"flash_fwd_{old}", name)
     return getattr(load_source(name, source), name)
+
+
+@triton.jit
+def _tma_keys(acc, l_i, m_i, q, desc_k, desc_v, b, h, offs_m, key_start, key_end, rate,
+              HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile's online softmax over key blocks [key_start, key_end), K and V by TMA."""
+    for start_n in range(key_start, key_end, BLOCK_N):
+        k = desc_k.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_D)               # [BN, D]
+        s = tl.dot(q, tl.trans(k))                                                 # [BM, BN]
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                                      # [BM]
+        alpha = tl.exp2((m_i - m_new) * rate)
+        p = tl.exp2(s * rate - (m_new * rate)[:, None])                            # [BM, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = desc_v.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_D)               # [BN, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tma_attention(desc_q, desc_k, desc_v, desc_o, H, SEQ, rate,
+                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Scaled (optionally causal) attention with every tile moved by TMA; Sq = Sk = SEQ, a multiple of
+    BLOCK_M and BLOCK_N. The yardstick for what tensor descriptors buy over pointer loads."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                               # [BM]
+    q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)           # [BM, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    full_end = pid_m * BLOCK_M // BLOCK_N * BLOCK_N if CAUSAL else SEQ
+    acc, l_i, m_i = _tma_keys(acc, l_i, m_i, q, desc_k, desc_v, b, h, offs_m, 0, full_end, rate,
+                              HEAD_D, BLOCK_N, MASKED=False)
+    if CAUSAL:
+        acc, l_i, m_i = _tma_keys(acc, l_i, m_i, q, desc_k, desc_v, b, h, offs_m, full_end,
+                                  (pid_m + 1) * BLOCK_M, rate, HEAD_D, BLOCK_N, MASKED=True)
+    out = (acc / l_i[:, None]).to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_D)
+    desc_o.store([b, h, pid_m * BLOCK_M, 0], out)
+
+
+def tma_forward(q, k, v, causal: bool, config):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = torch.empty_like(q)
+    b, h, s, d = q.shape
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, d])
+             for t, block in ((q, config.block_m), (k, config.block_n), (v, config.block_n), (out, config.block_m))]
+    _tma_attention[(s // config.block_m, b * h)](
+        *descs, h, s, d ** -0.5 * 1.4426950408889634, HEAD_D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=causal, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
 
 
 def run_forward(q, k, v, program, config, kernel=None):
@@ -81,7 +144,9 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
 
 
 def wanted(config, args) -> bool:
-    return (not args.stages or config.num_stages in args.stages) and (not args.warps or config.num_warps in args.warps)
+    named = "x".join(str(x) for x in vars(config).values())
+    return ((not args.stages or config.num_stages in args.stages) and (not args.warps or config.num_warps in args.warps)
+            and (not args.configs or named in args.configs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--passes", nargs="+", choices=("fwd", "bwd"), default=["fwd", "bwd"])
-    parser.add_argument("--warp-specialize", action="store_true")
+    parser.add_argument("--variants", nargs="+", choices=("plain", "tma", *VARIANT_EDITS), default=["plain"],
+                        help="forward kernels to time: the generated one, edits of it, a TMA kernel")
+    parser.add_argument("--configs", nargs="+", help="only these configs, as BMxBNxWARPSxSTAGES")
     parser.add_argument("--stages", type=int, nargs="+", help="only these num_stages")
     parser.add_argument("--warps", type=int, nargs="+", help="only these num_warps")
     parser.add_argument("--top", type=int, default=12, help="rows to print per table")
@@ -121,24 +188,35 @@ def main(argv: list[str] | None = None) -> int:
 
     if "fwd" in args.passes:
         rows = []
-        variants = [(False, None)] + ([(True, warp_specialized_kernel(program))] if args.warp_specialize else [])
+        reference = flash.flash_forward(q, k, v, [], program)[0]
         for config in CONFIG_SPACE:
             if not wanted(config, args):
                 continue
-            for ws, kernel in variants:
+            for variant in args.variants:
                 try:
-                    ms = bench(lambda: run_forward(q, k, v, program, config, kernel))
+                    if variant == "tma":
+                        def step():
+                            return tma_forward(q, k, v, args.causal, config)
+                    else:
+                        kernel = None if variant == "plain" else variant_kernel(program, variant)
+
+                        def step():
+                            return run_forward(q, k, v, program, config, kernel)[0]
+                    error = (step().float() - reference.float()).abs().max().item()
+                    if not error < 2e-2:
+                        raise RuntimeError(f"differs from the plain kernel by {error:.3g}")
+                    ms = bench(step)
                 except Exception as e:  # out of resources, compile failures: reported, not fatal
-                    print(f"  fwd {config} ws={ws}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                    print(f"  fwd {config} {variant}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                     continue
-                rows.append((ms, config, ws))
+                rows.append((ms, config, variant))
                 print(f"  fwd {config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages} "
-                      f"ws={int(ws)}: {ms:.3f} ms", flush=True)
+                      f"{variant}: {ms:.3f} ms", flush=True)
         rows.sort(key=lambda r: r[0])
-        print("\n| forward config | warp-specialized | ms | TFLOP/s |\n|---|---|---|---|")
-        for ms, config, ws in rows[:args.top]:
+        print("\n| forward config | variant | ms | TFLOP/s |\n|---|---|---|---|")
+        for ms, config, variant in rows[:args.top]:
             print(f"| {config.block_m}×{config.block_n}, {config.num_warps} warps, {config.num_stages} stages "
-                  f"| {'yes' if ws else 'no'} | {ms:.3f} | {fwd_work / ms / 1e9:.0f} |")
+                  f"| {variant} | {ms:.3f} | {fwd_work / ms / 1e9:.0f} |")
 
     if "bwd" in args.passes:
         out, lse = flash.flash_forward(q, k, v, [], program)
