@@ -39,6 +39,12 @@ VARIANT_EDITS = {
 }
 
 
+def failure(e: Exception) -> str:
+    """One line for a config that did not run: a compile error's position, source line and message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and line.strip() != "^"]
+    return f"{type(e).__name__}: " + " | ".join(lines[:3] + lines[-1:] if len(lines) > 4 else lines)[:400]
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise RuntimeError(f"differs from the plain kernel by {error:.3g}")
                     ms = bench(step)
                 except Exception as e:  # out of resources, compile failures: reported, not fatal
-                    print(f"  fwd {config} {variant}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                    print(f"  fwd {config} {variant}: {failure(e)}")
                     continue
                 rows.append((ms, config, variant))
                 print(f"  fwd {config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages} "
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 ms = bench(step)
                 parts = kernel_times(step)
             except Exception as e:
-                print(f"  bwd {config}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                print(f"  bwd {config}: {failure(e)}")
                 continue
             rows.append((ms, config, parts))
             print(f"  bwd {config.block_resident}x{config.block_streamed} w{config.num_warps} s{config.num_stages}: "
