@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-ROUTERS = ("mean-key", "every-key")
+ROUTERS = ("mean-key", "every-key", "key-bounds")
 
 
 class SAAConfigError(ValueError):
@@ -38,7 +38,7 @@ class SAAConfig:
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 2           # centroids per key block that is not computed exactly
     max_error: float = 0.1       # relative error budget against dense attention
-    router: str = "mean-key"     # block logits from mean keys, or "every-key" (see saa_routing)
+    router: str = "mean-key"     # block logits from mean keys, "every-key" or "key-bounds" (see saa_routing)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):

@@ -113,7 +113,7 @@ def _prepare(sample: Sample, config: SAAConfig) -> _Prepared:
     q_means = pool_reference(q, config.block_m, geometry.num_m)
     k_means = pool_reference(k, config.block_n, geometry.num_n)
     allowed = torch.arange(geometry.num_n, device=q.device) < geometry.allowed_blocks(q.device)[:, None]
-    base = training_free_logits(q_means, k, k_means, scale, geometry, config).masked_fill(~allowed, -math.inf)
+    base = training_free_logits(q, q_means, k, k_means, scale, geometry, config).masked_fill(~allowed, -math.inf)
     return _Prepared(q_means, k_means, geometry, base, true_block_masses(q, k, scale, geometry), allowed)
 
 

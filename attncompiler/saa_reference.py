@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import (BlockGeometry, Selection, block_means, every_key_logits, group_counts, select_blocks,
-                          training_free_logits)
+from .saa_routing import (BlockGeometry, Selection, block_means, every_key_logits, group_counts, key_bound_logits,
+                          select_blocks, training_free_logits)
 
 if TYPE_CHECKING:
     from .saa_predictor import LayerPredictor
@@ -52,17 +52,18 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
                      counts)
 
 
-def select(q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float, geometry: BlockGeometry,
-           config: SAAConfig, predictor: LayerPredictor | None = None,
+def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float,
+           geometry: BlockGeometry, config: SAAConfig, predictor: LayerPredictor | None = None,
            every_key: Callable[..., torch.Tensor] = every_key_logits,
+           key_bound: Callable[..., torch.Tensor] = key_bound_logits,
            choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks) -> Selection:
-    """Route from mean queries ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and the centroids (whose weighted
-    means are the mean keys) by ``config.router``, with ``predictor``'s learned term when given.
-    ``every_key`` and ``choose`` compute the every-key logits and pick the blocks (PyTorch here,
-    Triton kernels on the kernel path)."""
+    """Route from queries ``[B, H, Sq, D]``, their block means ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and
+    the centroids (whose weighted means are the mean keys) by ``config.router``, with ``predictor``'s
+    learned term when given. ``every_key``, ``key_bound`` and ``choose`` compute the router's logits and
+    pick the blocks (PyTorch here, Triton kernels on the kernel path)."""
     needs_means = config.router == "mean-key" or predictor is not None
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
-    logits = training_free_logits(q_means, k, k_means, scale, geometry, config, every_key)  # [B, H, M, N]
+    logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, every_key, key_bound)  # [B, H, M, N]
     if predictor is not None:
         logits = logits + predictor.logits(q_means, k_means, geometry)
     return choose(logits, geometry, config)
@@ -107,7 +108,7 @@ def saa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """
     geometry = BlockGeometry(q.shape[-2], k.shape[-2], config.block_m, config.block_n, causal, key_offset)
     centroids = centroids_reference(k, v, geometry, config)
-    selection = select(pool_reference(q, config.block_m, geometry.num_m), k, centroids, scale, geometry, config,
+    selection = select(q, pool_reference(q, config.block_m, geometry.num_m), k, centroids, scale, geometry, config,
                        predictor)
     out = attend_reference(q, k, v, centroids, selection, scale, geometry, config, compute_dtype)
     return out.to(v.dtype), selection

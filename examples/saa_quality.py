@@ -41,14 +41,15 @@ QUESTION = " What is the pass key? The pass key is"
 
 
 def operating_points(block: int) -> dict[str, SAAConfig]:
-    """The default operating point, two others along the trade-off curve, and the default with the
-    every-key router."""
+    """The default operating point, two others along the trade-off curve, and the default with each
+    other router."""
     default = replace(SAAConfig(), block_m=block, block_n=block)
     return {
         "saa-default": default,
         "saa-sparser": replace(default, top_k=8, centroids=1, local_blocks=1),
         "saa-denser": replace(default, top_k=32, centroids=4),
         "saa-default every-key": replace(default, router="every-key"),
+        "saa-default key-bounds": replace(default, router="key-bounds"),
     }
 
 

@@ -12,6 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from attncompiler.codegen.saa import every_key_logits as every_key_logits_kernel, pool_means
+from attncompiler.codegen.saa import key_bound_logits as key_bound_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
@@ -20,7 +21,7 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import BlockGeometry, every_key_logits, select_blocks
+from attncompiler.saa_routing import BlockGeometry, every_key_logits, key_bound_logits, key_bounds, select_blocks
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -85,7 +86,7 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
-@pytest.mark.parametrize("router", ["mean-key", "every-key"])
+@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds"])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 def test_triton_path_routes_as_the_reference(form, router):
     """The kernels' pooling gives the same centroids and the same selection as the reference."""
@@ -152,6 +153,48 @@ def test_every_key_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
     allowed = torch.arange(geometry.num_n, device=DEVICE) < geometry.allowed_blocks(DEVICE)[:, None]
     torch.testing.assert_close(got[..., allowed], want[..., allowed], atol=1e-5, rtol=1e-5)
     assert not torch.isnan(got).any()
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_key_bound_logits_are_normalized_row_bounds_maximized_over_the_block(sq, sk, causal, key_offset):
+    """Each row's bound is at least its largest score in the key block; the logit is the largest
+    over the query block's rows of the bound minus the row's logsumexp of bounds over visible blocks."""
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(1, 2, sq, 8, dtype=torch.float64), randn(1, 1, sk, 8, dtype=torch.float64)
+    k_max, k_min = key_bounds(k, geometry)
+    bound = torch.maximum(q[..., :, None, :] * k_max[:, :, None], q[..., :, None, :] * k_min[:, :, None]).sum(-1) * 0.3
+    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, 2, Sq, Sk]
+    rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
+    visible = cols <= rows[:, None] + key_offset if causal else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    blocks_seen = torch.zeros(sq, geometry.num_n, dtype=torch.bool, device=DEVICE)
+    for n in range(geometry.num_n):
+        in_block = visible[:, n * 16:(n + 1) * 16]
+        blocks_seen[:, n] = in_block.any(-1)
+        best = scores[..., n * 16:(n + 1) * 16].masked_fill(~in_block, -math.inf).amax(-1)
+        assert (bound[..., n][..., blocks_seen[:, n]] >= best[..., blocks_seen[:, n]] - 1e-9).all()
+    per_row = bound.float().masked_fill(~blocks_seen, -math.inf)
+    per_row = per_row - per_row.logsumexp(-1, keepdim=True)
+    got = key_bound_logits(q.float(), k_max.float(), k_min.float(), 0.3, geometry)
+    for m in range(geometry.num_m):
+        rows_m = [r for r in range(m * 16, min(m * 16 + 16, sq)) if blocks_seen[r].any()]
+        if rows_m:
+            torch.testing.assert_close(got[..., m, :], per_row[..., rows_m, :].amax(-2), atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.isneginf(got[..., m, :]).all()
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_key_bound_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
+    k_max, k_min = key_bounds(k, geometry)
+    got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
+    want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
 
 
 def test_pool_means_short_last_run():
@@ -267,7 +310,7 @@ def test_applicable_programs(program, expected):
     ({"centroids": 3}, "centroids must be"),
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
-    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key.\]"),
+    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds.\]"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
 def test_config_validation(values, message):
