@@ -17,6 +17,7 @@ sees none averages every key under a sentinel, which only happens bottom-right a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from attncompiler.passes.score_mod import Binary, Const, Expr, Index, Score, Whe
 from .options import triton_interpret
 from .saa_config import SAAConfig
 from .saa_reference import Centroids, saa_reference, select
-from .saa_routing import BlockGeometry, Selection, group_counts
+from .saa_routing import BlockGeometry, RouterKernels, Selection, group_counts
 from .spec import align
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     (Triton pooling) and the routed selection of exact key blocks."""
     from attncompiler.codegen.saa import (MAX_SORTED_BLOCKS, every_key_logits, key_bound_logits, pool_means,
-                                          select_blocks)
+                                          sampled_key_logits, select_blocks)
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
@@ -171,11 +172,12 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
     interpret = q.device.type == "cpu"
-    routers = dict(every_key=functools.partial(every_key_logits, interpret=interpret),
-                   key_bound=functools.partial(key_bound_logits, interpret=interpret))
+    kernels = RouterKernels(every_key=functools.partial(every_key_logits, interpret=interpret),
+                            key_bound=functools.partial(key_bound_logits, interpret=interpret),
+                            sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
     if geometry.num_n <= MAX_SORTED_BLOCKS:
-        routers["choose"] = functools.partial(select_blocks, interpret=interpret)
-    return select(q, q_means, k, centroids, scale, geometry, config, predictor, **routers), centroids
+        kernels = dataclasses.replace(kernels, choose=functools.partial(select_blocks, interpret=interpret))
+    return select(q, q_means, k, centroids, scale, geometry, config, predictor, kernels), centroids
 
 
 def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,

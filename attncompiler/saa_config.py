@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-ROUTERS = ("mean-key", "every-key", "key-bounds")
+ROUTERS = ("mean-key", "every-key", "key-bounds", "sampled-keys")
 
 
 class SAAConfigError(ValueError):
@@ -38,7 +38,8 @@ class SAAConfig:
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 2           # centroids per key block that is not computed exactly
     max_error: float = 0.1       # relative error budget against dense attention
-    router: str = "mean-key"     # block logits from mean keys, "every-key" or "key-bounds" (see saa_routing)
+    router: str = "mean-key"     # block logits: "mean-key", "every-key", "key-bounds" or "sampled-keys" (saa_routing)
+    key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -60,6 +61,10 @@ class SAAConfig:
                 or self.block_n % self.centroids):
             raise SAAConfigError(f"SAA centroids must be an integer >= 1 dividing block_n={self.block_n}, "
                                  f"got {self.centroids!r}")
+        if (not isinstance(self.key_stride, int) or isinstance(self.key_stride, bool) or not _is_pow2(self.key_stride)
+                or self.key_stride > self.block_n):
+            raise SAAConfigError(f"SAA key_stride must be a power of two <= block_n={self.block_n}, "
+                                 f"got {self.key_stride!r}")
         if self.router not in ROUTERS:
             raise SAAConfigError(f"SAA router must be one of {list(ROUTERS)}, got {self.router!r}")
         if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error > 0):

@@ -13,13 +13,12 @@ head ``h`` reading key head ``h // (H / Hk)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import (BlockGeometry, Selection, block_means, every_key_logits, group_counts, key_bound_logits,
-                          select_blocks, training_free_logits)
+from .saa_routing import BlockGeometry, RouterKernels, Selection, block_means, group_counts, training_free_logits
 
 if TYPE_CHECKING:
     from .saa_predictor import LayerPredictor
@@ -54,19 +53,17 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
 
 def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float,
            geometry: BlockGeometry, config: SAAConfig, predictor: LayerPredictor | None = None,
-           every_key: Callable[..., torch.Tensor] = every_key_logits,
-           key_bound: Callable[..., torch.Tensor] = key_bound_logits,
-           choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks) -> Selection:
+           kernels: RouterKernels | None = None) -> Selection:
     """Route from queries ``[B, H, Sq, D]``, their block means ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and
     the centroids (whose weighted means are the mean keys) by ``config.router``, with ``predictor``'s
-    learned term when given. ``every_key``, ``key_bound`` and ``choose`` compute the router's logits and
-    pick the blocks (PyTorch here, Triton kernels on the kernel path)."""
+    learned term when given. ``kernels`` computes the logits and picks the blocks (PyTorch by default)."""
+    kernels = kernels or RouterKernels()
     needs_means = config.router == "mean-key" or predictor is not None
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
-    logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, every_key, key_bound)  # [B, H, M, N]
+    logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, kernels)  # [B, H, M, N]
     if predictor is not None:
         logits = logits + predictor.logits(q_means, k_means, geometry)
-    return choose(logits, geometry, config)
+    return kernels.choose(logits, geometry, config)
 
 
 def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids,

@@ -187,46 +187,80 @@ def key_bounds(k: torch.Tensor, geometry: BlockGeometry) -> tuple[torch.Tensor, 
     return blocks.masked_fill(padding, -math.inf).amax(-2), blocks.masked_fill(padding, math.inf).amin(-2)
 
 
+def _row_max_logits(q: torch.Tensor, geometry: BlockGeometry, kv_heads: int, row_estimates: Callable,
+                    chunk_bytes: int) -> torch.Tensor:
+    """``[B, H, num_m, num_n]``: per query row, ``row_estimates(rows [R], queries [B, Hk, G, R, D])`` gives
+    ``[B, Hk, G, R, N]`` block logits (-inf where not visible); normalized over each row's blocks, the
+    largest over the rows of each query block. Query blocks go in chunks of at most ``chunk_bytes``."""
+    batch, heads, seq_q, dim = q.shape
+    group, block_m, num_m, num_n = heads // kv_heads, geometry.block_m, geometry.num_m, geometry.num_n
+    grouped = q.float().reshape(batch, kv_heads, group, seq_q, dim)
+    out = torch.empty(batch, kv_heads, group, num_m, num_n, dtype=torch.float32, device=q.device)
+    step = max(1, chunk_bytes // max(1, 4 * batch * heads * block_m * num_n))
+    for start in range(0, num_m, step):
+        rows = torch.arange(start * block_m, min((start + step) * block_m, seq_q), device=q.device)
+        estimate = row_estimates(rows, grouped[:, :, :, rows[0]:rows[-1] + 1])          # [B, Hk, G, R, N]
+        norm = estimate.logsumexp(-1, keepdim=True)
+        estimate = torch.where(norm > -math.inf, estimate - norm, -math.inf)            # rows with no visible key
+        blocks = -(-rows.numel() // block_m)
+        estimate = torch.nn.functional.pad(estimate, (0, 0, 0, blocks * block_m - rows.numel()), value=-math.inf)
+        out[:, :, :, start:start + blocks] = estimate.reshape(
+            batch, kv_heads, group, blocks, block_m, num_n).amax(-2)
+    return out.reshape(batch, heads, num_m, num_n)
+
+
 def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, scale: float,
                      geometry: BlockGeometry, chunk_bytes: int = 1 << 28) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"key-bounds"`` logits: for each query row ``i`` and key block ``n``,
     ``u_in = scale · (max(q_i, 0)·k⁺_n + min(q_i, 0)·k⁻_n)`` bounds its largest score from above
     (``k⁺``, ``k⁻`` from :func:`key_bounds`); normalized over the row's visible blocks, the largest
-    over the rows of a query block is its logit. Query blocks go in chunks whose estimates take at
-    most ``chunk_bytes``."""
-    batch, heads, seq_q, dim = q.shape
-    kv_heads, group = k_max.shape[1], heads // k_max.shape[1]
-    block_m, num_m, num_n = geometry.block_m, geometry.num_m, geometry.num_n
+    over the rows of a query block is its logit."""
     upper, lower = k_max.transpose(-2, -1)[:, :, None], k_min.transpose(-2, -1)[:, :, None]  # [B, Hk, 1, D, N]
-    grouped = q.float().reshape(batch, kv_heads, group, seq_q, dim)
-    first_key = torch.arange(num_n, device=q.device) * geometry.block_n                   # [N]
-    out = torch.empty(batch, kv_heads, group, num_m, num_n, dtype=torch.float32, device=q.device)
-    step = max(1, chunk_bytes // max(1, 4 * batch * heads * block_m * num_n))
-    for start in range(0, num_m, step):
-        rows = torch.arange(start * block_m, min((start + step) * block_m, seq_q), device=q.device)
-        part = grouped[:, :, :, rows[0]:rows[-1] + 1]                                      # [B, Hk, G, R, D]
+    first_key = torch.arange(geometry.num_n, device=q.device) * geometry.block_n          # [N]
+
+    def bounds(rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         bound = (part.clamp_min(0) @ upper + part.clamp_max(0) @ lower) * scale           # [B, Hk, G, R, N]
         if geometry.causal:
             bound = bound.masked_fill(first_key > rows[:, None] + geometry.key_offset, -math.inf)
-        norm = bound.logsumexp(-1, keepdim=True)
-        bound = torch.where(norm > -math.inf, bound - norm, -math.inf)                    # rows with no visible key
-        blocks = -(-rows.numel() // block_m)
-        bound = torch.nn.functional.pad(bound, (0, 0, 0, blocks * block_m - rows.numel()), value=-math.inf)
-        out[:, :, :, start:start + blocks] = bound.reshape(batch, kv_heads, group, blocks, block_m, num_n).amax(-2)
-    return out.reshape(batch, heads, num_m, num_n)
+        return bound
+
+    return _row_max_logits(q, geometry, k_max.shape[1], bounds, chunk_bytes)
+
+
+def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
+                       chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` logits: for each query row and key block, the
+    logsumexp of ``scale · q_i·k_j`` over the block's keys ``j`` at multiples of ``stride`` from its first
+    (each visible to the row); normalized over the row's visible blocks, the largest over the rows
+    of a query block. It costs ``1 / stride`` of the dense score product."""
+    seq_k, block_n, num_n = geometry.seq_k, geometry.block_n, geometry.num_n
+    per_block = block_n // stride
+    columns = torch.arange(num_n * per_block, device=q.device) * stride                  # [N·spb] sampled keys
+    present = columns < seq_k
+    samples = k.float()[:, :, columns.clamp(max=seq_k - 1)].transpose(-2, -1)[:, :, None]  # [B, Hk, 1, D, N·spb]
+
+    def sampled(rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        scores = (part @ samples) * scale                                                  # [B, Hk, G, R, N·spb]
+        hidden = ~present if not geometry.causal else ~present | (columns > rows[:, None] + geometry.key_offset)
+        scores = scores.masked_fill(hidden, -math.inf)
+        return scores.unflatten(-1, (num_n, per_block)).logsumexp(-1)
+
+    return _row_max_logits(q, geometry, k.shape[1], sampled, chunk_bytes)
 
 
 def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, k_means: torch.Tensor | None,
                          scale: float, geometry: BlockGeometry, config: SAAConfig,
-                         every_key: Callable[..., torch.Tensor] = every_key_logits,
-                         key_bound: Callable[..., torch.Tensor] = key_bound_logits) -> torch.Tensor:
+                         kernels: RouterKernels | None = None) -> torch.Tensor:
     """``[B, H, num_m, num_n]``: the logits of ``config.router`` from queries ``[B, H, Sq, D]``, their block
     means, keys ``[B, Hk, Sk, D]`` and mean keys ``[B, Hk, num_n, D]`` (needed by ``"mean-key"`` only);
-    ``every_key`` and ``key_bound`` compute the other two forms (kernels on the Triton path)."""
+    ``kernels`` computes the other forms (PyTorch by default, Triton kernels on the kernel path)."""
+    kernels = kernels or RouterKernels()
     if config.router == "every-key":
-        return every_key(q_means, k, scale, geometry)
+        return kernels.every_key(q_means, k, scale, geometry)
     if config.router == "key-bounds":
-        return key_bound(q, *key_bounds(k, geometry), scale, geometry)
+        return kernels.key_bound(q, *key_bounds(k, geometry), scale, geometry)
+    if config.router == "sampled-keys":
+        return kernels.sampled_key(q, k, scale, geometry, config.key_stride)
     key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
     return mean_key_logits(q_means, k_means, key_counts, scale)
 
@@ -268,3 +302,13 @@ def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConf
     exact = torch.zeros(batch, heads, num_m, num_n + 1, dtype=torch.bool, device=device)
     exact.scatter_(-1, torch.where(keep, order, num_n), True)
     return Selection(indices, counts, exact[..., :num_n], allowed, full)
+
+
+@dataclass(frozen=True)
+class RouterKernels:
+    """What computes the routers' logits and picks the blocks: PyTorch here, Triton kernels on the kernel path."""
+
+    every_key: Callable[..., torch.Tensor] = every_key_logits
+    key_bound: Callable[..., torch.Tensor] = key_bound_logits
+    sampled_key: Callable[..., torch.Tensor] = sampled_key_logits
+    choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks

@@ -90,35 +90,55 @@ def block_logits_kernel(
 
 
 @triton.jit
-def _key_bounds_tile(q_pos, q_neg, KMAX, KMIN, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
-                     qk_scale, KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``[BM, BLOCKS]`` bounds (log2 domain) of key blocks start.. against each row; -inf where not visible."""
+def _row_estimates(q, q_pos, q_neg, K1, K2, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K,
+                   qk_scale, KEY_OFFSET, ROUTER: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``[BM, BLOCKS]`` block logits (log2 domain) of key blocks start.. for each row, -inf where not
+    visible: the score bound from the blocks' key maxima K1 and minima K2 ("bounds"), or the
+    logsumexp of the scores of every STRIDE-th key of the keys K1 ("samples")."""
     offs_n = start + tl.arange(0, BLOCKS)                                 # [NB] key blocks
     n_ok = offs_n < n_end
-    mask = n_ok[None, :] & (offs_d[:, None] < HEAD_D)
-    k_max = tl.load(KMAX + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-    k_min = tl.load(KMIN + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-    u = tl.dot(q_pos, k_max.to(q_pos.dtype), input_precision=DOT_PRECISION)
-    u = tl.dot(q_neg, k_min.to(q_neg.dtype), acc=u, input_precision=DOT_PRECISION) * qk_scale  # [BM, NB]
-    visible = n_ok[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
-    return tl.where(visible, u, float("-inf"))
+    if ROUTER == "bounds":
+        mask = n_ok[None, :] & (offs_d[:, None] < HEAD_D)
+        k_max = tl.load(K1 + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
+        k_min = tl.load(K2 + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
+        u = tl.dot(q_pos, k_max.to(q_pos.dtype), input_precision=DOT_PRECISION)
+        u = tl.dot(q_neg, k_min.to(q_neg.dtype), acc=u, input_precision=DOT_PRECISION) * qk_scale  # [BM, NB]
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
+        u = tl.where(visible, u, float("-inf"))
+    else:
+        PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+        offs_s = tl.arange(0, BLOCKS * PER_BLOCK)                         # [NB·spb] samples
+        keys = (start + offs_s // PER_BLOCK) * BLOCK_N + (offs_s % PER_BLOCK) * STRIDE
+        key_ok = (keys < SEQ_K) & ((start + offs_s // PER_BLOCK) < n_end)
+        b_k = tl.load(K1 + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                      mask=key_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)    # [BD, NB·spb]
+        scores = tl.dot(q, b_k, input_precision=DOT_PRECISION) * qk_scale          # [BM, NB·spb]
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= offs_r[:, None] + KEY_OFFSET)
+        scores = tl.reshape(tl.where(visible, scores, float("-inf")), [q.shape[0], BLOCKS, PER_BLOCK])
+        top = tl.max(scores, 2)                                           # [BM, NB]
+        top_use = tl.where(top == float("-inf"), 0.0, top)
+        u = top_use + tl.log2(tl.sum(tl.exp2(scores - top_use[:, :, None]), 2))   # -inf where none visible
+    return u
 
 
 @triton.jit
-def key_bound_logits_kernel(
-    Q, KMAX, KMIN, OUT,
+def row_max_logits_kernel(
+    Q, K1, K2, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, KEY_OFFSET,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET,
+    ROUTER: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One query block's ``"key-bounds"`` logits: per row, the upper bound of its largest score in each
-    key block from the block's key maxima and minima, normalized over the row's visible blocks (pass
-    1, an online logsumexp); the largest over the rows (pass 2). BLOCKS key blocks per step."""
+    """One query block's logits of a per-row router ("bounds": ``"key-bounds"``, "samples":
+    ``"sampled-keys"``): each row's block estimates normalized over its visible blocks (pass 1, an
+    online logsumexp), then the largest over the rows (pass 2). BLOCKS key blocks per step."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -131,7 +151,8 @@ def key_bound_logits_kernel(
     b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
     q_pos = tl.maximum(b_q, 0.0)                                          # [BM, BD]
     q_neg = tl.minimum(b_q, 0.0)                                          # [BM, BD]
-    K_bh = b * stride_kb + kh * stride_kh
+    K1_bh = K1 + b * stride_kb + kh * stride_kh
+    K2_bh = K2 + b * stride_kb + kh * stride_kh
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
     n_end = NUM_N
@@ -141,16 +162,16 @@ def key_bound_logits_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     for start in range(0, n_end, BLOCKS):
-        u = _key_bounds_tile(q_pos, q_neg, KMAX + K_bh, KMIN + K_bh, stride_kn, stride_kd, offs_r, offs_d,
-                             start, n_end, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)
+        u = _row_estimates(b_q, q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K,
+                           qk_scale, KEY_OFFSET, ROUTER, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(u, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(u - m_use[:, None]), 1)
         m_i = m_new
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
     for start in range(0, n_end, BLOCKS):
-        u = _key_bounds_tile(q_pos, q_neg, KMAX + K_bh, KMIN + K_bh, stride_kn, stride_kd, offs_r, offs_d,
-                             start, n_end, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)
+        u = _row_estimates(b_q, q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K,
+                           qk_scale, KEY_OFFSET, ROUTER, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)
         best = tl.max(u - lse[:, None], 0) * 0.6931471805599453          # [BLOCKS] natural log
         offs_n = start + tl.arange(0, BLOCKS)
         tl.store(p_out + offs_n, best, mask=offs_n < n_end)
@@ -340,26 +361,40 @@ def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geome
     return out
 
 
+def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float, geometry: BlockGeometry,
+                    router: str, blocks: int, stride: int = 1) -> torch.Tensor:
+    batch, heads, _, dim = q.shape
+    out = torch.empty(batch, heads, geometry.num_m, geometry.num_n, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    row_max_logits_kernel[(geometry.num_m, batch * heads)](
+        q, k1, k2, out, *q.stride(), *k1.stride(),
+        scale * LOG2E, heads, heads // k1.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
+        geometry.key_offset,
+        ROUTER=router, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m,
+        BLOCK_N=geometry.block_n, BLOCKS=blocks, STRIDE=stride,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=1,
+    )
+    return out
+
+
 def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, scale: float,
                      geometry: BlockGeometry, interpret: bool = False) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"key-bounds"`` router's logits from queries ``[B, H, Sq, D]`` and
     each key block's key maxima and minima ``[B, Hk, num_n, D]`` (fp32), one program per query block
     (PyTorch form: :func:`attncompiler.saa_routing.key_bound_logits`)."""
-    batch, heads, _, dim = q.shape
-    out = torch.empty(batch, heads, geometry.num_m, geometry.num_n, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out
-    k_max, k_min = k_max.contiguous(), k_min.contiguous()
-    key_bound_logits_kernel[(geometry.num_m, batch * heads)](
-        q, k_max, k_min, out, *q.stride(), *k_max.stride(),
-        scale * LOG2E, heads, heads // k_max.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
-        geometry.key_offset,
-        CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m,
-        BLOCK_N=geometry.block_n, BLOCKS=16 if interpret else 64,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=1 if interpret else 2,
-    )
-    return out
+    return _row_max_logits(q, k_max.contiguous(), k_min.contiguous(), scale, geometry, "bounds",
+                           blocks=16 if interpret else 64)
+
+
+def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
+                       interpret: bool = False) -> torch.Tensor:
+    """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
+    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block (PyTorch form:
+    :func:`attncompiler.saa_routing.sampled_key_logits`)."""
+    per_block = geometry.block_n // stride
+    width = 64 if interpret else 128                                      # sampled keys per step
+    return _row_max_logits(q, k, k, scale, geometry, "samples", blocks=max(1, width // per_block), stride=stride)
 
 
 MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers

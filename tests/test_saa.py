@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from attncompiler.codegen.saa import every_key_logits as every_key_logits_kernel, pool_means
 from attncompiler.codegen.saa import key_bound_logits as key_bound_logits_kernel
+from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
@@ -21,7 +22,8 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import BlockGeometry, every_key_logits, key_bound_logits, key_bounds, select_blocks
+from attncompiler.saa_routing import (BlockGeometry, every_key_logits, key_bound_logits, key_bounds, sampled_key_logits,
+                                     select_blocks)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -29,7 +31,8 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
 # Padding rows of a query tile compute 0/0 in numpy; they are not stored.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")]  # log2(0) = -inf
 
 SMALL = dict(block_m=16, block_n=16)
 CAUSAL_FORMS = {  # name: (causal, bottom_right, score program)
@@ -86,7 +89,7 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
-@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds"])
+@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds", "sampled-keys"])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 def test_triton_path_routes_as_the_reference(form, router):
     """The kernels' pooling gives the same centroids and the same selection as the reference."""
@@ -192,6 +195,40 @@ def test_key_bound_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
     k_max, k_min = key_bounds(k, geometry)
     got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
     want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 4, 16])
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, causal, key_offset, stride):
+    """Per row, the logsumexp of the scores of the block's keys at multiples of ``stride`` from its first,
+    minus the row's logsumexp over blocks; the largest over the query block's rows."""
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(1, 2, sq, 8), randn(1, 1, sk, 8)
+    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, 2, Sq, Sk]
+    rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
+    visible = cols <= rows[:, None] + key_offset if causal else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    kept = (cols % 16 % stride == 0) & visible                                         # [Sq, Sk]
+    per_row = torch.stack([scores[..., n * 16:(n + 1) * 16].masked_fill(~kept[:, n * 16:(n + 1) * 16], -math.inf)
+                           .logsumexp(-1) for n in range(geometry.num_n)], -1)          # [1, 2, Sq, N]
+    norm = per_row.logsumexp(-1, keepdim=True)
+    per_row = torch.where(norm > -math.inf, per_row - norm, -math.inf)
+    got = sampled_key_logits(q, k, 0.3, geometry, stride)
+    for m in range(geometry.num_m):
+        torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [2, 16])
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_sampled_key_logits_kernel_matches_pytorch(sq, sk, causal, key_offset, stride):
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
+    got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.3, geometry, stride)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
@@ -310,7 +347,9 @@ def test_applicable_programs(program, expected):
     ({"centroids": 3}, "centroids must be"),
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
-    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds.\]"),
+    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds., .sampled-keys.\]"),
+    ({"key_stride": 3}, "key_stride must be a power of two"),
+    ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
 def test_config_validation(values, message):
