@@ -6,7 +6,7 @@ for a query block when some of its keys are visible to some of the block's queri
 when all of its keys are visible to all of them. Allowed blocks that are not full straddle the
 diagonal; they are always computed exactly, because their visible keys differ from row to row.
 
-The estimated logit of key block ``n`` for query block ``m`` comes from one of three training-free
+The estimated logit of key block ``n`` for query block ``m`` comes from one of four training-free
 routers, plus the learned term of a calibrated predictor when one is given
 (:mod:`attncompiler.saa_predictor`); its estimated mass is the softmax of these logits over the
 allowed blocks.
@@ -20,6 +20,9 @@ allowed blocks.
   of the row's largest score in the block; normalized over the row's visible blocks, the largest
   over the query block's rows. A block that one row needs is kept even when the block's mean
   query does not see it. Two products of ``1 / block_n`` of the dense score product.
+- ``"sampled-keys"``: per query row, the logsumexp of its scores against every ``key_stride``-th key
+  of the block, normalized and maximized over the rows like ``"key-bounds"``; ``1 / key_stride``
+  of the dense score product.
 
 Why the row maximum: on SmolLM2-135M over 4096 tokens of real text (CPU, fp32, blocks of 64, top 16,
 density 0.50, dense perplexity 10.834), choosing by the *true* block masses gives 10.865 when

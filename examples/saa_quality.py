@@ -50,6 +50,7 @@ def operating_points(block: int) -> dict[str, SAAConfig]:
         "saa-denser": replace(default, top_k=32, centroids=4),
         "saa-default every-key": replace(default, router="every-key"),
         "saa-default key-bounds": replace(default, router="key-bounds"),
+        "saa-default sampled-keys": replace(default, router="sampled-keys"),
     }
 
 
