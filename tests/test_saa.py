@@ -187,19 +187,6 @@ def test_key_bound_logits_are_normalized_row_bounds_maximized_over_the_block(sq,
             assert torch.isneginf(got[..., m, :]).all()
 
 
-@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
-                                                        (93, 73, True, -20)])
-def test_key_bound_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
-    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
-    q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
-    k_max, k_min = key_bounds(k, geometry)
-    got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
-    want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("stride", [1, 4, 16])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
@@ -221,14 +208,20 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
         torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stride", [2, 16])
+@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 2", "sampled-keys stride 16"])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
-def test_sampled_key_logits_kernel_matches_pytorch(sq, sk, causal, key_offset, stride):
+def test_row_router_kernels_match_pytorch(sq, sk, causal, key_offset, router):
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
-    got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, interpret=INTERPRET)
-    want = sampled_key_logits(q, k, 0.3, geometry, stride)
+    if router == "key-bounds":
+        k_max, k_min = key_bounds(k, geometry)
+        got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
+        want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
+    else:
+        stride = int(router.split()[-1])
+        got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, interpret=INTERPRET)
+        want = sampled_key_logits(q, k, 0.3, geometry, stride)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
