@@ -50,6 +50,12 @@ def saa_pool_kernel(
 
 
 @triton.jit
+def _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N: tl.constexpr):
+    """Causal: key blocks holding a key visible to query row last_row (key j sees i when j <= i + KEY_OFFSET)."""
+    return (tl.minimum(tl.maximum(last_row + KEY_OFFSET + 1, 0), SEQ_K) + BLOCK_N - 1) // BLOCK_N
+
+
+@triton.jit
 def block_logits_kernel(
     QM, K, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -74,7 +80,7 @@ def block_logits_kernel(
     n_end = NUM_N
     if CAUSAL:  # key blocks no query of this tile sees: -inf
         last_row = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q) * BLOCK_M, SEQ_Q) - 1
-        n_end = (tl.minimum(tl.maximum(last_row + KEY_OFFSET + 1, 0), SEQ_K) + BLOCK_N - 1) // BLOCK_N
+        n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
     for n in range(0, n_end):
         offs_k = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         k_ok = offs_k < SEQ_K
@@ -158,7 +164,7 @@ def row_max_logits_kernel(
     n_end = NUM_N
     if CAUSAL:  # key blocks past the last row's last visible key: -inf
         last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
-        n_end = tl.minimum(tl.maximum(last_row + KEY_OFFSET + 1, 0) + BLOCK_N - 1, NUM_N * BLOCK_N) // BLOCK_N
+        n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     for start in range(0, n_end, BLOCKS):
@@ -193,7 +199,7 @@ def select_blocks_kernel(
     first = m * BLOCK_M
     last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
     if CAUSAL:
-        allowed = (tl.minimum(tl.maximum(last + KEY_OFFSET + 1, 0), SEQ_K) + BLOCK_N - 1) // BLOCK_N
+        allowed = _allowed_blocks(last, KEY_OFFSET, SEQ_K, BLOCK_N)
         visible = tl.minimum(tl.maximum(first + KEY_OFFSET + 1, 0), SEQ_K)
         full = tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
         diagonal = allowed - 1
