@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import torch
 import triton
+import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
