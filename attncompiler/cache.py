@@ -4,7 +4,7 @@ An *environment* is everything a timing depends on besides the shape: the GPU (n
 capability), the torch and Triton versions, a hash of the kernel sources and the schema version.
 Each environment has its own file ``<cache>/tuning/<device>-<fingerprint>.json``::
 
-    {"schema": 2, "environment": {...}, "entries": {"<shape bucket>": {"config": {...}, "ms": ...,
+    {"schema": 3, "environment": {...}, "entries": {"<shape bucket>": {"config": {...}, "ms": ...,
                                                                     "winner": "triton", "backward": {...}}}}
 
 so a change in any of them starts a new, empty file (a file of an older schema is never read: its
@@ -37,7 +37,7 @@ from .options import cache_dir
 
 log = logging.getLogger("attncompiler")
 
-SCHEMA = 2
+SCHEMA = 3
 SEARCHES = ("quick", "exhaustive")
 _BUCKET_KEY = re.compile(r"^[A-Za-z0-9_.=,+/-]{1,200}$")
 _warned: set[str] = set()
@@ -116,9 +116,9 @@ def _config_from_json(raw: Any, kind: type, what: str):
     if not isinstance(raw, dict) or set(raw) != names:
         raise CacheError(f"{what} must have exactly the fields {sorted(names)}")
     for name, value in raw.items():
-        if name == "num_stages" and not (_is_int(value) and 1 <= value <= 8):
-            raise CacheError(f"{what} num_stages must be an integer in 1..8, got {value!r}")
-        if name != "num_stages" and not (_is_int(value) and 1 <= value <= 1024 and value & (value - 1) == 0):
+        if name.endswith("num_stages") and not (_is_int(value) and 1 <= value <= 8):
+            raise CacheError(f"{what} {name} must be an integer in 1..8, got {value!r}")
+        if not name.endswith("num_stages") and not (_is_int(value) and 1 <= value <= 1024 and value & (value - 1) == 0):
             raise CacheError(f"{what} {name} must be a power of two in 1..1024, got {value!r}")
     return kind(**raw)
 

@@ -14,9 +14,9 @@ query length, key length and batch·heads. For a bucket the tuner
    :mod:`attncompiler.cache`, with the fastest SDPA backend as its baseline and the *winner*:
    that backend where it beat every Triton config, else "triton".
 
-Training calls also tune the backward (:func:`tune_backward`): every :data:`BWD_CONFIG_SPACE`
-config that fits, each one's gradients checked once against the reference, the fastest stored in
-the bucket's entry.
+Training calls also tune the backward (:func:`tune_backward`): first the dK/dV kernel's launches of
+:data:`BWD_TILES_SPACE` that fit, with dQ at its default, then the dQ kernel's with the fastest dK/dV;
+each config's gradients checked once against the reference, the fastest stored in the bucket's entry.
 
 At run time :func:`select` turns the op's inputs into a bucket key (memoized per shape) and looks
 it up: a new sequence length never recompiles and never re-tunes within its bucket. A bucket whose
@@ -40,8 +40,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from attncompiler.codegen.configs import (BWD_CONFIG_SPACE, CONFIG_SPACE, BwdConfig, FlashConfig, _pow2_at_least,
-                                          bwd_keep, default_bwd_config, default_config, keep)
+from attncompiler.codegen.configs import (BWD_TILES_SPACE, CONFIG_SPACE, BwdConfig, BwdTiles, FlashConfig,
+                                          _pow2_at_least, bwd_tiles_keep, default_bwd_config, default_config, keep)
 from attncompiler.passes.score_mod import (SCORE, Binary, Const, Index, Operand, Where, is_sentinel_fill_of,
                                           key_limit, leaves, parse)
 
@@ -117,8 +117,12 @@ class Candidate:
 
 def config_name(config: FlashConfig | BwdConfig) -> str:
     if isinstance(config, BwdConfig):
-        return f"{config.block_resident}x{config.block_streamed}/w{config.num_warps}/s{config.num_stages}"
+        return f"dkdv {_tiles_name(config.dkdv)} dq {_tiles_name(config.dq)}"
     return f"{config.block_m}x{config.block_n}/w{config.num_warps}/s{config.num_stages}"
+
+
+def _tiles_name(t: BwdTiles) -> str:
+    return f"{t.resident}x{t.streamed}/w{t.num_warps}/s{t.num_stages}"
 
 
 def fits_sequences(c: FlashConfig, seq_q: int, seq_k: int) -> bool:
@@ -239,33 +243,42 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequ
     return found + [Candidate(name, sdpa_run(name)) for name in sdpa_backends(q.device)]
 
 
-def fits_sequences_bwd(c: BwdConfig, seq_q: int, seq_k: int) -> bool:
-    """As :func:`fits_sequences` for the backward, whose tiles span queries in one kernel and keys in the other."""
+def fits_sequences_bwd(t: BwdTiles, seq_q: int, seq_k: int) -> bool:
+    """As :func:`fits_sequences` for a backward kernel, whose tiles span queries on one side and keys on the other."""
     longest = _pow2_at_least(max(seq_q, seq_k))
-    smallest_r = min(x.block_resident for x in BWD_CONFIG_SPACE)
-    smallest_s = min(x.block_streamed for x in BWD_CONFIG_SPACE)
-    return c.block_resident <= max(longest, smallest_r) and c.block_streamed <= max(longest, smallest_s)
+    smallest_r = min(x.resident for x in BWD_TILES_SPACE)
+    smallest_s = min(x.streamed for x in BWD_TILES_SPACE)
+    return t.resident <= max(longest, smallest_r) and t.streamed <= max(longest, smallest_s)
 
 
-def backward_configs(q: torch.Tensor, v: torch.Tensor, seq_k: int, search: str, smem: int | None) -> list[BwdConfig]:
-    """The backward configs worth timing: the default first, then those of :data:`BWD_CONFIG_SPACE` that fit
-    (pruned and searched as :func:`triton_configs` does for the forward)."""
+def backward_configs(q: torch.Tensor, v: torch.Tensor, seq_k: int, search: str, smem: int | None,
+                     tuned_dkdv: BwdConfig | None = None) -> list[BwdConfig]:
+    """The backward configs worth timing, the default first, pruned and searched as
+    :func:`triton_configs` does for the forward. Without ``tuned_dkdv``: the dK/dV launches of
+    :data:`BWD_TILES_SPACE`, with dQ at its default; with it: its dK/dV and the dQ launches."""
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    default = tuned_dkdv or default_bwd_config(q, head_dim_v, smem is None)
+
+    def tiles(c: BwdConfig) -> BwdTiles:
+        return c.dq if tuned_dkdv else c.dkdv
+
+    space = [BwdConfig.of(default.dkdv, t) if tuned_dkdv else BwdConfig.of(t, default.dq) for t in BWD_TILES_SPACE]
     return _candidate_configs(
-        default_bwd_config(q, head_dim_v, smem is None), BWD_CONFIG_SPACE, search, smem,
-        lambda c: bwd_keep(c, head_dim, head_dim_v, q.element_size(), smem),
-        lambda c: fits_sequences_bwd(c, q.shape[-2], seq_k), lambda c: (c.block_resident, c.block_streamed))
+        default, space, search, smem,
+        lambda c: bwd_tiles_keep(tiles(c), head_dim, head_dim_v, q.element_size(), smem),
+        lambda c: fits_sequences_bwd(tiles(c), q.shape[-2], seq_k),
+        lambda c: (tiles(c).resident, tiles(c).streamed), lambda c: tiles(c).num_stages)
 
 
 def _candidate_configs(default, space, search: str, smem: int | None, fits_device: Callable, fits_lengths: Callable,
-                       tile: Callable) -> list:
+                       tile: Callable, stages: Callable = lambda c: c.num_stages) -> list:
     """``default``, then the configs of ``space`` worth timing: those that fit the device (unless
     interpreted) and the sequence lengths; a quick search keeps the default's pipeline depth, and the
     interpreter, which ignores warps and stages, keeps one config per ``tile`` shape."""
     interpret = smem is None
     found = [default]
     for c in space:
-        if search == "quick" and not interpret and c.num_stages != default.num_stages:
+        if search == "quick" and not interpret and stages(c) != stages(default):
             continue
         if not interpret and not fits_device(c):
             continue
@@ -424,14 +437,18 @@ def tune_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: S
                 return f"{name}: {trouble}"
         return None
 
-    configs = backward_configs(q, v, k.shape[-2], search, shared_memory_limit(q.device))
-    found = [Candidate(f"triton-bwd {config_name(c)}", run_with(c), c) for c in configs]
-    times = _check_and_time(key, found, check, rotated_inputs(with_forward((q, k, v, list(operands))), 6),
-                            timer, progress)
-    if not times:
-        raise TuningError(f"no Triton backward config ran correctly for {key}")
-    best = min(times, key=times.get)
-    return BackwardEntry(best.config, times[best], search, len(found))
+    rotations = rotated_inputs(with_forward((q, k, v, list(operands))), 6)
+    smem = shared_memory_limit(q.device)
+    best, tried = None, 0
+    for stage in ("dkdv", "dq"):  # dK/dV with dQ at its default, then dQ with the fastest dK/dV
+        configs = backward_configs(q, v, k.shape[-2], search, smem, tuned_dkdv=best.config if best else None)
+        found = [Candidate(f"triton-bwd {config_name(c)}", run_with(c), c) for c in configs]
+        times = _check_and_time(key, found, check, rotations, timer, progress)
+        if not times:
+            raise TuningError(f"no Triton backward config ran correctly for {key} ({stage} stage)")
+        best = min(times, key=times.get)
+        tried += len(found)
+    return BackwardEntry(best.config, times[best], search, tried)
 
 
 def reference_gradients(problem: tuple, program: str, zero_empty_rows: bool) -> tuple[list, list]:

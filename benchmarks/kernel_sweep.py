@@ -1,9 +1,9 @@
 """Launch-config sweep of the generated dense kernels at one shape, with SDPA and FlexAttention as yardsticks.
 
 For each forward config of :data:`~attncompiler.codegen.configs.CONFIG_SPACE` and each backward
-config of :data:`~attncompiler.codegen.configs.BWD_CONFIG_SPACE` that compiles, prints the time of
-the forward, and of each backward kernel (preprocess, dK/dV, dQ, from the profiler), in ms and
-TFLOP/s. No prune predicate is applied: the sweep shows what the predicates keep out.
+launch of :data:`~attncompiler.codegen.configs.BWD_TILES_SPACE` that compiles (given to both backward
+kernels), prints the time of the forward, and of each backward kernel (preprocess, dK/dV, dQ, from
+the profiler), in ms and TFLOP/s. No prune predicate is applied: the sweep shows what the predicates keep out.
 ``--variants`` adds forward kernels: the generated one with its key loop warp-specialized, with the
 heaviest (causal) query tiles scheduled first, or a kernel that moves every tile by TMA.
 
@@ -26,7 +26,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from attncompiler.codegen import flash
 from attncompiler.codegen.common import load_source, source_hash
-from attncompiler.codegen.configs import BWD_CONFIG_SPACE, CONFIG_SPACE
+from attncompiler.codegen.configs import BWD_TILES_SPACE, CONFIG_SPACE, BwdConfig, default_bwd_config
 from attncompiler.codegen.flash_bwd import flash_backward
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -152,7 +152,17 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
     return dict(times)
 
 
+def name(config: BwdConfig) -> str:
+    """A backward config as the tables show it: one launch for both kernels, or each kernel's."""
+    def tiles(t):
+        return f"{t.resident}×{t.streamed}, {t.num_warps} warps, {t.num_stages} stages"
+    return tiles(config.dkdv) if config.dkdv == config.dq else f"dK/dV {tiles(config.dkdv)}; dQ {tiles(config.dq)}"
+
+
 def wanted(config, args) -> bool:
+    """Whether ``--configs``, ``--stages`` and ``--warps`` keep a config (a backward one by its dK/dV launch)."""
+    if isinstance(config, BwdConfig):
+        config = config.dkdv
     named = "x".join(str(x) for x in vars(config).values())
     return ((not args.stages or config.num_stages in args.stages) and (not args.warps or config.num_warps in args.warps)
             and (not args.configs or named in args.configs))
@@ -229,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if "bwd" in args.passes:
         out, lse = flash.flash_forward(q, k, v, [], program)
         rows = []
-        for config in BWD_CONFIG_SPACE:
+        default = default_bwd_config(q, d, interpret=False)
+        for config in [default] + [BwdConfig.of(t, t) for t in BWD_TILES_SPACE]:
             if not wanted(config, args):
                 continue
 
@@ -242,18 +253,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  bwd {config}: {failure(e)}")
                 continue
             rows.append((ms, config, parts))
-            print(f"  bwd {config.block_resident}x{config.block_streamed} w{config.num_warps} s{config.num_stages}: "
+            print(f"  bwd {name(config)}: "
                   f"{ms:.3f} ms " + " ".join(f"{r}={t:.3f}" for r, t in parts.items()), flush=True)
         rows.sort(key=lambda r: r[0])
-        print("\n| backward config (resident×streamed) | ms | TFLOP/s | preprocess | dK/dV | dQ |\n|---|---|---|---|---|---|")
+        print("\n| backward config (resident×streamed tiles) | ms | TFLOP/s | preprocess | dK/dV | dQ |\n|---|---|---|---|---|---|")
         for ms, config, parts in rows[:args.top]:
-            print(f"| {config.block_resident}×{config.block_streamed}, {config.num_warps} warps, "
-                  f"{config.num_stages} stages | {ms:.3f} | {bwd_work / ms / 1e9:.0f} | "
+            print(f"| {name(config)}{' (default)' if config == default else ''} | {ms:.3f} | {bwd_work / ms / 1e9:.0f} | "
                   + " | ".join(f"{parts.get(r, 0):.3f}" for r in ("preprocess", "dkdv", "dq")) + " |")
         best_dkdv = min(rows, key=lambda r: r[2].get("dkdv", math.inf))
         best_dq = min(rows, key=lambda r: r[2].get("dq", math.inf))
-        print(f"fastest dK/dV: {best_dkdv[1]} {best_dkdv[2].get('dkdv', 0):.3f} ms; "
-              f"fastest dQ: {best_dq[1]} {best_dq[2].get('dq', 0):.3f} ms")
+        print(f"fastest dK/dV: {best_dkdv[1].dkdv} {best_dkdv[2].get('dkdv', 0):.3f} ms; "
+              f"fastest dQ: {best_dq[1].dq} {best_dq[2].get('dq', 0):.3f} ms")
     print("\n".join(yardsticks))
     return 0
 

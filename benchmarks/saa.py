@@ -8,7 +8,7 @@ markdown table (milliseconds, SAA's density and relative error against dense, sp
 records it, dated, in ``benchmarks/RESULTS.md`` unless ``--no-record``.
 
     python benchmarks/saa.py [--seqs 8192 16384 32768 65536 131072] [--head-dims 64 128]
-                             [--saa '{"top_k": 16}'] [--kv-heads N] [--no-record]
+                             [--saa '{"top_k": 16}'] [--kv-heads N] [--sweep] [--profile] [--no-record]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
+from torch.profiler import ProfilerActivity, profile
 
 from attncompiler.codegen.flash import flash_forward
 from attncompiler.codegen.saa import saa_attend
@@ -53,12 +54,25 @@ def implementations(scale: float, config: SAAConfig) -> dict:
     }
 
 
-def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False) -> dict:
+def plan_profile(q, k, v, scale: float, geometry: BlockGeometry, config: SAAConfig) -> str:
+    """The GPU kernels of planning, by total time over five calls (a profiler table)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            saa_plan(q, k, v, scale, geometry, config)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
+
+
+def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
     """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel
-    (with ``sweep``, also the attend kernel under other warp and stage counts, printed)."""
+    (with ``sweep``, also the attend kernel under other warp and stage counts, printed; with
+    ``profile_plan``, planning's kernels, printed)."""
     seq = q.shape[-2]
     geometry = BlockGeometry(seq, seq, config.block_m, config.block_n, True)
     selection, centroids = saa_plan(q, k, v, scale, geometry, config)
+    if profile_plan:
+        print(f"  planning S={seq} D={q.shape[-1]}, router {config.router}:\n"
+              f"{plan_profile(q, k, v, scale, geometry, config)}", file=sys.stderr)
 
     def attend(**launch):
         return lambda: saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale,
@@ -75,7 +89,8 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False) ->
     return {"plan": bench(lambda: saa_plan(q, k, v, scale, geometry, config)), "attend": bench(attend())}
 
 
-def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig, sweep: bool = False) -> dict:
+def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig, sweep: bool = False,
+            profile_plan: bool = False) -> dict:
     """Milliseconds of each implementation at one shape (None where it cannot run), SAA's density
     and its relative error against the first dense peer that ran."""
     heads = HIDDEN // head_dim
@@ -96,7 +111,7 @@ def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig, sw
     if "saa" in outputs and dense is not None:
         result["error"] = relative_error(outputs["saa"], dense)
         result["density"] = saa_forward(q, k, v, scale, True, config, kernel="triton")[1].density
-        result.update(saa_stages(q, k, v, scale, config, sweep))
+        result.update(saa_stages(q, k, v, scale, config, sweep, profile_plan))
     return result
 
 
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: as many as query heads)")
     parser.add_argument("--saa", default="{}", help="SAA operating point as JSON (SAAConfig fields)")
     parser.add_argument("--sweep", action="store_true", help="also time the attend kernel under other launch settings")
+    parser.add_argument("--profile", action="store_true", help="also print planning's GPU kernels by time")
     parser.add_argument("--no-record", action="store_true", help="do not write to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -131,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
              + " | " + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (7 + 2 * len(peers)) + "|"]
     for d in args.head_dims:
         for s in args.seqs:
-            r = measure(s, d, args.kv_heads, config, args.sweep)
+            r = measure(s, d, args.kv_heads, config, args.sweep, args.profile)
             cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
                      f"{r['error']:.3f}" if r["error"] is not None else "–"]
             cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", "plan", "attend", *peers]]

@@ -72,54 +72,92 @@ def default_config(q: torch.Tensor, head_dim_v: int, interpret: bool) -> FlashCo
 
 
 @dataclass(frozen=True)
+class BwdTiles:
+    """One backward kernel's launch: it keeps a *resident* tile and accumulates into it while
+    streaming tiles of the other side."""
+
+    resident: int
+    streamed: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
 class BwdConfig:
-    """Tiles of the backward kernels. Each program keeps a *resident* tile and accumulates into it
-    while streaming the other side: keys (dK, dV) over query tiles, queries (dQ) over key tiles."""
+    """Launches of the backward kernels, tuned apart: dK/dV (and the preprocess) keep key tiles of
+    ``block_resident`` and stream query tiles of ``block_streamed``; dQ keeps query tiles of
+    ``dq_block_m`` and streams key tiles of ``dq_block_n``."""
 
     block_resident: int
     block_streamed: int
     num_warps: int
     num_stages: int
+    dq_block_m: int
+    dq_block_n: int
+    dq_num_warps: int
+    dq_num_stages: int
+
+    @classmethod
+    def of(cls, dkdv: BwdTiles, dq: BwdTiles) -> "BwdConfig":
+        return cls(dkdv.resident, dkdv.streamed, dkdv.num_warps, dkdv.num_stages,
+                   dq.resident, dq.streamed, dq.num_warps, dq.num_stages)
+
+    @property
+    def dkdv(self) -> BwdTiles:
+        return BwdTiles(self.block_resident, self.block_streamed, self.num_warps, self.num_stages)
+
+    @property
+    def dq(self) -> BwdTiles:
+        return BwdTiles(self.dq_block_m, self.dq_block_n, self.dq_num_warps, self.dq_num_stages)
 
 
-def bwd_shared_memory_bytes(c: BwdConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
-    """Shared memory of the heavier backward kernel: two resident tiles plus ``num_stages`` pairs of
+def bwd_shared_memory_bytes(t: BwdTiles, head_dim: int, head_dim_v: int, itemsize: int) -> int:
+    """Shared memory of one backward kernel: two resident tiles plus ``num_stages`` pairs of
     streamed tiles (k, v for dQ; q, dO for dK/dV)."""
     d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
-    return itemsize * (c.block_resident + c.num_stages * c.block_streamed) * (d + dv)
+    return itemsize * (t.resident + t.num_stages * t.streamed) * (d + dv)
 
 
-def bwd_registers_per_thread(c: BwdConfig, head_dim: int, head_dim_v: int) -> int:
-    """Estimated fp32 registers per thread: the resident tile's two accumulators plus the three
-    ``[resident, streamed]`` score-sized tiles (scores, probabilities, their gradient)."""
+def bwd_registers_per_thread(t: BwdTiles, head_dim: int, head_dim_v: int) -> int:
+    """Estimated fp32 registers per thread of one backward kernel: the resident tile's two
+    accumulators plus the three ``[resident, streamed]`` score-sized tiles (scores, probabilities,
+    their gradient)."""
     d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
-    return c.block_resident * (d + dv + 3 * c.block_streamed) // (32 * c.num_warps)
+    return t.resident * (d + dv + 3 * t.streamed) // (32 * t.num_warps)
+
+
+def bwd_tiles_keep(t: BwdTiles, head_dim: int, head_dim_v: int, itemsize: int, smem_limit: int) -> bool:
+    """Prune launches of a backward kernel that overflow shared memory or registers, or leave warps idle."""
+    if bwd_shared_memory_bytes(t, head_dim, head_dim_v, itemsize) > smem_limit:
+        return False
+    if bwd_registers_per_thread(t, head_dim, head_dim_v) > MAX_REGISTERS_PER_THREAD:
+        return False
+    return t.resident * t.streamed // (32 * t.num_warps) >= 2
 
 
 def bwd_keep(c: BwdConfig, head_dim: int, head_dim_v: int, itemsize: int, smem_limit: int) -> bool:
-    """Prune backward configs that overflow shared memory or registers, or leave warps idle."""
-    if bwd_shared_memory_bytes(c, head_dim, head_dim_v, itemsize) > smem_limit:
-        return False
-    if bwd_registers_per_thread(c, head_dim, head_dim_v) > MAX_REGISTERS_PER_THREAD:
-        return False
-    return c.block_resident * c.block_streamed // (32 * c.num_warps) >= 2
+    """Both kernels' launches pass :func:`bwd_tiles_keep`."""
+    return all(bwd_tiles_keep(t, head_dim, head_dim_v, itemsize, smem_limit) for t in (c.dkdv, c.dq))
 
 
-BWD_CONFIG_SPACE = [
-    BwdConfig(r, s, w, st)
+BWD_TILES_SPACE = [
+    BwdTiles(r, s, w, st)
     for r, s, w, st in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 2, 3, 4, 5))
 ]
 
 
 def default_bwd_config(q: torch.Tensor, head_dim_v: int, interpret: bool) -> BwdConfig:
-    """An untuned backward config for this query shape, dtype and device: at D64 and D128 among the
-    fastest of :data:`BWD_CONFIG_SPACE` on an H100 (bf16, S = 4K, causal and not; within 2% of the
-    best), at 2.5 to 3 times the speed of the smaller tiles of a register budget of 128."""
+    """An untuned backward config for this query shape, dtype and device. On an H100 (bf16, S = 4K,
+    ``benchmarks/kernel_sweep.py``), dK/dV: at D64 and D128 among the fastest of
+    :data:`BWD_TILES_SPACE` (causal and not, within 2% of the best); dQ: the fastest at D128."""
     widest = max(q.shape[-1], head_dim_v)
     if interpret:
-        return BwdConfig(64, 32, 4, 1)
+        tiles = BwdTiles(64, 32, 4, 1)
+        return BwdConfig.of(tiles, tiles)
     if q.dtype == torch.float32:
-        return BwdConfig(32, 16, 4 if widest <= 128 else 8, 1)
+        tiles = BwdTiles(32, 16, 4 if widest <= 128 else 8, 1)
+        return BwdConfig.of(tiles, tiles)
     if widest <= 128:
-        return BwdConfig(64, 64, 4, 2)
-    return BwdConfig(32, 32, 8, 2)
+        return BwdConfig.of(BwdTiles(64, 64, 4, 2), BwdTiles(128, 64, 8, 3))
+    tiles = BwdTiles(32, 32, 8, 2)
+    return BwdConfig.of(tiles, tiles)

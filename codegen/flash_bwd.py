@@ -457,23 +457,24 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     config = config or default_bwd_config(q, head_dv, interpret)
     heads, kv_heads = o4.shape[1], k4.shape[1]
     shapes = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_pow2_at_least(head_d),
-                  BLOCK_DV=_pow2_at_least(head_dv), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    common = dict(shapes, ZERO_EMPTY_ROWS=zero_empty_rows)
+                  BLOCK_DV=_pow2_at_least(head_dv), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     rows = (*q4.stride(), *k4.stride(), *v4.stride(), *g4.stride(), *lse4.stride()[:3], *delta4.stride()[:3])
+    dkdv, dq = config.dkdv, config.dq
 
-    num_m = math.ceil(seq_q / config.block_resident)
+    num_m = math.ceil(seq_q / dq.resident)
     kernels.preprocess[(num_m * o4.shape[0] * heads,)](
         q4, k4, o4, g4, lse4, delta4, log2n4, *operand_args, *q4.stride(), *k4.stride(), *o4.stride(),
         *g4.stride(), *lse4.stride()[:3], *delta4.stride()[:3], heads, group, seq_q, seq_k, num_m,
-        BLOCK_M=config.block_resident, BLOCK_N=config.block_streamed, **shapes)
-    num_n = math.ceil(seq_k / config.block_resident)
+        BLOCK_M=dq.resident, BLOCK_N=dq.streamed, num_warps=dq.num_warps, num_stages=dq.num_stages, **shapes)
+    num_n = math.ceil(seq_k / dkdv.resident)
     kernels.dkdv[(num_n * k4.shape[0] * kv_heads,)](
         q4, k4, v4, g4, lse4, delta4, log2n4, dk4, dv4, *operand_args, *rows, *dk4.stride(), *dv4.stride(),
         kv_heads, group, seq_q, seq_k, num_n,
-        BLOCK_M=config.block_streamed, BLOCK_N=config.block_resident, **common)
+        BLOCK_M=dkdv.streamed, BLOCK_N=dkdv.resident, ZERO_EMPTY_ROWS=zero_empty_rows,
+        num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **shapes)
     kernels.dq[(num_m * o4.shape[0] * heads,)](
         q4, k4, v4, g4, lse4, delta4, log2n4, dq4, *operand_args, *rows, *dq4.stride(),
         heads, group, seq_q, seq_k, num_m,
-        BLOCK_M=config.block_resident, BLOCK_N=config.block_streamed, **common)
+        BLOCK_M=dq.resident, BLOCK_N=dq.streamed, ZERO_EMPTY_ROWS=zero_empty_rows,
+        num_warps=dq.num_warps, num_stages=dq.num_stages, **shapes)
     return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v)))

@@ -96,40 +96,41 @@ def block_logits_kernel(
 
 
 @triton.jit
-def _row_estimates(q, q_pos, q_neg, K1, K2, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K,
-                   qk_scale, KEY_OFFSET, ROUTER: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``[BM, BLOCKS]`` block logits (log2 domain) of key blocks start.. for each row, -inf where not
-    visible: the score bound from the blocks' key maxima K1 and minima K2 ("bounds"), or the
-    logsumexp of the scores of every STRIDE-th key of the keys K1 ("samples")."""
+def _bound_logits(q_pos, q_neg, K_MAX, K_MIN, stride_kn, stride_kd, offs_r, offs_d, start, n_end, qk_scale, KEY_OFFSET,
+                  CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """``[BM, BLOCKS]``: each row's bound on its largest score (log2 domain) in key blocks start..,
+    from the blocks' key maxima and minima; -inf where the row sees no key of the block."""
     offs_n = start + tl.arange(0, BLOCKS)                                 # [NB] key blocks
     n_ok = offs_n < n_end
-    if ROUTER == "bounds":
-        mask = n_ok[None, :] & (offs_d[:, None] < HEAD_D)
-        k_max = tl.load(K1 + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-        k_min = tl.load(K2 + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-        u = tl.dot(q_pos, k_max.to(q_pos.dtype), input_precision=DOT_PRECISION)
-        u = tl.dot(q_neg, k_min.to(q_neg.dtype), acc=u, input_precision=DOT_PRECISION) * qk_scale  # [BM, NB]
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
-        u = tl.where(visible, u, float("-inf"))
-    else:
-        PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
-        offs_s = tl.arange(0, BLOCKS * PER_BLOCK)                         # [NB·spb] samples
-        keys = (start + offs_s // PER_BLOCK) * BLOCK_N + (offs_s % PER_BLOCK) * STRIDE
-        key_ok = (keys < SEQ_K) & ((start + offs_s // PER_BLOCK) < n_end)
-        b_k = tl.load(K1 + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                      mask=key_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)    # [BD, NB·spb]
-        scores = tl.dot(q, b_k, input_precision=DOT_PRECISION) * qk_scale          # [BM, NB·spb]
-        visible = key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= offs_r[:, None] + KEY_OFFSET)
-        scores = tl.reshape(tl.where(visible, scores, float("-inf")), [q.shape[0], BLOCKS, PER_BLOCK])
-        top = tl.max(scores, 2)                                           # [BM, NB]
-        top_use = tl.where(top == float("-inf"), 0.0, top)
-        u = top_use + tl.log2(tl.sum(tl.exp2(scores - top_use[:, :, None]), 2))   # -inf where none visible
-    return u
+    mask = n_ok[None, :] & (offs_d[:, None] < HEAD_D)
+    k_max = tl.load(K_MAX + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
+    k_min = tl.load(K_MIN + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
+    u = tl.dot(q_pos, k_max.to(q_pos.dtype), input_precision=DOT_PRECISION)
+    u = tl.dot(q_neg, k_min.to(q_neg.dtype), acc=u, input_precision=DOT_PRECISION) * qk_scale  # [BM, NB]
+    visible = n_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
+    return tl.where(visible, u, float("-inf"))
+
+
+@triton.jit
+def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale, KEY_OFFSET,
+                    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+                    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``[BM, BLOCKS·spb]``: each row's scores (log2 domain) against every STRIDE-th key of key blocks
+    start.., spb = BLOCK_N / STRIDE samples per block, block by block; -inf where not visible."""
+    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+    offs_s = tl.arange(0, BLOCKS * PER_BLOCK)                             # [W] samples
+    keys = start * BLOCK_N + offs_s * STRIDE                              # [W] their keys
+    key_ok = (keys < SEQ_K) & ((start + offs_s // PER_BLOCK) < n_end)
+    b_kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                   mask=key_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, W]
+    scores = tl.dot(q, b_kt, input_precision=DOT_PRECISION) * qk_scale   # [BM, W]
+    visible = key_ok[None, :]
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= offs_r[:, None] + KEY_OFFSET)
+    return tl.where(visible, scores, float("-inf"))
 
 
 @triton.jit
@@ -142,9 +143,14 @@ def row_max_logits_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One query block's logits of a per-row router ("bounds": ``"key-bounds"``, "samples":
-    ``"sampled-keys"``): each row's block estimates normalized over its visible blocks (pass 1, an
-    online logsumexp), then the largest over the rows (pass 2). BLOCKS key blocks per step."""
+    """One query block's logits of a per-row router, BLOCKS key blocks per step, in two passes.
+
+    "bounds" (``"key-bounds"``, K1 / K2 the blocks' key maxima / minima): pass 1 takes each row's
+    logsumexp over its block bounds u, pass 2 stores the largest ``u - lse`` over the rows.
+    "samples" (``"sampled-keys"``, K1 the keys): pass 1 takes each row's logsumexp over its sampled
+    scores s, pass 2 sums ``exp(s - lse)`` per key block by one product with the samples' block
+    membership and stores the log of the largest sum over the rows (sums below 2**-126, which fp32
+    cannot tell from 0, read as 2**-126)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -168,18 +174,31 @@ def row_max_logits_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     for start in range(0, n_end, BLOCKS):
-        u = _row_estimates(b_q, q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K,
-                           qk_scale, KEY_OFFSET, ROUTER, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)
+        if ROUTER == "bounds":
+            u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
+                              qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
+        else:
+            u = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
+                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)  # [BM, W]
         m_new = tl.maximum(m_i, tl.max(u, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(u - m_use[:, None]), 1)
         m_i = m_new
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
     for start in range(0, n_end, BLOCKS):
-        u = _row_estimates(b_q, q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K,
-                           qk_scale, KEY_OFFSET, ROUTER, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)
-        best = tl.max(u - lse[:, None], 0) * 0.6931471805599453          # [BLOCKS] natural log
-        offs_n = start + tl.arange(0, BLOCKS)
+        offs_n = start + tl.arange(0, BLOCKS)                             # [NB]
+        if ROUTER == "bounds":
+            u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
+                              qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
+            best = tl.max(u - lse[:, None], 0) * 0.6931471805599453      # [NB] natural log
+        else:
+            s = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
+                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)  # [BM, W]
+            PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+            offs_s = tl.arange(0, BLOCKS * PER_BLOCK)
+            member = (offs_s[:, None] // PER_BLOCK == tl.arange(0, BLOCKS)[None, :]).to(tl.float32)  # [W, NB]
+            mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
+            best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
         tl.store(p_out + offs_n, best, mask=offs_n < n_end)
     for start in range(n_end, NUM_N, BLOCKS):
         offs_n = start + tl.arange(0, BLOCKS)
@@ -368,7 +387,7 @@ def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geome
 
 
 def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float, geometry: BlockGeometry,
-                    router: str, blocks: int, stride: int = 1) -> torch.Tensor:
+                    router: str, blocks: int, stride: int = 1, num_stages: int = 1) -> torch.Tensor:
     batch, heads, _, dim = q.shape
     out = torch.empty(batch, heads, geometry.num_m, geometry.num_n, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -379,7 +398,7 @@ def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: 
         geometry.key_offset,
         ROUTER=router, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m,
         BLOCK_N=geometry.block_n, BLOCKS=blocks, STRIDE=stride,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=num_stages,
     )
     return out
 
@@ -399,8 +418,9 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
     keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block (PyTorch form:
     :func:`attncompiler.saa_routing.sampled_key_logits`)."""
     per_block = geometry.block_n // stride
-    width = 64 if interpret else 128                                      # sampled keys per step
-    return _row_max_logits(q, k, k, scale, geometry, "samples", blocks=max(1, width // per_block), stride=stride)
+    blocks = max(1 if interpret else 16, 128 // per_block)                # key blocks per step: ≥ 16 for tl.dot
+    return _row_max_logits(q, k, k, scale, geometry, "samples", blocks=blocks, stride=stride,
+                           num_stages=1 if interpret else 3)
 
 
 MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers

@@ -160,12 +160,14 @@ def test_import_validates_every_entry(tmp_path):
 
 
 def test_winner_and_backward_round_trip_and_are_validated():
-    backward = BackwardEntry(BwdConfig(64, 32, 8, 3), ms=0.5, search="exhaustive", candidates=9)
+    backward = BackwardEntry(BwdConfig(64, 32, 8, 3, 128, 64, 8, 3), ms=0.5, search="exhaustive", candidates=9)
     entry = dataclasses.replace(ENTRY, winner="sdpa-flash", backward=backward)
     assert Entry.from_json(json.loads(json.dumps(entry.to_json()))) == entry
     for change in [{"winner": "sdpa-cudnn"}, {"winner": None},
                    {"backward": {**backward.to_json(), "ms": 0}},
-                   {"backward": {**backward.to_json(), "config": {"block_resident": 48, "block_streamed": 32,
+                   {"backward": {**backward.to_json(), "config": {**backward.to_json()["config"], "block_resident": 48}}},
+                   {"backward": {**backward.to_json(), "config": {**backward.to_json()["config"], "dq_num_stages": 9}}},
+                   {"backward": {**backward.to_json(), "config": {"block_resident": 64, "block_streamed": 32,
                                                                   "num_warps": 8, "num_stages": 3}}},
                    {"backward": {"config": {}}}]:
         with pytest.raises(CacheError):
@@ -174,7 +176,7 @@ def test_winner_and_backward_round_trip_and_are_validated():
 
 def test_forward_and_backward_results_tuned_apart_both_survive(tmp_path):
     local = LocalCache(ENV, tmp_path)
-    backward = BackwardEntry(BwdConfig(64, 32, 8, 3), ms=0.5, search="quick", candidates=9)
+    backward = BackwardEntry(BwdConfig(64, 32, 8, 3, 128, 64, 8, 3), ms=0.5, search="quick", candidates=9)
     local.store({"a": dataclasses.replace(ENTRY, backward=backward)})
     deeper = dataclasses.replace(ENTRY, search="exhaustive", ms=0.2)
     assert local.store({"a": deeper})["a"] == dataclasses.replace(deeper, backward=backward)

@@ -449,28 +449,36 @@ def test_backward_configs_fit_shared_memory_and_registers():
     exhaustive = tuner.backward_configs(q, v, 4096, "exhaustive", H100_SMEM)
     assert quick[0] == exhaustive[0] and set(quick) < set(exhaustive)
     assert all(bwd_keep(c, 128, 128, 2, H100_SMEM) for c in exhaustive[1:])
+    assert {c.dq for c in exhaustive} == {exhaustive[0].dq}  # the dK/dV stage keeps dQ at its default
+    tuned = exhaustive[-1]
+    dq_stage = tuner.backward_configs(q, v, 4096, "exhaustive", H100_SMEM, tuned_dkdv=tuned)
+    assert dq_stage[0] == tuned and {c.dkdv for c in dq_stage} == {tuned.dkdv} and len(dq_stage) > len(quick)
+    assert all(bwd_keep(c, 128, 128, 2, H100_SMEM) for c in dq_stage)
     interpreted = tuner.backward_configs(*qkv(seq=20)[::2], 20, "exhaustive", None)
     assert len({(c.block_resident, c.block_streamed) for c in interpreted}) == len(interpreted)
     assert max(c.block_resident for c in interpreted[1:]) == 32
 
 
 def test_the_fastest_correct_backward_config_wins(monkeypatch, caplog):
+    """The dK/dV stage drops a wrong config and keeps the fastest; the dQ stage starts from it."""
     q, k, v = qkv(heads=4, kv_heads=2, seq=20)
-    names = [f"triton-bwd {tuner.config_name(c)}" for c in tuner.backward_configs(q, v, 20, "quick", None)]
-    assert len(names) >= 2
+    configs = tuner.backward_configs(q, v, 20, "quick", None)
+    dq_configs = tuner.backward_configs(q, v, 20, "quick", None, tuned_dkdv=configs[1])
+    names, dq_names = ([f"triton-bwd {tuner.config_name(c)}" for c in cs] for cs in (configs, dq_configs))
+    assert len(names) >= 2 and len(dq_names) >= 2 and dq_names[0] == names[1]
     from attncompiler.codegen import flash_bwd
 
     real = flash_bwd.flash_backward
 
     def wrong_for_one(*args, config=None, **kwargs):
         dq, dk, dv = real(*args, config=config, **kwargs)
-        return (dq * 2, dk, dv) if tuner.config_name(config) == names[0].split()[1] else (dq, dk, dv)
+        return (dq * 2, dk, dv) if config == configs[0] else (dq, dk, dv)
 
     monkeypatch.setattr(flash_bwd, "flash_backward", wrong_for_one)
-    timer = ScriptedTimer({names[0]: 0.1, names[1]: 1.0})
+    timer = ScriptedTimer({names[0]: 0.1, names[1]: 1.0, dq_names[1]: 0.5})
     backward = tuner.tune_backward(q, k, v, [], CAUSAL, False, "quick", timer)
-    assert tuner.config_name(backward.config) == names[1].split()[1] and backward.ms == 1.0
-    assert backward.candidates == len(names) and names[0] not in timer.timed
+    assert backward.config == dq_configs[1] and backward.ms == 0.5
+    assert backward.candidates == len(names) + len(dq_names) and names[0] not in timer.timed
     assert any("dropped " + names[0] + " (dq: max error" in r.getMessage() for r in caplog.records)
 
 
