@@ -152,15 +152,21 @@ def _tile_grads(
 @triton.jit
 def _tile_grads_t(
     b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_args}
-    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION: tl.constexpr,
+    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K,
+    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """``(pᵀ, dsᵀ)`` of one key-major [BN, BM] tile (keys past SEQ_K or the key limit allowed): dK
-    and dV take them as the left operand as they are, with no transpose of a product's result."""
+    """``(pᵀ, dsᵀ)`` of one key-major [BN, BM] tile: dK and dV take them as the left operand as they
+    are, with no transpose of a product's result. MASKED tiles may hold keys past SEQ_K or past the
+    program's key limit; the others hold neither."""
     s = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)        # [BN, BM] raw scores
 {operand_loads_t}
-    z = {masked_score_t}
-    z = tl.where(col_ok[:, None], z, float("-inf"))
-    g = {masked_derivative_t}
+    if MASKED:
+        z = {masked_score_t}
+        z = tl.where(col_ok[:, None], z, float("-inf"))
+        g = {masked_derivative_t}
+    else:
+        z = {score_t}
+        g = {derivative_t}
     p = {probabilities_t}  # [BN, BM]
     dp = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)      # [BN, BM]
     ds = p * (dp - b_delta[None, :]) * g                                  # [BN, BM]
@@ -237,9 +243,16 @@ def dkdv(
             b_q, b_do, b_lse, b_rate, b_log2n, b_delta = _load_rows(
                 Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm,
                 stride_em, offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
-            p_t, ds_t = _tile_grads_t(
-                b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
-                offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION)
+            q_first = tl.full([], 0, tl.int32) + start_m                  # a tensor in the interpreter too
+            full_end, _ = _key_range(q_first, tl.minimum(q_first + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
+            if start_n + BLOCK_N <= full_end:  # every key of the tile visible to every row
+                p_t, ds_t = _tile_grads_t(
+                    b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
+                    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED=False)
+            else:
+                p_t, ds_t = _tile_grads_t(
+                    b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
+                    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED=True)
             b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)   # [BN, BDV]
             b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)    # [BN, BD]
 
@@ -403,7 +416,7 @@ def generate(program: Expr | str) -> tuple[str, str]:
         probabilities_t=PROBABILITIES_FOLDED_T if factored else PROBABILITIES_PER_ROW_T,
         operand_params="".join(f"\n    T{i}, stride_t{i}_b, stride_t{i}_h, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_args="".join(f"\n    T{i}, stride_t{i}_m, stride_t{i}_n," for i in used),
-        operand_call="".join(f"\n                T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
+        operand_call="".join(f"\n                    T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_pass="".join(f"\n            T{i}, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_call_q="".join(f"\n        T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_bases="\n".join(f"        T{i}_bh = T{i} + b * stride_t{i}_b + h * stride_t{i}_h" for i in used),
@@ -418,6 +431,7 @@ def generate(program: Expr | str) -> tuple[str, str]:
         masked_score_t=to_triton(raw, index=KEY_MAJOR_INDEX),
         masked_derivative_t=tile_derivative(raw, index=KEY_MAJOR_INDEX),
         score=to_triton(unmasked), derivative=tile_derivative(unmasked),
+        score_t=to_triton(unmasked, index=KEY_MAJOR_INDEX), derivative_t=tile_derivative(unmasked, index=KEY_MAJOR_INDEX),
         key_range=key_range_source(expr), first_query_tile=_first_query_tile_source(expr))
     return f"flash_bwd_{source_hash(body)}", body
 
