@@ -134,7 +134,8 @@ def block_means(centroid_means: torch.Tensor, counts: torch.Tensor, centroids: i
 class Selection:
     """The key blocks computed exactly, per batch, query head and query block.
 
-    ``indices[..., :counts]`` lists them (in decreasing priority; the rest is padding), ``exact`` is
+    ``indices[..., :counts]`` lists them (the rest is padding: 0), in decreasing priority, or in block
+    order where the selection kernel keeps a top-k alone, with no ``tau``; ``exact`` is
     the same set as a mask over all key blocks, ``full`` the number of full blocks per query block.
     """
 

@@ -152,7 +152,7 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
     return dict(times)
 
 
-def name(config: BwdConfig) -> str:
+def bwd_name(config: BwdConfig) -> str:
     """A backward config as the tables show it: one launch for both kernels, or each kernel's."""
     def tiles(t):
         return f"{t.resident}×{t.streamed}, {t.num_warps} warps, {t.num_stages} stages"
@@ -253,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  bwd {config}: {failure(e)}")
                 continue
             rows.append((ms, config, parts))
-            print(f"  bwd {name(config)}: "
+            print(f"  bwd {bwd_name(config)}: "
                   f"{ms:.3f} ms " + " ".join(f"{r}={t:.3f}" for r, t in parts.items()), flush=True)
         rows.sort(key=lambda r: r[0])
         print("\n| backward config (resident×streamed tiles) | ms | TFLOP/s | preprocess | dK/dV | dQ |\n|---|---|---|---|---|---|")
         for ms, config, parts in rows[:args.top]:
-            print(f"| {name(config)}{' (default)' if config == default else ''} | {ms:.3f} | {bwd_work / ms / 1e9:.0f} | "
+            print(f"| {bwd_name(config)}{' (default)' if config == default else ''} | {ms:.3f} | {bwd_work / ms / 1e9:.0f} | "
                   + " | ".join(f"{parts.get(r, 0):.3f}" for r in ("preprocess", "dkdv", "dq")) + " |")
         best_dkdv = min(rows, key=lambda r: r[2].get("dkdv", math.inf))
         best_dq = min(rows, key=lambda r: r[2].get("dq", math.inf))

@@ -11,7 +11,8 @@ With ``z = program(q·kᵀ)``, ``P = exp(z - lse)`` rebuilt from the forward's r
     dQ = dS·K                                 one program per query tile, looping over key tiles
 
 No ``Sq × Sk`` matrix is written. Masks and biases are loaded per tile as in the forward; key
-blocks that a program's key limit masks for a whole query tile are skipped.
+blocks that a program's key limit masks for a whole query tile are skipped, and tiles whose every
+key every row sees (in both kernels) skip the key-limit and padding selects.
 
 A row whose every score is a finite sentinel below -2e38 (an fp32 or bf16 ``finfo.min`` fill on all
 its keys) averages, as in eager, the ``n`` keys whose score equals its maximum ``m``. Its fp32
@@ -194,6 +195,45 @@ def _load_rows(Q, DO, LSE, DELTA, LOG2N, stride_qm, stride_qd, stride_gm, stride
 
 
 @triton.jit
+def _full_query_tiles(start_n, m_start, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(first, end)``: of the query tiles from m_start on, those in [first, end) see every key of the
+    key tile at start_n (one run, as the key limit is monotone in q); the others need the masks."""
+    first = tl.full([], 0, tl.int32) + m_start                            # a tensor in the interpreter too
+    full_end, _ = _key_range(first, tl.minimum(first + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
+    while (first < SEQ_Q) & (full_end < start_n + BLOCK_N):
+        first += BLOCK_M
+        full_end, _ = _key_range(first, tl.minimum(first + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
+    end = first
+    while (end < SEQ_Q) & (full_end >= start_n + BLOCK_N):
+        end += BLOCK_M
+        full_end, _ = _key_range(end, tl.minimum(end + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
+    return first, end
+
+
+@triton.jit
+def _dkdv_queries(
+    b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, LOG2N,{operand_args}
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
+    offs_n, offs_d, offs_dv, col_ok, query_start, query_end, SEQ_Q, SEQ_K,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over the query tiles in [query_start, query_end) of one head."""
+    for start_m in range(query_start, query_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)                          # [BM]
+        row_ok = offs_m < SEQ_Q
+        b_q, b_do, b_lse, b_rate, b_log2n, b_delta = _load_rows(
+            Q, DO, LSE, DELTA, LOG2N, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm,
+            stride_em, offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
+        p_t, ds_t = _tile_grads_t(
+            b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_pass}
+            offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED)
+        b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)   # [BN, BDV]
+        b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)    # [BN, BD]
+    return b_dk, b_dv
+
+
+@triton.jit
 def dkdv(
     Q, K, V, DO, LSE, DELTA, LOG2N, DK, DV,{operand_params}
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -229,6 +269,7 @@ def dkdv(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)                      # [BN, BDV]
 
     m_start = _first_query_tile(start_n, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N)
+    full_first, full_end = _full_query_tiles(start_n, m_start, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = kh * GROUP + g
         Q_bh = Q + b * stride_qb + h * stride_qh
@@ -237,24 +278,21 @@ def dkdv(
         DELTA_bh = DELTA + b * stride_eb + h * stride_eh
         LOG2N_bh = LOG2N + b * stride_eb + h * stride_eh
 {operand_bases}
-        for start_m in range(m_start, SEQ_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)                      # [BM]
-            row_ok = offs_m < SEQ_Q
-            b_q, b_do, b_lse, b_rate, b_log2n, b_delta = _load_rows(
-                Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm,
-                stride_em, offs_m, offs_d, offs_dv, row_ok, HEAD_D, HEAD_DV, ZERO_EMPTY_ROWS)
-            q_first = tl.full([], 0, tl.int32) + start_m                  # a tensor in the interpreter too
-            full_end, _ = _key_range(q_first, tl.minimum(q_first + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
-            if start_n + BLOCK_N <= full_end:  # every key of the tile visible to every row
-                p_t, ds_t = _tile_grads_t(
-                    b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
-                    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED=False)
-            else:
-                p_t, ds_t = _tile_grads_t(
-                    b_q, b_k, b_v, b_do, b_lse, b_rate, b_log2n, b_delta,{operand_call}
-                    offs_m, offs_n, row_ok, col_ok, SEQ_Q, SEQ_K, DOT_PRECISION, MASKED=True)
-            b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)   # [BN, BDV]
-            b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)    # [BN, BD]
+        b_dk, b_dv = _dkdv_queries(
+            b_dk, b_dv, b_k, b_v, Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh,{operand_call}
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
+            offs_n, offs_d, offs_dv, col_ok, m_start, full_first, SEQ_Q, SEQ_K,
+            HEAD_D, HEAD_DV, BLOCK_M, DOT_PRECISION, ZERO_EMPTY_ROWS, MASKED=True)
+        b_dk, b_dv = _dkdv_queries(
+            b_dk, b_dv, b_k, b_v, Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh,{operand_call}
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
+            offs_n, offs_d, offs_dv, col_ok, full_first, full_end, SEQ_Q, SEQ_K,
+            HEAD_D, HEAD_DV, BLOCK_M, DOT_PRECISION, ZERO_EMPTY_ROWS, MASKED=False)
+        b_dk, b_dv = _dkdv_queries(
+            b_dk, b_dv, b_k, b_v, Q_bh, DO_bh, LSE_bh, DELTA_bh, LOG2N_bh,{operand_call}
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_lm, stride_em,
+            offs_n, offs_d, offs_dv, col_ok, full_end, SEQ_Q, SEQ_Q, SEQ_K,
+            HEAD_D, HEAD_DV, BLOCK_M, DOT_PRECISION, ZERO_EMPTY_ROWS, MASKED=True)
 
     p_dk = DK + b * stride_dkb + kh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     p_dv = DV + b * stride_dvb + kh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
@@ -416,7 +454,7 @@ def generate(program: Expr | str) -> tuple[str, str]:
         probabilities_t=PROBABILITIES_FOLDED_T if factored else PROBABILITIES_PER_ROW_T,
         operand_params="".join(f"\n    T{i}, stride_t{i}_b, stride_t{i}_h, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_args="".join(f"\n    T{i}, stride_t{i}_m, stride_t{i}_n," for i in used),
-        operand_call="".join(f"\n                    T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
+        operand_call="".join(f"\n            T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_pass="".join(f"\n            T{i}, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_call_q="".join(f"\n        T{i}_bh, stride_t{i}_m, stride_t{i}_n," for i in used),
         operand_bases="\n".join(f"        T{i}_bh = T{i} + b * stride_t{i}_b + h * stride_t{i}_h" for i in used),

