@@ -117,7 +117,7 @@ class Candidate:
 
 def config_name(config: FlashConfig | BwdConfig) -> str:
     if isinstance(config, BwdConfig):
-        return f"dkdv {_tiles_name(config.dkdv)} dq {_tiles_name(config.dq)}"
+        return f"dkdv:{_tiles_name(config.dkdv)},dq:{_tiles_name(config.dq)}"
     return f"{config.block_m}x{config.block_n}/w{config.num_warps}/s{config.num_stages}"
 
 

@@ -202,7 +202,8 @@ def test_tune_with_train_tunes_the_backward_too(capsys, tmp_path, monkeypatch):
     assert status == 0 and "tuning 1x2x24x16 float32 causal forward and backward" in err
     header, _, row = out.splitlines()
     assert header.split()[-3:] == ["runs", "backward", "speedup"]
-    assert row.split()[-3] in ("triton", "sdpa-math", "sdpa-flash") and re.search(r" \d+x\d+/w\d/s\d ", row)
+    backward = r" dkdv:\d+x\d+/w\d/s\d,dq:\d+x\d+/w\d/s\d "
+    assert row.split()[-3] in ("triton", "sdpa-math", "sdpa-flash") and re.search(backward, row)
     status, out, _ = run(capsys, "cache", "show")
     assert out.splitlines()[0].split()[-3:] == ["winner", "backward", "speedup"]
-    assert re.search(r" \d+x\d+/w\d/s\d [0-9.e-]+ ms ", out.splitlines()[2])
+    assert re.search(backward + r"[0-9.e-]+ ms ", out.splitlines()[2])
