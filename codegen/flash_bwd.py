@@ -196,8 +196,9 @@ def _load_rows(Q, DO, LSE, DELTA, LOG2N, stride_qm, stride_qd, stride_gm, stride
 
 @triton.jit
 def _full_query_tiles(start_n, m_start, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``(first, end)``: of the query tiles from m_start on, those in [first, end) see every key of the
-    key tile at start_n (one run, as the key limit is monotone in q); the others need the masks."""
+    """``(first, end)``: the first run of query tiles from m_start on that see every key of the key
+    tile at start_n, checked tile by tile. Those skip the masks; the others keep them, which is
+    exact for any tile. With a key limit monotone in q, the run holds every such tile."""
     first = tl.full([], 0, tl.int32) + m_start                            # a tensor in the interpreter too
     full_end, _ = _key_range(first, tl.minimum(first + BLOCK_M, SEQ_Q) - 1, SEQ_Q, SEQ_K, BLOCK_N)
     while (first < SEQ_Q) & (full_end < start_n + BLOCK_N):
