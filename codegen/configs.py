@@ -84,9 +84,9 @@ class BwdTiles:
 
 @dataclass(frozen=True)
 class BwdConfig:
-    """Launches of the backward kernels, tuned apart: dK/dV (and the preprocess) keep key tiles of
-    ``block_resident`` and stream query tiles of ``block_streamed``; dQ keeps query tiles of
-    ``dq_block_m`` and streams key tiles of ``dq_block_n``."""
+    """Launches of the backward kernels, tuned apart: dK/dV keeps key tiles of ``block_resident`` and
+    streams query tiles of ``block_streamed``; dQ (and the preprocess, over the same query tiles)
+    keeps query tiles of ``dq_block_m`` and streams key tiles of ``dq_block_n``."""
 
     block_resident: int
     block_streamed: int
