@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the lent GPU should check, in phases that each fit one device call; logs and tables go to $OUT.
 # Several phases may run in one call (bash benchmarks/gpu_check.sh tests tune).
-#   tests   GPU tests (forward, backward, training through the backend); about 6 min on an H100,
-#           mostly Triton compiles; TESTS_K="backward or trains" runs a subset
+#   tests   GPU tests (forward in both forms, backward, training through the backend); about 6 min on
+#           an H100, mostly Triton compiles; TESTS_K="backward or trains" runs a subset, TEST_FILES
+#           other files (tests/test_kernel.py runs the forward's CPU tests on the GPU)
 #   model   quickstart on SmolLM2 in bf16 and fp32 (when ~/smol/m.gguf is there, see the device notes)
 #   tune    attncompiler tune on SmolLM2 (real weights, 2K tokens) and on the Llama model of
 #           benchmarks/llama_prefill.py at 4K, each run twice: the second run must be a pure cache hit
@@ -35,7 +36,7 @@ for phase in $phases; do
   start=$SECONDS
   case "$phase" in
     tests)
-      python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+      python3 -m pytest ${TEST_FILES:-tests/test_gpu.py tests/test_tma.py} -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -15 || status=1
       ;;
     model)

@@ -4,8 +4,9 @@ For each forward config of :data:`~attncompiler.codegen.configs.CONFIG_SPACE` an
 launch of :data:`~attncompiler.codegen.configs.BWD_TILES_SPACE` that compiles (given to both backward
 kernels), prints the time of the forward, and of each backward kernel (preprocess, dK/dV, dQ, from
 the profiler), in ms and TFLOP/s. No prune predicate is applied: the sweep shows what the predicates keep out.
-``--variants`` adds forward kernels: the generated one with its key loop warp-specialized, with the
-heaviest (causal) query tiles scheduled first, or a kernel that moves every tile by TMA.
+``--variants`` picks the forward kernels: the generated TMA form (the default on Hopper), its
+pointer-load form, or the TMA form with its key loop warp-specialized or with the heaviest (causal)
+query tiles scheduled first.
 
     python benchmarks/kernel_sweep.py [--seq 4096] [--head-dim 128] [--causal] [--passes fwd bwd] [--top 12]
 """
@@ -20,7 +21,6 @@ from collections import defaultdict
 
 import torch
 import triton
-import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -32,6 +32,7 @@ from attncompiler.codegen.flash_bwd import flash_backward
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from attention import HIDDEN, TOKENS, flops, program_of  # noqa: E402
 
+FORMS = {"tma": True, "pointer": False}  # the generated forward's two forms: tiles moved by TMA or by pointers
 KEY_LOOP = "for start_n in range(key_start, key_end, BLOCK_N):"
 QUERY_TILE = "pid_m = pid % NUM_M_BLOCKS"
 # Source rewrites of the generated forward that a variant times: (text, replacement).
@@ -52,8 +53,8 @@ def bench(fn) -> float:
 
 
 def variant_kernel(program: str, variant: str):
-    """``(name, kernel)``: the forward kernel for ``program`` with one of :data:`VARIANT_EDITS` applied."""
-    _, source = flash.generate(program)
+    """``(name, kernel)``: the TMA forward kernel for ``program`` with one of :data:`VARIANT_EDITS` applied."""
+    _, source = flash.generate(program, tma=True)
     text, replacement = VARIANT_EDITS[variant]
     if text not in source:
         raise RuntimeError(f"the forward template changed: no {text!r}")
@@ -64,71 +65,16 @@ def variant_kernel(program: str, variant: str):
     return name, getattr(load_source(name, source), name)
 
 
-@triton.jit
-def _tma_keys(acc, l_i, m_i, q, desc_k, desc_v, b, h, offs_m, key_start, key_end, rate,
-              HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One query tile's online softmax over key blocks [key_start, key_end), K and V by TMA."""
-    for start_n in range(key_start, key_end, BLOCK_N):
-        k = desc_k.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_D)               # [BN, D]
-        s = tl.dot(q, tl.trans(k))                                                 # [BM, BN]
-        if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                                      # [BM]
-        alpha = tl.exp2((m_i - m_new) * rate)
-        p = tl.exp2(s * rate - (m_new * rate)[:, None])                            # [BM, BN]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = desc_v.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_D)               # [BN, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _tma_attention(desc_q, desc_k, desc_v, desc_o, H, SEQ, rate,
-                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Scaled (optionally causal) attention with every tile moved by TMA; Sq = Sk = SEQ, a multiple of
-    BLOCK_M and BLOCK_N. The yardstick for what tensor descriptors buy over pointer loads."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                               # [BM]
-    q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)           # [BM, D]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    full_end = pid_m * BLOCK_M // BLOCK_N * BLOCK_N if CAUSAL else SEQ
-    acc, l_i, m_i = _tma_keys(acc, l_i, m_i, q, desc_k, desc_v, b, h, offs_m, 0, full_end, rate,
-                              HEAD_D, BLOCK_N, MASKED=False)
-    if CAUSAL:
-        acc, l_i, m_i = _tma_keys(acc, l_i, m_i, q, desc_k, desc_v, b, h, offs_m, full_end,
-                                  (pid_m + 1) * BLOCK_M, rate, HEAD_D, BLOCK_N, MASKED=True)
-    out = (acc / l_i[:, None]).to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_D)
-    desc_o.store([b, h, pid_m * BLOCK_M, 0], out)
-
-
-def tma_forward(q, k, v, causal: bool, config):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    out = torch.empty_like(q)
-    b, h, s, d = q.shape
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, d])
-             for t, block in ((q, config.block_m), (k, config.block_n), (v, config.block_n), (out, config.block_m))]
-    _tma_attention[(s // config.block_m, b * h)](
-        *descs, h, s, d ** -0.5 * 1.4426950408889634, HEAD_D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        CAUSAL=causal, num_warps=config.num_warps, num_stages=config.num_stages)
-    return out
-
-
 @contextlib.contextmanager
 def forward_variant(program: str, variant: str):
-    """While entered, ``flash_forward`` runs ``program`` with the generated kernel edited by ``variant``
-    (one of :data:`VARIANT_EDITS`; "plain" leaves it as generated)."""
-    if variant == "plain":
+    """While entered, ``flash_forward`` runs ``program``'s TMA form edited by ``variant`` (one of
+    :data:`VARIANT_EDITS`; "tma" and "pointer" leave the forms as generated)."""
+    if variant in FORMS:
         yield
         return
     edited = variant_kernel(program, variant)
     loaded = flash.load_kernel
-    flash.load_kernel = lambda p: edited if p == program else loaded(p)
+    flash.load_kernel = lambda p, tma=False: edited if p == program and tma else loaded(p, tma)
     try:
         yield
     finally:
@@ -175,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--passes", nargs="+", choices=("fwd", "bwd"), default=["fwd", "bwd"])
-    parser.add_argument("--variants", nargs="+", choices=("plain", "tma", *VARIANT_EDITS), default=["plain"],
-                        help="forward kernels to time: the generated one, edits of it, a TMA kernel")
+    parser.add_argument("--variants", nargs="+", choices=(*FORMS, *VARIANT_EDITS), default=["tma"],
+                        help="forward kernels to time: the generated forms (TMA, pointer loads), edits of the TMA form")
     parser.add_argument("--configs", nargs="+", help="only these configs, as BMxBNxWARPSxSTAGES")
     parser.add_argument("--stages", type=int, nargs="+", help="only these num_stages")
     parser.add_argument("--warps", type=int, nargs="+", help="only these num_warps")
@@ -207,19 +153,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if "fwd" in args.passes:
         rows = []
-        reference = flash.flash_forward(q, k, v, [], program)[0]
+        reference = flash.flash_forward(q, k, v, [], program, tma=False)[0]
         for config in CONFIG_SPACE:
             if not wanted(config, args):
                 continue
             for variant in args.variants:
+                def step():
+                    return flash.flash_forward(q, k, v, [], program, config=config, tma=FORMS.get(variant, True))[0]
                 try:
-                    if variant == "tma":
-                        def step():
-                            return tma_forward(q, k, v, args.causal, config)
-                    else:
-                        def step():
-                            return flash.flash_forward(q, k, v, [], program, config=config)[0]
-                    with contextlib.nullcontext() if variant == "tma" else forward_variant(program, variant):
+                    with forward_variant(program, variant):
                         error = (step().float() - reference.float()).abs().max().item()
                         if not error < 2e-2:
                             raise RuntimeError(f"differs from the plain kernel by {error:.3g}")

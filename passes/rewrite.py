@@ -52,7 +52,7 @@ def rewrite_attention(gm: GraphModule, options: Options, graph_index: int) -> li
                 raise NearMiss("rewriting is disabled (option rewrite=False)")
             q = nz.tensor(match.q.node)
             kernel = resolve_kernel(options.kernel, q.device, q.dtype)
-            prepared = _prepare_kernel(kernel, str(match.program))  # also the SAA gate's dense fallback
+            prepared = _prepare_kernel(kernel, str(match.program), q.device)  # also the SAA gate's dense fallback
             saa = None
             if options.saa is not None:
                 site.saa_reason = saa_blocker(match)
@@ -96,14 +96,18 @@ def _working_copy(gm: GraphModule) -> Graph:
     return work
 
 
-def _prepare_kernel(kernel: str, program: str) -> tuple[str, str | None]:
-    """Generate (and load) the Triton kernel now, so codegen errors surface at compile time."""
+def _prepare_kernel(kernel: str, program: str, device: torch.device) -> tuple[str, str | None]:
+    """Generate (and load) the Triton kernel now, so codegen errors surface at compile time: the
+    form that runs by default on ``device`` (the TMA form on Hopper and later, where the tensors'
+    layout allows it at run time; the pointer form otherwise)."""
     if kernel != "triton":
         return "reference", None
     from attncompiler.codegen.common import kernel_dir
-    from attncompiler.codegen.flash import load_kernel
+    from attncompiler.codegen.flash import load_kernel, tma_supported
 
     name, _ = load_kernel(program)
+    if tma_supported(device):
+        name, _ = load_kernel(program, tma=True)
     return f"triton:{name}", str(kernel_dir() / f"{name}.py")
 
 

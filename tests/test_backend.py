@@ -195,7 +195,7 @@ def test_rewrite_false_reports_but_rewrites_nothing(kernel_calls):
 def test_codegen_failure_leaves_site_as_it_was(monkeypatch, caplog, kernel_calls):
     import attncompiler.codegen.flash as flash
 
-    def broken(program):
+    def broken(program, tma=False):
         raise RuntimeError("codegen exploded")
 
     monkeypatch.setattr(flash, "load_kernel", broken)
@@ -245,10 +245,10 @@ def test_one_failing_site_does_not_stop_the_others(monkeypatch, kernel_calls):
 
     real = flash.load_kernel
 
-    def picky(program):
+    def picky(program, tma=False):
         if "0.5" in str(program):
             raise RuntimeError("not this one")
-        return real(program)
+        return real(program, tma)
 
     monkeypatch.setattr(flash, "load_kernel", picky)
 

@@ -24,7 +24,10 @@ PROGRAMS = [
 POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "LOG2N", "DQ", "DK", "DV"}
 
 
-def compile_for_hopper(kernel, dtype: str, operand: str, constexprs: dict, num_warps: int, num_stages: int):
+def compile_for_hopper(kernel, dtype: str, operand: str, constexprs: dict, num_warps: int, num_stages: int,
+                       descriptors: dict[str, tuple[int, int]] | None = None):
+    """Compile ``kernel`` to a cubin; ``descriptors`` gives the TMA block ``(rows, width)`` of each
+    argument passed as a tensor descriptor."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -32,6 +35,8 @@ def compile_for_hopper(kernel, dtype: str, operand: str, constexprs: dict, num_w
     def kind(arg: str) -> str:
         if arg in constexprs:
             return "constexpr"
+        if descriptors and arg in descriptors:
+            return f"tensordesc<{dtype}[1,1,{descriptors[arg][0]},{descriptors[arg][1]}]>"
         if arg in ("LSE", "DELTA", "LOG2N"):
             return "*fp32"
         if arg in POINTERS:
@@ -65,6 +70,15 @@ def compile_all() -> None:
                 compile_for_hopper(kernel, "fp16", operand, constexprs, warps, stages)
             except Exception as e:
                 raise AssertionError(f"{kernel.__name__} of {program} does not compile: {e}") from e
+        for head_dim, block_m, block_n, warps, stages in ((64, 128, 64, 8, 3), (128, 64, 64, 4, 3), (256, 64, 32, 4, 2)):
+            tiles = dict(HEAD_D=head_dim, HEAD_DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim,
+                         BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION="tf32", ZERO_EMPTY_ROWS=False)
+            blocks = {"Q": (block_m, head_dim), "K": (block_n, head_dim), "V": (block_n, head_dim),
+                      "O": (block_m, head_dim)}
+            try:
+                compile_for_hopper(load_kernel(program, tma=True)[1], "bf16", operand, tiles, warps, stages, blocks)
+            except Exception as e:
+                raise AssertionError(f"the TMA forward of {program} does not compile at D{head_dim}: {e}") from e
         # At the default fp16 tiles, dK and dV take P and dS as computed: transposing a product's
         # result into a wgmma operand is miscompiled on sm_90 by some Triton releases.
         dkdv = compile_for_hopper(backward.dkdv, "fp16", operand, {**head, "BLOCK_M": 32, "BLOCK_N": 128}, 8, 3)
