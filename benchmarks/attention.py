@@ -58,6 +58,8 @@ def peers(scale: float, causal: bool, seq: int) -> dict:
     """Name → attention function of (q, k, v) in [B, H, S, D], differentiable."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # A fresh compile per shape: past Dynamo's recompile limit a compiled function silently runs eager.
+    torch.compiler.reset()
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if causal:
