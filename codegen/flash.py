@@ -356,28 +356,35 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: l
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 
-    failure_key = (program, head_d, head_dv, config)
-    if tma or (tma is None and failure_key not in _tma_failures and tma_supported(q.device)):
-        blocks = [[1, 1, config.block_m, block_d], [1, 1, config.block_n, block_d],
-                  [1, 1, config.block_n, block_dv], [1, 1, config.block_m, block_dv]]
-        descriptors = tma_descriptors([q4, k4, v4, o4], blocks)
+    blocks = [[1, 1, config.block_m, block_d], [1, 1, config.block_n, block_d],
+              [1, 1, config.block_n, block_dv], [1, 1, config.block_m, block_dv]]
+    launch_tma_or_pointers(launch, tma, [q4, k4, v4, o4], blocks, ("forward", program, head_d, head_dv, config))
+    return out, lse
+
+
+def launch_tma_or_pointers(launch, tma: bool | None, tiles: list[torch.Tensor], blocks: list[list[int]],
+                           key: tuple) -> None:
+    """``launch(descriptors)`` with TMA descriptors of ``tiles`` (moved in ``blocks``), or
+    ``launch(None)`` for pointer loads. ``tma=None`` picks TMA where :func:`tma_supported` and
+    :func:`tma_descriptors` allow it and the TMA launch of ``key`` (the kernel, its program, head
+    dims and config) has not raised before; a TMA launch that raises is logged and retried with
+    pointers. ``tma=True`` insists on TMA (an error where it cannot move the tiles)."""
+    if tma or (tma is None and key not in _tma_failures and tma_supported(tiles[0].device)):
+        descriptors = tma_descriptors(tiles, blocks)
         if tma and descriptors is None:
             raise ValueError("TMA cannot move these tensors: it needs fp16/bf16, 16-byte aligned bases, "
                              "a contiguous head dim and strides that are positive multiples of 16 bytes")
         if descriptors is not None:
             try:
-                launch(descriptors)
-                return out, lse
+                return launch(descriptors)
             except Exception as e:  # a descriptor kernel that does not compile: pointer loads still work
                 if tma:
                     raise
-                _tma_failures.add(failure_key)
-                log.warning("attncompiler: the TMA forward of %s (head dims %d, %d, %s) failed (%s: %s); "
-                            "using pointer loads", program, head_d, head_dv, config, type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "")
-    launch(None)
-    return out, lse
+                _tma_failures.add(key)
+                log.warning("attncompiler: the TMA %s kernel of %s (head dims %d, %d; %s) failed (%s: %s); "
+                            "using pointer loads", *key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return launch(None)
 
 
-# (program, head dim, value head dim, config) whose TMA forward raised: they run with pointer loads.
-_tma_failures: set[tuple[str, int, int, FlashConfig]] = set()
+# Kernels (kind, program, head dim, value head dim, config) whose TMA launch raised: they use pointers.
+_tma_failures: set[tuple] = set()
