@@ -182,34 +182,30 @@ def main(argv: list[str] | None = None) -> int:
         out, lse = flash.flash_forward(q, k, v, [], program)
         rows = []
         default = default_bwd_config(q, d, interpret=False)
-        forms = [v for v in args.variants if v in FORMS] or ["tma"]
         for config in [default] + [BwdConfig.of(t, t) for t in BWD_TILES_SPACE]:
             if not wanted(config, args):
                 continue
-            for form in forms:
-                def step():
-                    return flash_backward(q, k, v, out, lse, grad, [], program, zero_empty_rows=False, config=config,
-                                          tma=FORMS[form])
-                try:
-                    ms = bench(step)
-                    parts = kernel_times(step)
-                except Exception as e:
-                    print(f"  bwd {config} {form}: {failure(e)}")
-                    continue
-                rows.append((ms, config, form, parts))
-                print(f"  bwd {bwd_name(config)} {form}: "
-                      f"{ms:.3f} ms " + " ".join(f"{r}={t:.3f}" for r, t in parts.items()), flush=True)
+
+            def step():
+                return flash_backward(q, k, v, out, lse, grad, [], program, zero_empty_rows=False, config=config)
+            try:
+                ms = bench(step)
+                parts = kernel_times(step)
+            except Exception as e:
+                print(f"  bwd {config}: {failure(e)}")
+                continue
+            rows.append((ms, config, parts))
+            print(f"  bwd {bwd_name(config)}: "
+                  f"{ms:.3f} ms " + " ".join(f"{r}={t:.3f}" for r, t in parts.items()), flush=True)
         rows.sort(key=lambda r: r[0])
-        print("\n| backward config (resident×streamed tiles) | form | ms | TFLOP/s | preprocess | dK/dV | dQ |\n"
-              "|---|---|---|---|---|---|---|")
-        for ms, config, form, parts in rows[:args.top]:
-            print(f"| {bwd_name(config)}{' (default)' if config == default else ''} | {form} | {ms:.3f} | "
-                  f"{bwd_work / ms / 1e9:.0f} | "
+        print("\n| backward config (resident×streamed tiles) | ms | TFLOP/s | preprocess | dK/dV | dQ |\n|---|---|---|---|---|---|")
+        for ms, config, parts in rows[:args.top]:
+            print(f"| {bwd_name(config)}{' (default)' if config == default else ''} | {ms:.3f} | {bwd_work / ms / 1e9:.0f} | "
                   + " | ".join(f"{parts.get(r, 0):.3f}" for r in ("preprocess", "dkdv", "dq")) + " |")
-        best_dkdv = min(rows, key=lambda r: r[3].get("dkdv", math.inf))
-        best_dq = min(rows, key=lambda r: r[3].get("dq", math.inf))
-        print(f"fastest dK/dV: {best_dkdv[1].dkdv} {best_dkdv[2]} {best_dkdv[3].get('dkdv', 0):.3f} ms; "
-              f"fastest dQ: {best_dq[1].dq} {best_dq[2]} {best_dq[3].get('dq', 0):.3f} ms")
+        best_dkdv = min(rows, key=lambda r: r[2].get("dkdv", math.inf))
+        best_dq = min(rows, key=lambda r: r[2].get("dq", math.inf))
+        print(f"fastest dK/dV: {best_dkdv[1].dkdv} {best_dkdv[2].get('dkdv', 0):.3f} ms; "
+              f"fastest dQ: {best_dq[1].dq} {best_dq[2].get('dq', 0):.3f} ms")
     print("\n".join(yardsticks))
     return 0
 

@@ -1,8 +1,7 @@
-"""The kernels' TMA forms: the forward's Q, K, V and O, and the tiles the backward streams (q and
-dO into dK/dV, k and v into dQ), moved by tensor descriptors instead of pointers.
+"""The forward kernel's TMA form: Q, K, V and O moved by tensor descriptors instead of pointers.
 
-On CPU the forms run through the interpreter when asked for (``tma=True``); on a Hopper GPU they are
-what ``flash_forward`` and ``flash_backward`` run by default, and these tests check that they do.
+On CPU the form runs through the interpreter when asked for (``tma=True``); on a Hopper GPU it is
+what ``flash_forward`` runs by default, and these tests check that it does.
 """
 
 import logging
@@ -12,10 +11,8 @@ import pytest
 import torch
 
 from attncompiler.codegen import flash
-from attncompiler.codegen import flash_bwd
-from attncompiler.codegen.configs import BwdConfig, BwdTiles, FlashConfig
+from attncompiler.codegen.configs import FlashConfig
 from attncompiler.codegen.flash import flash_forward, tma_descriptors
-from attncompiler.codegen.flash_bwd import flash_backward
 from attncompiler.options import triton_interpret
 from attncompiler.reference import attention_reference
 from attncompiler.spec import output_shape
@@ -54,21 +51,6 @@ def forms(monkeypatch):
     return loaded
 
 
-@pytest.fixture
-def backward_forms(monkeypatch):
-    """Which forms of the backward kernels were loaded: ``True`` for TMA, ``False`` for pointers."""
-    loaded = []
-    real = flash_bwd.load_kernels
-
-    def spy(program, tma=False):
-        loaded.append(tma)
-        return real(program, tma)
-
-    monkeypatch.setattr(flash_bwd, "load_kernels", spy)
-    monkeypatch.setattr(flash, "_tma_failures", set())
-    return loaded
-
-
 def qkv(b, hq, hk, sq, sk, d, dv, dtype=torch.float16):
     torch.manual_seed(0)
     return (torch.randn(b, hq, sq, d, device=DEVICE).to(dtype), torch.randn(b, hk, sk, d, device=DEVICE).to(dtype),
@@ -103,44 +85,6 @@ def test_tma_form_matches_the_reference(name, b, hq, hk, sq, sk, d, dv, forms):
     assert forms[-1] is False
     torch.testing.assert_close(out, pointer_out, rtol=0, atol=0 if INTERPRET else 2e-3, equal_nan=True)
     torch.testing.assert_close(lse, pointer_lse, rtol=0, atol=0 if INTERPRET else 1e-5, equal_nan=True)
-
-
-@pytest.mark.parametrize("name", PROGRAMS)
-@pytest.mark.parametrize("b, hq, hk, sq, sk, d, dv", [
-    (1, 4, 2, 37, 53, 64, 64),     # GQA: dK/dV sum over the group's heads
-    (2, 2, 2, 70, 70, 40, 40),     # head dim below the tile width
-    (1, 2, 1, 100, 90, 64, 32),    # Sq > Sk, a narrower value head; every window row sees a key
-])
-def test_tma_backward_matches_the_reference(name, b, hq, hk, sq, sk, d, dv, backward_forms):
-    program, n_operands = PROGRAMS[name]
-    q, k, v = qkv(b, hq, hk, sq, sk, d, dv)
-    operands = [torch.randn(sq, sk, device=DEVICE).to(torch.float16) for _ in range(n_operands)]
-    out, lse = flash_forward(q, k, v, operands, program, interpret=INTERPRET, tma=False)
-    grad_out = torch.randn_like(out)
-    # In the interpreter, tiles small enough that every kernel loop takes several steps.
-    config = BwdConfig.of(BwdTiles(32, 16, 4, 1), BwdTiles(32, 16, 4, 1)) if INTERPRET else None
-    ours = flash_backward(q, k, v, out, lse, grad_out, operands, program, False, config=config,
-                          interpret=INTERPRET, tma=tma_or_auto())
-    if INTERPRET or HOPPER:
-        assert backward_forms == [True], "the TMA form did not run"
-    compute = torch.float32 if name == "finite-fill" else q.dtype  # as in the forward's test
-    exact, theirs = (reference_grads(q, k, v, operands, program, grad_out, dtype) for dtype in (torch.float64, compute))
-    for got, want, torch_got, x in zip(ours, exact, theirs, (q, k, v)):
-        assert got.shape == x.shape and got.dtype == x.dtype
-        assert_as_accurate_as_torch(got, want, torch_got.to(x.dtype))
-    pointers = flash_backward(q, k, v, out, lse, grad_out, operands, program, False, config=config,
-                              interpret=INTERPRET, tma=False)
-    assert backward_forms[-1] is False
-    for got, want in zip(ours, pointers):
-        torch.testing.assert_close(got, want, rtol=0, atol=0 if INTERPRET else 2e-2)
-
-
-def reference_grads(q, k, v, operands, program, grad_out, dtype):
-    """(dq, dk, dv) of the reference computed in ``dtype``."""
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out = attention_reference(q, k, v, operands, program, compute_dtype=dtype)
-    out.backward(grad_out.to(out.dtype))
-    return q.grad, k.grad, v.grad
 
 
 def test_descriptors_need_16_byte_strides_and_a_contiguous_head_dim():
