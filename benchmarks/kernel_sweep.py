@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--passes", nargs="+", choices=("fwd", "bwd"), default=["fwd", "bwd"])
-    parser.add_argument("--variants", nargs="+", choices=(*FORMS, *VARIANT_EDITS), default=["tma"],
-                        help="forward kernels to time: the generated forms (TMA, pointer loads), edits of the TMA form")
+    parser.add_argument("--variants", nargs="+", choices=(*FORMS, *VARIANT_EDITS),
+                        help="forward kernels to time: the generated forms (TMA, pointer loads), edits of the TMA "
+                             "form (default: the form flash_forward runs on this GPU)")
     parser.add_argument("--configs", nargs="+", help="only these configs, as BMxBNxWARPSxSTAGES")
     parser.add_argument("--stages", type=int, nargs="+", help="only these num_stages")
     parser.add_argument("--warps", type=int, nargs="+", help="only these num_warps")
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernel_sweep.py needs a CUDA GPU")
+    args.variants = args.variants or ["tma" if flash.tma_supported(torch.device("cuda")) else "pointer"]
     d, s = args.head_dim, args.seq
     heads, batch = HIDDEN // d, TOKENS // s
     dtype = getattr(torch, args.dtype)
