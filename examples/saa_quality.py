@@ -128,11 +128,28 @@ def passkey_found(model, tokenizer, filler: torch.Tensor, length: int, depth: fl
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def passkey_rows(model, tokenizer, switch, points: dict, predictor, ids: torch.Tensor, args) -> list[str]:
+    """The passkey table: each operating point's answers with the needle at each depth."""
+    rows = [f"passkey {PASSKEY} in {args.passkey_length} tokens", "",
+            "| attention | " + " | ".join(f"depth {d:.0%}" for d in args.depths) + " |",
+            "|---" * (len(args.depths) + 1) + "|"]
+    filler = ids[args.lengths[-1] * args.windows:]
+    filler = filler if filler.numel() >= args.passkey_length else ids
+    for name, config in points.items():
+        switch.config = config
+        switch.predictor = predictor if name.endswith("+learned") else None
+        answers = [passkey_found(model, tokenizer, filler, args.passkey_length, d) for d in args.depths]
+        cells = [("✓ " if re.search(rf"\b{PASSKEY}\b", a) else "✗ ") + repr(a.strip())[:24] for a in answers]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--windows", type=int, default=2, help="disjoint text windows per length")
-    parser.add_argument("--passkey-length", type=int, default=8192)
+    parser.add_argument("--passkey-length", type=int, default=8192, help="0 skips the passkey test")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--tokens", type=int, help="one short length for everything (a quick CPU run)")
     parser.add_argument("--block", type=int, default=64, help="SAA block_m = block_n")
@@ -144,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.tokens:
-        args.lengths, args.passkey_length = [args.tokens], args.tokens
+        args.lengths, args.passkey_length = [args.tokens], args.tokens if args.passkey_length else 0
 
     from transformers import AttentionInterface
 
@@ -193,19 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                      f" | {change:+.2f}% | {density:.3f} | {error} |")
         print(lines[-1], f"({time.perf_counter() - start:.0f}s)", flush=True)
 
-    passkey = [f"passkey {PASSKEY} in {args.passkey_length} tokens", "",
-               "| attention | " + " | ".join(f"depth {d:.0%}" for d in args.depths) + " |",
-               "|---" * (len(args.depths) + 1) + "|"]
-    filler = ids[args.lengths[-1] * args.windows:]
-    filler = filler if filler.numel() >= args.passkey_length else ids
-    for name, config in points.items():
-        switch.config = config
-        switch.predictor = predictor if name.endswith("+learned") else None
-        answers = [passkey_found(model, tokenizer, filler, args.passkey_length, d) for d in args.depths]
-        cells = [("✓ " if re.search(rf"\b{PASSKEY}\b", a) else "✗ ") + repr(a.strip())[:24] for a in answers]
-        passkey.append(f"| {name} | " + " | ".join(cells) + " |")
-        print(passkey[-1], flush=True)
-    table = "\n".join(lines + [""] + passkey)
+    table = "\n".join(lines)
+    if args.passkey_length:
+        table += "\n\n" + "\n".join(passkey_rows(model, tokenizer, switch, points, predictor, ids, args))
     print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:
