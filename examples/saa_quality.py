@@ -10,16 +10,18 @@ written by ``attncompiler calibrate``), the default operating point also runs wi
 On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
 ``--dtype`` picks another dtype (bf16 on CPU runs the reference in bf16: the GPU's rounding without
-its kernels).
+its kernels). ``--pytorch-parts`` runs stages of the kernel path (pooling, router, selection, attend)
+in PyTorch, to find which kernel moves perplexity where GPU and CPU differ.
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
                                    [--tokens N] [--block 64] [--predictor FILE] [--points NAME ...]
-                                   [--dtype DTYPE] [--out FILE]
+                                   [--dtype DTYPE] [--pytorch-parts PART ...] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -30,6 +32,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from attncompiler import saa_reference, saa_routing
 from attncompiler.saa import saa_forward
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_ops import relative_error
@@ -86,6 +89,44 @@ class AttentionSwitch:
             if self.measure:
                 self.errors[module.layer_idx].append(relative_error(out, dense(query, key, value, scale)))
         return out.transpose(1, 2).contiguous(), None
+
+
+# The stages of SAA's kernel path that --pytorch-parts can hand to their PyTorch forms.
+PARTS = ("pool", "router", "select", "attend")
+
+
+@contextlib.contextmanager
+def pytorch_parts(parts):
+    """While entered, SAA's kernel path runs ``parts`` (of :data:`PARTS`) in PyTorch: the centroid
+    pooling, the routers' logits, the block selection, the attend pass. Where perplexity on the GPU
+    differs from CPU's, handing over one part at a time shows which kernel moves it."""
+    from attncompiler.codegen import saa as kernels
+
+    def dropping_interpret(fn):
+        return lambda *args, interpret=False, **kwargs: fn(*args, **kwargs)
+
+    def attend(q, k, v, key_centroids, value_centroids, counts, selection, scale, geometry, config,
+               interpret=False, out=None):
+        centroids = saa_reference.Centroids(key_centroids, value_centroids, counts)
+        result = saa_reference.attend_reference(q, k, v, centroids, selection, scale, geometry, config).to(v.dtype)
+        return result if out is None else out.copy_(result)
+
+    swaps = {
+        "pool": {"pool_means": saa_reference.pool_reference},
+        "router": {name: dropping_interpret(getattr(saa_routing, name))
+                   for name in ("every_key_logits", "key_bound_logits", "sampled_key_logits")},
+        "select": {"select_blocks": dropping_interpret(saa_routing.select_blocks)},
+        "attend": {"saa_attend": attend},
+    }
+    saved = {name: getattr(kernels, name) for part in parts for name in swaps[part]}
+    try:
+        for part in parts:
+            for name, fn in swaps[part].items():
+                setattr(kernels, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(kernels, name, fn)
 
 
 def dense(query, key, value, scale: float) -> torch.Tensor:
@@ -158,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", nargs="+", help="only these operating points (dense always runs first)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="the model's dtype (default: bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument("--pytorch-parts", nargs="+", choices=PARTS, default=[],
+                        help="run these stages of SAA's kernel path in PyTorch (to find which kernel moves perplexity)")
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.tokens:
@@ -187,32 +230,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SmolLM2-135M on {device} ({dtype}), {ids.numel()} tokens of text; operating points:")
     for name, config in points.items():
         print(f"  {name}: {config}")
+    if args.pytorch_parts:
+        print(f"SAA's {', '.join(args.pytorch_parts)} in PyTorch, the rest in Triton")
 
-    lines = ["| attention | " + " | ".join(f"ppl @ {n}" for n in args.lengths) + " | Δppl @ "
-             f"{args.lengths[-1]} | density | mean rel. error (worst layer) |", "|---" * (len(args.lengths) + 4) + "|"]
-    baseline = {}
-    for name, config in points.items():
-        switch.config, switch.densities, switch.errors = config, [], defaultdict(list)
-        switch.predictor = predictor if name.endswith("+learned") else None
-        start = time.perf_counter()
-        ppl = {n: perplexity(model, ids, n, args.windows) for n in args.lengths}
-        baseline = baseline or ppl
-        change = 100 * (ppl[args.lengths[-1]] / baseline[args.lengths[-1]] - 1)
-        if config is not None:  # once more, measuring per-layer errors against dense attention
-            switch.measure = True
-            perplexity(model, ids, args.lengths[-1], 1)
-            switch.measure = False
-        layer_error = {layer: sum(e) / len(e) for layer, e in switch.errors.items()}
-        density = sum(switch.densities) / len(switch.densities) if switch.densities else 1.0
-        error = (f"{sum(layer_error.values()) / len(layer_error):.3f} ({max(layer_error.values()):.3f} at layer "
-                 f"{max(layer_error, key=layer_error.get)})" if layer_error else "0")
-        lines.append(f"| {name} | " + " | ".join(f"{ppl[n]:.3f}" for n in args.lengths) +
-                     f" | {change:+.2f}% | {density:.3f} | {error} |")
-        print(lines[-1], f"({time.perf_counter() - start:.0f}s)", flush=True)
+    with pytorch_parts(args.pytorch_parts):
+        lines = ["| attention | " + " | ".join(f"ppl @ {n}" for n in args.lengths) + " | Δppl @ "
+                 f"{args.lengths[-1]} | density | mean rel. error (worst layer) |", "|---" * (len(args.lengths) + 4) + "|"]
+        baseline = {}
+        for name, config in points.items():
+            switch.config, switch.densities, switch.errors = config, [], defaultdict(list)
+            switch.predictor = predictor if name.endswith("+learned") else None
+            start = time.perf_counter()
+            ppl = {n: perplexity(model, ids, n, args.windows) for n in args.lengths}
+            baseline = baseline or ppl
+            change = 100 * (ppl[args.lengths[-1]] / baseline[args.lengths[-1]] - 1)
+            if config is not None:  # once more, measuring per-layer errors against dense attention
+                switch.measure = True
+                perplexity(model, ids, args.lengths[-1], 1)
+                switch.measure = False
+            layer_error = {layer: sum(e) / len(e) for layer, e in switch.errors.items()}
+            density = sum(switch.densities) / len(switch.densities) if switch.densities else 1.0
+            error = (f"{sum(layer_error.values()) / len(layer_error):.3f} ({max(layer_error.values()):.3f} at layer "
+                     f"{max(layer_error, key=layer_error.get)})" if layer_error else "0")
+            lines.append(f"| {name} | " + " | ".join(f"{ppl[n]:.3f}" for n in args.lengths) +
+                         f" | {change:+.2f}% | {density:.3f} | {error} |")
+            print(lines[-1], f"({time.perf_counter() - start:.0f}s)", flush=True)
 
-    table = "\n".join(lines)
-    if args.passkey_length:
-        table += "\n\n" + "\n".join(passkey_rows(model, tokenizer, switch, points, predictor, ids, args))
+        table = "\n".join(lines)
+        if args.passkey_length:
+            table += "\n\n" + "\n".join(passkey_rows(model, tokenizer, switch, points, predictor, ids, args))
     print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:

@@ -34,3 +34,45 @@ def test_quality_example_without_passkey_runs_the_chosen_points_only(monkeypatch
     assert "(torch.bfloat16)" in capsys.readouterr().out
     assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| dense", "| saa-sparser"]
     assert "passkey" not in table
+
+
+@pytest.mark.parametrize("parts", [("pool", "router", "select", "attend"), ("attend",), ()])
+def test_pytorch_parts_hand_stages_of_the_kernel_path_to_pytorch(monkeypatch, parts):
+    """With every stage handed over, the kernel path gives the reference's output; the kernels are
+    put back on exit; the attend stage alone changes which code computes the output."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+    import torch
+
+    from attncompiler.codegen import saa as kernels
+    from attncompiler.options import triton_interpret
+    from attncompiler.saa import saa_forward
+    from attncompiler.saa_config import SAAConfig
+
+    if not (triton_interpret() or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
+    saa_quality = importlib.import_module("saa_quality")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 160, 32, device=device) for _ in range(3))
+    config = SAAConfig(block_m=16, block_n=16, top_k=2, local_blocks=1, centroids=2, router="sampled-keys", key_stride=4)
+    before = {name: getattr(kernels, name) for name in ("pool_means", "sampled_key_logits", "select_blocks", "saa_attend")}
+    calls = []
+    monkeypatch.setattr(kernels, "saa_attend_kernel", _Counting(kernels.saa_attend_kernel, calls))
+    with saa_quality.pytorch_parts(parts):
+        out, stats = saa_forward(q, k, v, 32 ** -0.5, True, config, kernel="triton")
+    assert {name: getattr(kernels, name) for name in before} == before
+    assert bool(calls) == ("attend" not in parts)
+    reference, ref_stats = saa_forward(q, k, v, 32 ** -0.5, True, config, kernel="reference")
+    assert stats.exact_blocks == ref_stats.exact_blocks
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+class _Counting:
+    """A Triton kernel whose launches are counted."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
