@@ -358,7 +358,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: l
 
     blocks = [[1, 1, config.block_m, block_d], [1, 1, config.block_n, block_d],
               [1, 1, config.block_n, block_dv], [1, 1, config.block_m, block_dv]]
-    launch_tma_or_pointers(launch, tma, [q4, k4, v4, o4], blocks, ("forward", program, head_d, head_dv, config))
+    launch_tma_or_pointers(launch, tma, [q4, k4, v4, o4], blocks, (program, head_d, head_dv, config))
     return out, lse
 
 
@@ -366,8 +366,8 @@ def launch_tma_or_pointers(launch, tma: bool | None, tiles: list[torch.Tensor], 
                            key: tuple) -> None:
     """``launch(descriptors)`` with TMA descriptors of ``tiles`` (moved in ``blocks``), or
     ``launch(None)`` for pointer loads. ``tma=None`` picks TMA where :func:`tma_supported` and
-    :func:`tma_descriptors` allow it and the TMA launch of ``key`` (the kernel, its program, head
-    dims and config) has not raised before; a TMA launch that raises is logged and retried with
+    :func:`tma_descriptors` allow it and the TMA launch of ``key`` (the program, head dims and
+    config) has not raised before; a TMA launch that raises is logged and retried with
     pointers. ``tma=True`` insists on TMA (an error where it cannot move the tiles)."""
     if tma or (tma is None and key not in _tma_failures and tma_supported(tiles[0].device)):
         descriptors = tma_descriptors(tiles, blocks)
@@ -381,10 +381,10 @@ def launch_tma_or_pointers(launch, tma: bool | None, tiles: list[torch.Tensor], 
                 if tma:
                     raise
                 _tma_failures.add(key)
-                log.warning("attncompiler: the TMA %s kernel of %s (head dims %d, %d; %s) failed (%s: %s); "
+                log.warning("attncompiler: the TMA forward of %s (head dims %d, %d; %s) failed (%s: %s); "
                             "using pointer loads", *key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     return launch(None)
 
 
-# Kernels (kind, program, head dim, value head dim, config) whose TMA launch raised: they use pointers.
-_tma_failures: set[tuple] = set()
+# (program, head dim, value head dim, config) whose TMA forward raised: they use pointer loads.
+_tma_failures: set[tuple[str, int, int, FlashConfig]] = set()
