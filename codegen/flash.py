@@ -18,6 +18,7 @@ instead of masked pointer loads; it runs wherever the tensors' layout allows one
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -271,8 +272,10 @@ def load_kernel(program: Expr | str, tma: bool = False):
     return name, getattr(load_source(name, source), name)
 
 
+@functools.lru_cache(maxsize=None)
 def tma_supported(device: torch.device) -> bool:
-    """Whether the device moves tiles by TMA (Hopper and later) and Triton has host descriptors."""
+    """Whether the device moves tiles by TMA (Hopper and later) and Triton has host descriptors
+    (asked once per device: every forward call consults it)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
     try:
