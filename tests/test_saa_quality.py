@@ -23,17 +23,27 @@ def test_quality_example_reports_every_operating_point(monkeypatch, capsys):
     assert "| dense | ✓" in table
 
 
-def test_quality_example_without_passkey_runs_the_chosen_points_only(monkeypatch, capsys, tmp_path):
+def test_quality_example_without_passkey_runs_the_chosen_and_given_points_only(monkeypatch, capsys, tmp_path):
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     saa_quality = importlib.import_module("saa_quality")
     out = tmp_path / "quality.md"
     assert saa_quality.main(["--tokens", "128", "--block", "16", "--windows", "1", "--passkey-length", "0",
-                             "--points", "saa-sparser", "--dtype", "bfloat16", "--out", str(out)]) == 0
+                             "--points", "saa-sparser", "--point", '{"top_k": 2}', "--dtype", "bfloat16",
+                             "--out", str(out)]) == 0
     table = out.read_text()
     assert "(torch.bfloat16)" in capsys.readouterr().out
-    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| dense", "| saa-sparser"]
+    assert table.startswith("text: pydoc_data.topics of Python 3.")
+    rows = [line.split(" | ")[0] for line in table.splitlines()[4:]]
+    assert rows == ["| dense", "| saa-sparser", '| saa {"top_k": 2}']
     assert "passkey" not in table
+
+
+def test_quality_example_rejects_an_invalid_point(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+    saa_quality = importlib.import_module("saa_quality")
+    with pytest.raises(SystemExit, match="top_k"):
+        saa_quality.main(["--tokens", "128", "--block", "16", "--passkey-length", "0", "--point", '{"top_k": -1}'])
 
 
 @pytest.mark.parametrize("parts", [("pool", "router", "select", "attend"), ("attend",), ()])
