@@ -164,7 +164,7 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     (Triton pooling) and the routed selection of exact key blocks."""
     from attncompiler.codegen.saa import (MAX_SORTED_BLOCKS, every_key_logits, key_bound_logits, pool_means,
-                                          row_mean_key_logits, sampled_key_logits, select_blocks)
+                                          sampled_key_logits, select_blocks)
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
@@ -174,8 +174,7 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
     interpret = q.device.type == "cpu"
     kernels = RouterKernels(every_key=functools.partial(every_key_logits, interpret=interpret),
                             key_bound=functools.partial(key_bound_logits, interpret=interpret),
-                            sampled_key=functools.partial(sampled_key_logits, interpret=interpret),
-                            row_mean_key=functools.partial(row_mean_key_logits, interpret=interpret))
+                            sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
     if geometry.num_n <= MAX_SORTED_BLOCKS:
         kernels = dataclasses.replace(kernels, choose=functools.partial(select_blocks, interpret=interpret))
     return select(q, q_means, k, centroids, scale, geometry, config, predictor, kernels), centroids

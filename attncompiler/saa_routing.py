@@ -6,7 +6,7 @@ for a query block when some of its keys are visible to some of the block's queri
 when all of its keys are visible to all of them. Allowed blocks that are not full straddle the
 diagonal; they are always computed exactly, because their visible keys differ from row to row.
 
-The estimated logit of key block ``n`` for query block ``m`` comes from one of five training-free
+The estimated logit of key block ``n`` for query block ``m`` comes from one of four training-free
 routers, plus the learned term of a calibrated predictor when one is given
 (:mod:`attncompiler.saa_predictor`); its estimated mass is the softmax of these logits over the
 allowed blocks.
@@ -20,8 +20,6 @@ allowed blocks.
   of the row's largest score in the block; normalized over the row's visible blocks, the largest
   over the query block's rows. A block that one row needs is kept even when the block's mean
   query does not see it. Two products of ``1 / block_n`` of the dense score product.
-- ``"row-mean-key"``: per query row ``i``, ``scale · q_i · k̄_n + log |n|``, normalized and maximized
-  over the rows like ``"key-bounds"``; one product of ``1 / block_n`` of the dense score product.
 - ``"sampled-keys"``: per query row, the logsumexp of its scores against every ``key_stride``-th key
   of the block, normalized and maximized over the rows like ``"key-bounds"``; ``1 / key_stride``
   of the dense score product.
@@ -235,25 +233,6 @@ def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, 
     return _row_max_logits(q, geometry, k_max.shape[1], bounds, chunk_bytes)
 
 
-def row_mean_key_logits(q: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor, scale: float,
-                        geometry: BlockGeometry, chunk_bytes: int = 1 << 28) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32, the ``"row-mean-key"`` logits: for each query row ``i`` and key block ``n``
-    whose first key the row sees, ``scale · q_i·k̄_n + log |n|`` from the mean keys ``[B, Hk, num_n, D]`` and
-    the keys per block ``[num_n]``; normalized over the row's visible blocks, the largest over the rows
-    of a query block. It costs ``1 / block_n`` of the dense score product."""
-    means = k_means.float().transpose(-2, -1)[:, :, None]                                # [B, Hk, 1, D, N]
-    log_counts = key_counts.float().log()                                                # [N]
-    first_key = torch.arange(geometry.num_n, device=q.device) * geometry.block_n          # [N]
-
-    def against_means(rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        logits = (part @ means) * scale + log_counts                                      # [B, Hk, G, R, N]
-        if geometry.causal:
-            logits = logits.masked_fill(first_key > rows[:, None] + geometry.key_offset, -math.inf)
-        return logits
-
-    return _row_max_logits(q, geometry, k_means.shape[1], against_means, chunk_bytes)
-
-
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
                        chunk_bytes: int = 1 << 28) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` logits: for each query row and key block, the
@@ -279,7 +258,7 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
                          scale: float, geometry: BlockGeometry, config: SAAConfig,
                          kernels: RouterKernels | None = None) -> torch.Tensor:
     """``[B, H, num_m, num_n]``: the logits of ``config.router`` from queries ``[B, H, Sq, D]``, their block
-    means, keys ``[B, Hk, Sk, D]`` and mean keys ``[B, Hk, num_n, D]`` (needed by the mean-key routers only);
+    means, keys ``[B, Hk, Sk, D]`` and mean keys ``[B, Hk, num_n, D]`` (needed by ``"mean-key"`` only);
     ``kernels`` computes the other forms (PyTorch by default, Triton kernels on the kernel path)."""
     kernels = kernels or RouterKernels()
     if config.router == "every-key":
@@ -289,8 +268,6 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
     if config.router == "sampled-keys":
         return kernels.sampled_key(q, k, scale, geometry, config.key_stride)
     key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
-    if config.router == "row-mean-key":
-        return kernels.row_mean_key(q, k_means, key_counts, scale, geometry)
     return mean_key_logits(q_means, k_means, key_counts, scale)
 
 
@@ -340,5 +317,4 @@ class RouterKernels:
     every_key: Callable[..., torch.Tensor] = every_key_logits
     key_bound: Callable[..., torch.Tensor] = key_bound_logits
     sampled_key: Callable[..., torch.Tensor] = sampled_key_logits
-    row_mean_key: Callable[..., torch.Tensor] = row_mean_key_logits
     choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks

@@ -96,41 +96,22 @@ def block_logits_kernel(
 
 
 @triton.jit
-def _visible_blocks(offs_n, n_end, offs_r, KEY_OFFSET, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[BM, NB]``: whether each row sees the first key of each key block (and the block exists)."""
-    visible = (offs_n < n_end)[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
-    return visible
-
-
-@triton.jit
 def _bound_logits(q_pos, q_neg, K_MAX, K_MIN, stride_kn, stride_kd, offs_r, offs_d, start, n_end, qk_scale, KEY_OFFSET,
                   CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """``[BM, BLOCKS]``: each row's bound on its largest score (log2 domain) in key blocks start..,
     from the blocks' key maxima and minima; -inf where the row sees no key of the block."""
     offs_n = start + tl.arange(0, BLOCKS)                                 # [NB] key blocks
-    mask = (offs_n < n_end)[None, :] & (offs_d[:, None] < HEAD_D)
+    n_ok = offs_n < n_end
+    mask = n_ok[None, :] & (offs_d[:, None] < HEAD_D)
     k_max = tl.load(K_MAX + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
     k_min = tl.load(K_MIN + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
     u = tl.dot(q_pos, k_max.to(q_pos.dtype), input_precision=DOT_PRECISION)
     u = tl.dot(q_neg, k_min.to(q_neg.dtype), acc=u, input_precision=DOT_PRECISION) * qk_scale  # [BM, NB]
-    return tl.where(_visible_blocks(offs_n, n_end, offs_r, KEY_OFFSET, CAUSAL, BLOCK_N), u, float("-inf"))
-
-
-@triton.jit
-def _mean_logits(q, K_MEAN, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale, KEY_OFFSET,
-                 CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """``[BM, BLOCKS]``: each row's score (log2 domain) against the mean keys of key blocks start..,
-    plus log2 of the keys each stands for; -inf where the row does not see the block's first key."""
-    offs_n = start + tl.arange(0, BLOCKS)                                 # [NB] key blocks
-    mask = (offs_n < n_end)[None, :] & (offs_d[:, None] < HEAD_D)
-    k_mean = tl.load(K_MEAN + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-    count = tl.maximum(tl.minimum(SEQ_K - offs_n * BLOCK_N, BLOCK_N), 1).to(tl.float32)  # [NB]
-    u = tl.dot(q, k_mean.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale + tl.log2(count)[None, :]
-    return tl.where(_visible_blocks(offs_n, n_end, offs_r, KEY_OFFSET, CAUSAL, BLOCK_N), u, float("-inf"))
+    visible = n_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
+    return tl.where(visible, u, float("-inf"))
 
 
 @triton.jit
@@ -164,9 +145,8 @@ def row_max_logits_kernel(
 ):
     """One query block's logits of a per-row router, BLOCKS key blocks per step, in two passes.
 
-    "bounds" (``"key-bounds"``, K1 / K2 the blocks' key maxima / minima) and "means"
-    (``"row-mean-key"``, K1 the blocks' mean keys): pass 1 takes each row's logsumexp over its block
-    estimates u, pass 2 stores the largest ``u - lse`` over the rows.
+    "bounds" (``"key-bounds"``, K1 / K2 the blocks' key maxima / minima): pass 1 takes each row's
+    logsumexp over its block bounds u, pass 2 stores the largest ``u - lse`` over the rows.
     "samples" (``"sampled-keys"``, K1 the keys): pass 1 takes each row's logsumexp over its sampled
     scores s, pass 2 sums ``exp(s - lse)`` per key block by one product with the samples' block
     membership and stores the log of the largest sum over the rows (sums below 2**-126, which fp32
@@ -197,9 +177,6 @@ def row_max_logits_kernel(
         if ROUTER == "bounds":
             u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
                               qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
-        elif ROUTER == "means":
-            u = _mean_logits(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
-                             KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
         else:
             u = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
                                 KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)  # [BM, W]
@@ -210,13 +187,9 @@ def row_max_logits_kernel(
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
     for start in range(0, n_end, BLOCKS):
         offs_n = start + tl.arange(0, BLOCKS)                             # [NB]
-        if ROUTER != "samples":
-            if ROUTER == "bounds":
-                u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
-                                  qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
-            else:
-                u = _mean_logits(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
-                                 KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
+        if ROUTER == "bounds":
+            u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
+                              qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
             best = tl.max(u - lse[:, None], 0) * 0.6931471805599453      # [NB] natural log
         else:
             s = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
@@ -458,16 +431,6 @@ def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, 
     (PyTorch form: :func:`attncompiler.saa_routing.key_bound_logits`)."""
     return _row_max_logits(q, k_max.contiguous(), k_min.contiguous(), scale, geometry, "bounds",
                            blocks=16 if interpret else 64)
-
-
-def row_mean_key_logits(q: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor, scale: float,
-                        geometry: BlockGeometry, interpret: bool = False) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32, the ``"row-mean-key"`` router's logits from queries ``[B, H, Sq, D]`` and
-    each key block's mean key ``[B, Hk, num_n, D]`` (fp32), one program per query block; the kernel
-    counts each block's keys itself, so ``key_counts`` only keeps the PyTorch form's signature
-    (:func:`attncompiler.saa_routing.row_mean_key_logits`)."""
-    means = k_means.contiguous()
-    return _row_max_logits(q, means, means, scale, geometry, "means", blocks=16 if interpret else 64)
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,

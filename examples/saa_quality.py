@@ -60,7 +60,6 @@ def operating_points(block: int) -> dict[str, SAAConfig]:
         "saa-denser": replace(default, top_k=32, centroids=4),
         "saa-default every-key": replace(default, router="every-key"),
         "saa-default key-bounds": replace(default, router="key-bounds"),
-        "saa-default row-mean-key": replace(default, router="row-mean-key"),
         "saa-default sampled-keys": replace(default, router="sampled-keys"),
     }
 
@@ -122,7 +121,7 @@ def pytorch_parts(parts):
     swaps = {
         "pool": {"pool_means": saa_reference.pool_reference},
         "router": {name: dropping_interpret(getattr(saa_routing, name))
-                   for name in ("every_key_logits", "key_bound_logits", "row_mean_key_logits", "sampled_key_logits")},
+                   for name in ("every_key_logits", "key_bound_logits", "sampled_key_logits")},
         "select": {"select_blocks": dropping_interpret(saa_routing.select_blocks)},
         "attend": {"saa_attend": attend},
     }

@@ -13,7 +13,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from attncompiler.codegen.saa import every_key_logits as every_key_logits_kernel, pool_means
 from attncompiler.codegen.saa import key_bound_logits as key_bound_logits_kernel
-from attncompiler.codegen.saa import row_mean_key_logits as row_mean_key_logits_kernel
 from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
@@ -23,8 +22,8 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import (BlockGeometry, every_key_logits, group_counts, key_bound_logits, key_bounds,
-                                      row_mean_key_logits, sampled_key_logits, select_blocks)
+from attncompiler.saa_routing import (BlockGeometry, every_key_logits, key_bound_logits, key_bounds, sampled_key_logits,
+                                     select_blocks)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -90,7 +89,7 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
-@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds", "row-mean-key", "sampled-keys"])
+@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds", "sampled-keys"])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 def test_triton_path_routes_as_the_reference(form, router):
     """The kernels' pooling gives the same centroids and the same selection as the reference."""
@@ -188,28 +187,6 @@ def test_key_bound_logits_are_normalized_row_bounds_maximized_over_the_block(sq,
             assert torch.isneginf(got[..., m, :]).all()
 
 
-@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
-                                                        (93, 73, True, -20)])
-def test_row_mean_key_logits_are_each_rows_scores_against_the_mean_keys(sq, sk, causal, key_offset):
-    """Per row, ``scale · q·k̄ + log |n|`` over the blocks whose first key it sees (the last block counts
-    its own keys), minus the row's logsumexp over them; the largest over the query block's rows."""
-    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
-    q, k = randn(1, 2, sq, 8), randn(1, 1, sk, 8)
-    blocks = [k[:, :, n * 16:(n + 1) * 16] for n in range(geometry.num_n)]
-    per_row = torch.stack([(q @ block.mean(-2, keepdim=True).transpose(-2, -1))[..., 0] * 0.3
-                           + math.log(block.shape[-2]) for block in blocks], -1)       # [1, 2, Sq, N]
-    if causal:
-        rows = torch.arange(sq, device=DEVICE)
-        first_keys = torch.arange(geometry.num_n, device=DEVICE) * 16
-        per_row = per_row.masked_fill(first_keys > rows[:, None] + key_offset, -math.inf)
-    norm = per_row.logsumexp(-1, keepdim=True)
-    per_row = torch.where(norm > -math.inf, per_row - norm, -math.inf)
-    counts = group_counts(sk, 16, geometry.num_n, DEVICE)
-    got = row_mean_key_logits(q, pool_reference(k, 16, geometry.num_n), counts, 0.3, geometry)
-    for m in range(geometry.num_m):
-        torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("stride", [1, 4, 16])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
@@ -231,29 +208,20 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
         torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
 
 
-def row_router_logits(router: str, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry):
-    """``(kernel logits, PyTorch logits)`` of a per-row router ("sampled-keys stride N" for a stride)."""
-    if router == "key-bounds":
-        k_max, k_min = key_bounds(k, geometry)
-        return (key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET),
-                key_bound_logits(q, k_max, k_min, 0.3, geometry))
-    if router == "row-mean-key":
-        counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, DEVICE)
-        means = pool_reference(k, geometry.block_n, geometry.num_n)
-        return (row_mean_key_logits_kernel(q, means, counts, 0.3, geometry, interpret=INTERPRET),
-                row_mean_key_logits(q, means, counts, 0.3, geometry))
-    stride = int(router.split()[-1])
-    return (sampled_key_logits_kernel(q, k, 0.3, geometry, stride, interpret=INTERPRET),
-            sampled_key_logits(q, k, 0.3, geometry, stride))
-
-
-@pytest.mark.parametrize("router", ["key-bounds", "row-mean-key", "sampled-keys stride 2", "sampled-keys stride 16"])
+@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 2", "sampled-keys stride 16"])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
 def test_row_router_kernels_match_pytorch(sq, sk, causal, key_offset, router):
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
-    got, want = row_router_logits(router, q, k, geometry)
+    if router == "key-bounds":
+        k_max, k_min = key_bounds(k, geometry)
+        got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
+        want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
+    else:
+        stride = int(router.split()[-1])
+        got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, interpret=INTERPRET)
+        want = sampled_key_logits(q, k, 0.3, geometry, stride)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
@@ -264,12 +232,18 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
-@pytest.mark.parametrize("router", ["key-bounds", "row-mean-key", "sampled-keys stride 2"])
+@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys"])
 def test_row_router_kernels_match_pytorch_over_many_key_steps(router, dtype):
     """Seventy key blocks: each pass of the kernel loops over several steps of key blocks."""
     geometry = BlockGeometry(1100, 1100, 16, 16, True, 0)
     q, k = randn(1, 4, 1100, 64, dtype=dtype), randn(1, 2, 1100, 64, dtype=dtype)
-    got, want = row_router_logits(router, q, k, geometry)
+    if router == "key-bounds":
+        k_max, k_min = key_bounds(k, geometry)
+        got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
+        want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
+    else:
+        got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, interpret=INTERPRET)
+        want = sampled_key_logits(q, k, 0.3, geometry, 2)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounded bounds, tf32 block sums
@@ -389,7 +363,7 @@ def test_applicable_programs(program, expected):
     ({"centroids": 3}, "centroids must be"),
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
-    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds., .row-mean-key., .sampled-keys.\]"),
+    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds., .sampled-keys.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
