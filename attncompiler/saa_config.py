@@ -40,6 +40,7 @@ class SAAConfig:
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "mean-key"     # block logits: "mean-key", "every-key", "key-bounds" or "sampled-keys" (saa_routing)
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
+    candidates: int | None = None  # "sampled-keys": score only these best key blocks by "mean-key" (and the forced)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -65,6 +66,14 @@ class SAAConfig:
                 or self.key_stride > self.block_n):
             raise SAAConfigError(f"SAA key_stride must be a power of two <= block_n={self.block_n}, "
                                  f"got {self.key_stride!r}")
+        if self.candidates is not None:
+            if (not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 1):
+                raise SAAConfigError(f"SAA candidates must be None or an integer >= 1, got {self.candidates!r}")
+            if self.top_k is not None and self.candidates < self.top_k:
+                raise SAAConfigError(f"SAA candidates ({self.candidates}) must be at least top_k ({self.top_k})")
+            if self.router != "sampled-keys":
+                raise SAAConfigError(f"SAA candidates shortlist key blocks for the sampled-keys router, "
+                                     f"not for {self.router!r}")
         if self.router not in ROUTERS:
             raise SAAConfigError(f"SAA router must be one of {list(ROUTERS)}, got {self.router!r}")
         if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error > 0):

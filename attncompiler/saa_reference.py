@@ -58,7 +58,7 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
     the centroids (whose weighted means are the mean keys) by ``config.router``, with ``predictor``'s
     learned term when given. ``kernels`` computes the logits and picks the blocks (PyTorch by default)."""
     kernels = kernels or RouterKernels()
-    needs_means = config.router == "mean-key" or predictor is not None
+    needs_means = config.router == "mean-key" or config.candidates is not None or predictor is not None
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
     logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, kernels)  # [B, H, M, N]
     if predictor is not None:

@@ -40,6 +40,7 @@ most ``top_k`` when both are set).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -234,22 +235,31 @@ def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, 
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
-                       chunk_bytes: int = 1 << 28) -> torch.Tensor:
+                       shortlist: Selection | None = None, chunk_bytes: int = 1 << 28) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` logits: for each query row and key block, the
     logsumexp of ``scale · q_i·k_j`` over the block's keys ``j`` at multiples of ``stride`` from its first
     (each visible to the row); normalized over the row's visible blocks, the largest over the rows
-    of a query block. It costs ``1 / stride`` of the dense score product."""
+    of a query block. It costs ``1 / stride`` of the dense score product. With a ``shortlist`` (a
+    :class:`Selection`), only the key blocks it marks for the query block are scored and normalized
+    over; the others are -inf."""
     seq_k, block_n, num_n = geometry.seq_k, geometry.block_n, geometry.num_n
     per_block = block_n // stride
     columns = torch.arange(num_n * per_block, device=q.device) * stride                  # [N·spb] sampled keys
     present = columns < seq_k
     samples = k.float()[:, :, columns.clamp(max=seq_k - 1)].transpose(-2, -1)[:, :, None]  # [B, Hk, 1, D, N·spb]
+    listed = None
+    if shortlist is not None:
+        batch, heads = q.shape[:2]
+        listed = shortlist.exact.reshape(batch, k.shape[1], heads // k.shape[1], geometry.num_m, num_n)
 
     def sampled(rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         scores = (part @ samples) * scale                                                  # [B, Hk, G, R, N·spb]
         hidden = ~present if not geometry.causal else ~present | (columns > rows[:, None] + geometry.key_offset)
         scores = scores.masked_fill(hidden, -math.inf)
-        return scores.unflatten(-1, (num_n, per_block)).logsumexp(-1)
+        blocks = scores.unflatten(-1, (num_n, per_block)).logsumexp(-1)                     # [B, Hk, G, R, N]
+        if listed is not None:
+            blocks = blocks.masked_fill(~listed[:, :, :, rows // geometry.block_m], -math.inf)
+        return blocks
 
     return _row_max_logits(q, geometry, k.shape[1], sampled, chunk_bytes)
 
@@ -258,17 +268,27 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
                          scale: float, geometry: BlockGeometry, config: SAAConfig,
                          kernels: RouterKernels | None = None) -> torch.Tensor:
     """``[B, H, num_m, num_n]``: the logits of ``config.router`` from queries ``[B, H, Sq, D]``, their block
-    means, keys ``[B, Hk, Sk, D]`` and mean keys ``[B, Hk, num_n, D]`` (needed by ``"mean-key"`` only);
+    means, keys ``[B, Hk, Sk, D]`` and mean keys ``[B, Hk, num_n, D]`` (needed by ``"mean-key"`` and by a
+    shortlist of candidates);
     ``kernels`` computes the other forms (PyTorch by default, Triton kernels on the kernel path)."""
     kernels = kernels or RouterKernels()
     if config.router == "every-key":
         return kernels.every_key(q_means, k, scale, geometry)
     if config.router == "key-bounds":
         return kernels.key_bound(q, *key_bounds(k, geometry), scale, geometry)
-    if config.router == "sampled-keys":
-        return kernels.sampled_key(q, k, scale, geometry, config.key_stride)
     key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
+    if config.router == "sampled-keys":
+        shortlist = None
+        if config.candidates is not None:
+            coarse = mean_key_logits(q_means, k_means, key_counts, scale)
+            shortlist = kernels.choose(coarse, geometry, shortlist_config(config))
+        return kernels.sampled_key(q, k, scale, geometry, config.key_stride, shortlist)
     return mean_key_logits(q_means, k_means, key_counts, scale)
+
+
+def shortlist_config(config: SAAConfig) -> SAAConfig:
+    """The selection that shortlists ``config.candidates`` key blocks by ``"mean-key"`` (besides the forced ones)."""
+    return dataclasses.replace(config, router="mean-key", top_k=config.candidates, tau=None, candidates=None)
 
 
 def selection_width(geometry: BlockGeometry, config: SAAConfig) -> int:

@@ -115,15 +115,26 @@ def _bound_logits(q_pos, q_neg, K_MAX, K_MIN, stride_kn, stride_kd, offs_r, offs
 
 
 @triton.jit
-def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale, KEY_OFFSET,
-                    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``[BM, BLOCKS·spb]``: each row's scores (log2 domain) against every STRIDE-th key of key blocks
-    start.., spb = BLOCK_N / STRIDE samples per block, block by block; -inf where not visible."""
+def _slot_blocks(SHORTLIST_ROW, slots, n_slots, SHORTLIST: tl.constexpr):
+    """The key blocks at positions ``slots`` of a query block's list (the shortlist, or 0, 1, ... without
+    one), and which of them exist."""
+    ok = slots < n_slots
+    if SHORTLIST:
+        return tl.load(SHORTLIST_ROW + slots, mask=ok, other=0), ok
+    return slots, ok
+
+
+@triton.jit
+def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, sample_ok, SEQ_K, qk_scale,
+                    KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    WIDTH: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``[BM, W]``: each row's scores (log2 domain) against W samples, sample s being key
+    ``(s % spb) · STRIDE`` of key block ``sample_blocks[s]`` (spb = BLOCK_N / STRIDE samples per block);
+    -inf where not visible or not ``sample_ok``."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
-    offs_s = tl.arange(0, BLOCKS * PER_BLOCK)                             # [W] samples
-    keys = start * BLOCK_N + offs_s * STRIDE                              # [W] their keys
-    key_ok = (keys < SEQ_K) & ((start + offs_s // PER_BLOCK) < n_end)
+    offs_s = tl.arange(0, WIDTH)                                          # [W] samples
+    keys = sample_blocks * BLOCK_N + (offs_s % PER_BLOCK) * STRIDE        # [W] their keys
+    key_ok = (keys < SEQ_K) & sample_ok
     b_kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                    mask=key_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, W]
     scores = tl.dot(q, b_kt, input_precision=DOT_PRECISION) * qk_scale   # [BM, W]
@@ -135,13 +146,13 @@ def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SE
 
 @triton.jit
 def row_max_logits_kernel(
-    Q, K1, K2, OUT,
+    Q, K1, K2, OUT, IDX, CNT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET,
-    ROUTER: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STRIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
+    ROUTER: tl.constexpr, SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block's logits of a per-row router, BLOCKS key blocks per step, in two passes.
 
@@ -150,7 +161,9 @@ def row_max_logits_kernel(
     "samples" (``"sampled-keys"``, K1 the keys): pass 1 takes each row's logsumexp over its sampled
     scores s, pass 2 sums ``exp(s - lse)`` per key block by one product with the samples' block
     membership and stores the log of the largest sum over the rows (sums below 2**-126, which fp32
-    cannot tell from 0, read as 2**-126)."""
+    cannot tell from 0, read as 2**-126). With SHORTLIST, "samples" visits only the ``CNT`` key blocks
+    listed in ``IDX`` (``[B·H·num_m, LIST_WIDTH]``) for this query block and leaves the other logits
+    as they are (the caller fills them with -inf)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -171,38 +184,46 @@ def row_max_logits_kernel(
     if CAUSAL:  # key blocks past the last row's last visible key: -inf
         last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
         n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
+    n_slots = n_end                                                       # blocks visited: 0 .. n_end-1
+    SHORTLIST_ROW = IDX + (pid_bh.to(tl.int64) * NUM_M + pid_m) * LIST_WIDTH
+    if SHORTLIST:                                                         # or the listed ones
+        n_slots = tl.load(CNT + pid_bh.to(tl.int64) * NUM_M + pid_m)
+    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+    SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
+    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] slot of each sample
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
-    for start in range(0, n_end, BLOCKS):
+    for start in range(0, n_slots, BLOCKS):
         if ROUTER == "bounds":
             u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
                               qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
         else:
-            u = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
-                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)  # [BM, W]
+            blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
+            u = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
         m_new = tl.maximum(m_i, tl.max(u, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(u - m_use[:, None]), 1)
         m_i = m_new
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
-    for start in range(0, n_end, BLOCKS):
-        offs_n = start + tl.arange(0, BLOCKS)                             # [NB]
+    for start in range(0, n_slots, BLOCKS):
+        offs_n, n_ok = _slot_blocks(SHORTLIST_ROW, start + tl.arange(0, BLOCKS), n_slots, SHORTLIST)  # [NB]
         if ROUTER == "bounds":
             u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
                               qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
             best = tl.max(u - lse[:, None], 0) * 0.6931471805599453      # [NB] natural log
         else:
-            s = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end, SEQ_K, qk_scale,
-                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION)  # [BM, W]
-            PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
-            offs_s = tl.arange(0, BLOCKS * PER_BLOCK)
-            member = (offs_s[:, None] // PER_BLOCK == tl.arange(0, BLOCKS)[None, :]).to(tl.float32)  # [W, NB]
+            blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
+            s = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+            member = (sample_slot[:, None] == tl.arange(0, BLOCKS)[None, :]).to(tl.float32)  # [W, NB]
             mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
             best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
-        tl.store(p_out + offs_n, best, mask=offs_n < n_end)
-    for start in range(n_end, NUM_N, BLOCKS):
-        offs_n = start + tl.arange(0, BLOCKS)
-        tl.store(p_out + offs_n, tl.full([BLOCKS], float("-inf"), tl.float32), mask=offs_n < NUM_N)
+        tl.store(p_out + offs_n, best, mask=n_ok)
+    if not SHORTLIST:
+        for start in range(n_end, NUM_N, BLOCKS):
+            offs_n = start + tl.arange(0, BLOCKS)
+            tl.store(p_out + offs_n, tl.full([BLOCKS], float("-inf"), tl.float32), mask=offs_n < NUM_N)
 
 
 @triton.jit
@@ -408,17 +429,24 @@ def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geome
 
 
 def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float, geometry: BlockGeometry,
-                    router: str, blocks: int, stride: int = 1, num_stages: int = 1) -> torch.Tensor:
+                    router: str, blocks: int, stride: int = 1, num_stages: int = 1,
+                    shortlist: Selection | None = None) -> torch.Tensor:
     batch, heads, _, dim = q.shape
-    out = torch.empty(batch, heads, geometry.num_m, geometry.num_n, dtype=torch.float32, device=q.device)
+    shape = (batch, heads, geometry.num_m, geometry.num_n)
+    if shortlist is None:
+        out = torch.empty(shape, dtype=torch.float32, device=q.device)
+        indices = counts = out  # not read
+    else:
+        out = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
+        indices, counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
     if out.numel() == 0:
         return out
     row_max_logits_kernel[(geometry.num_m, batch * heads)](
-        q, k1, k2, out, *q.stride(), *k1.stride(),
+        q, k1, k2, out, indices, counts, *q.stride(), *k1.stride(),
         scale * LOG2E, heads, heads // k1.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
-        geometry.key_offset,
-        ROUTER=router, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m,
-        BLOCK_N=geometry.block_n, BLOCKS=blocks, STRIDE=stride,
+        geometry.key_offset, indices.shape[-1],
+        ROUTER=router, SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim,
+        BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=num_stages,
     )
     return out
@@ -434,14 +462,15 @@ def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, 
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
-                       interpret: bool = False) -> torch.Tensor:
+                       shortlist: Selection | None = None, interpret: bool = False) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
-    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block (PyTorch form:
-    :func:`attncompiler.saa_routing.sampled_key_logits`)."""
+    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block; with a
+    ``shortlist``, only of the key blocks it lists (-inf elsewhere). PyTorch form:
+    :func:`attncompiler.saa_routing.sampled_key_logits`."""
     per_block = geometry.block_n // stride
     blocks = max(1 if interpret else 16, 128 // per_block)                # key blocks per step: ≥ 16 for tl.dot
     return _row_max_logits(q, k, k, scale, geometry, "samples", blocks=blocks, stride=stride,
-                           num_stages=1 if interpret else 3)
+                           num_stages=1 if interpret else 3, shortlist=shortlist)
 
 
 MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers

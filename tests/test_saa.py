@@ -22,8 +22,8 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import (BlockGeometry, every_key_logits, key_bound_logits, key_bounds, sampled_key_logits,
-                                     select_blocks)
+from attncompiler.saa_routing import (BlockGeometry, Selection, every_key_logits, key_bound_logits, key_bounds,
+                                      sampled_key_logits, select_blocks)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -89,12 +89,13 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
-@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds", "sampled-keys"])
+@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds", "sampled-keys", "sampled-keys shortlist"])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 def test_triton_path_routes_as_the_reference(form, router):
     """The kernels' pooling gives the same centroids and the same selection as the reference."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
-    config = SAAConfig(**SMALL, top_k=2, centroids=4, router=router)
+    shortlist = {"candidates": 2} if router.endswith("shortlist") else {}
+    config = SAAConfig(**SMALL, top_k=2, centroids=4, router=router.split()[0], **shortlist)
     q, k, v = qkv(2, 4, 2, 77, 93, 64, 64)
     geometry = geometry_of(q, k, config, causal, bottom_right)
     out, selection, centroids = saa_triton(q, k, v, 0.125, geometry, config)
@@ -208,7 +209,8 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
         torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 2", "sampled-keys stride 16"])
+@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 2", "sampled-keys stride 16",
+                                    "sampled-keys stride 4 shortlist"])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
 def test_row_router_kernels_match_pytorch(sq, sk, causal, key_offset, router):
@@ -219,12 +221,42 @@ def test_row_router_kernels_match_pytorch(sq, sk, causal, key_offset, router):
         got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
         want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
     else:
-        stride = int(router.split()[-1])
-        got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, interpret=INTERPRET)
-        want = sampled_key_logits(q, k, 0.3, geometry, stride)
+        stride = int(router.split()[2])
+        shortlist = random_shortlist(geometry, 2, 4, listed=2) if router.endswith("shortlist") else None
+        got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist, interpret=INTERPRET)
+        want = sampled_key_logits(q, k, 0.3, geometry, stride, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+def random_shortlist(geometry: BlockGeometry, batch: int, heads: int, listed: int) -> Selection:
+    """A selection of ``listed`` random allowed key blocks (besides the forced) per query block."""
+    config = SAAConfig(block_m=geometry.block_m, block_n=geometry.block_n, top_k=listed)
+    return select_blocks(randn(batch, heads, geometry.num_m, geometry.num_n), geometry, config)
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_sampled_key_logits_with_a_shortlist_score_and_normalize_over_the_listed_blocks_only(sq, sk, causal,
+                                                                                             key_offset):
+    """Each row normalized over the listed blocks as if the others did not exist; the others are -inf."""
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(1, 2, sq, 8), randn(1, 1, sk, 8)
+    shortlist = random_shortlist(geometry, 1, 2, listed=1)
+    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, 2, Sq, Sk]
+    rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
+    visible = cols <= rows[:, None] + key_offset if causal else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    kept = (cols % 16 % 4 == 0) & visible                                              # [Sq, Sk]
+    per_row = torch.stack([scores[..., n * 16:(n + 1) * 16].masked_fill(~kept[:, n * 16:(n + 1) * 16], -math.inf)
+                           .logsumexp(-1) for n in range(geometry.num_n)], -1)          # [1, 2, Sq, N]
+    per_row = per_row.masked_fill(~shortlist.exact[:, :, rows // 16], -math.inf)
+    norm = per_row.logsumexp(-1, keepdim=True)
+    per_row = torch.where(norm > -math.inf, per_row - norm, -math.inf)
+    got = sampled_key_logits(q, k, 0.3, geometry, 4, shortlist)
+    assert torch.isneginf(got[~shortlist.exact]).all()
+    for m in range(geometry.num_m):
+        torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
 
 
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -232,9 +264,9 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
-@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys"])
+@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys", "sampled-keys shortlist"])
 def test_row_router_kernels_match_pytorch_over_many_key_steps(router, dtype):
-    """Seventy key blocks: each pass of the kernel loops over several steps of key blocks."""
+    """Seventy key blocks (forty listed): each pass of the kernel loops over several steps of key blocks."""
     geometry = BlockGeometry(1100, 1100, 16, 16, True, 0)
     q, k = randn(1, 4, 1100, 64, dtype=dtype), randn(1, 2, 1100, 64, dtype=dtype)
     if router == "key-bounds":
@@ -242,8 +274,9 @@ def test_row_router_kernels_match_pytorch_over_many_key_steps(router, dtype):
         got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
         want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
     else:
-        got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, interpret=INTERPRET)
-        want = sampled_key_logits(q, k, 0.3, geometry, 2)
+        shortlist = random_shortlist(geometry, 1, 4, listed=40) if router.endswith("shortlist") else None
+        got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
+        want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounded bounds, tf32 block sums
@@ -366,6 +399,9 @@ def test_applicable_programs(program, expected):
     ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds., .sampled-keys.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
+    ({"router": "sampled-keys", "candidates": 0}, "candidates must be None or an integer >= 1"),
+    ({"router": "sampled-keys", "candidates": 8}, r"candidates \(8\) must be at least top_k \(16\)"),
+    ({"candidates": 32}, "shortlist key blocks for the sampled-keys router, not for 'mean-key'"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
 def test_config_validation(values, message):
