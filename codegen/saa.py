@@ -151,10 +151,11 @@ def row_max_logits_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
     ROUTER: tl.constexpr, SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
     STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block's logits of a per-row router, BLOCKS key blocks per step, in two passes.
+    """One query block's logits of a per-row router, BLOCKS key blocks per step (LANES >= BLOCKS of them
+    computed, at least 16 for ``tl.dot``), in two passes.
 
     "bounds" (``"key-bounds"``, K1 / K2 the blocks' key maxima / minima): pass 1 takes each row's
     logsumexp over its block bounds u, pass 2 stores the largest ``u - lse`` over the rows.
@@ -206,8 +207,10 @@ def row_max_logits_kernel(
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(u - m_use[:, None]), 1)
         m_i = m_new
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
+    lanes = tl.arange(0, LANES)
     for start in range(0, n_slots, BLOCKS):
-        offs_n, n_ok = _slot_blocks(SHORTLIST_ROW, start + tl.arange(0, BLOCKS), n_slots, SHORTLIST)  # [NB]
+        offs_n, n_ok = _slot_blocks(SHORTLIST_ROW, start + lanes, n_slots, SHORTLIST)  # [NB]
+        n_ok = n_ok & (lanes < BLOCKS)
         if ROUTER == "bounds":
             u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
                               qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
@@ -216,14 +219,14 @@ def row_max_logits_kernel(
             blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
             s = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
                                 KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
-            member = (sample_slot[:, None] == tl.arange(0, BLOCKS)[None, :]).to(tl.float32)  # [W, NB]
+            member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB]
             mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
             best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
         tl.store(p_out + offs_n, best, mask=n_ok)
     if not SHORTLIST:
-        for start in range(n_end, NUM_N, BLOCKS):
-            offs_n = start + tl.arange(0, BLOCKS)
-            tl.store(p_out + offs_n, tl.full([BLOCKS], float("-inf"), tl.float32), mask=offs_n < NUM_N)
+        for start in range(n_end, NUM_N, LANES):
+            offs_n = start + lanes
+            tl.store(p_out + offs_n, tl.full([LANES], float("-inf"), tl.float32), mask=offs_n < NUM_N)
 
 
 @triton.jit
@@ -446,7 +449,8 @@ def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: 
         scale * LOG2E, heads, heads // k1.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
         geometry.key_offset, indices.shape[-1],
         ROUTER=router, SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim,
-        BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, STRIDE=stride,
+        BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks,
+        LANES=max(blocks, 16), STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=num_stages,
     )
     return out
@@ -467,8 +471,7 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
     keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block; with a
     ``shortlist``, only of the key blocks it lists (-inf elsewhere). PyTorch form:
     :func:`attncompiler.saa_routing.sampled_key_logits`."""
-    per_block = geometry.block_n // stride
-    blocks = max(1 if interpret else 16, 128 // per_block)                # key blocks per step: ≥ 16 for tl.dot
+    blocks = max(1, 128 // (geometry.block_n // stride))                 # key blocks per step: 128 samples
     return _row_max_logits(q, k, k, scale, geometry, "samples", blocks=blocks, stride=stride,
                            num_stages=1 if interpret else 3, shortlist=shortlist)
 

@@ -209,8 +209,8 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
         torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 2", "sampled-keys stride 16",
-                                    "sampled-keys stride 4 shortlist"])
+@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 1", "sampled-keys stride 2",
+                                    "sampled-keys stride 16", "sampled-keys stride 4 shortlist"])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
 def test_row_router_kernels_match_pytorch(sq, sk, causal, key_offset, router):
@@ -257,6 +257,19 @@ def test_sampled_key_logits_with_a_shortlist_score_and_normalize_over_the_listed
     assert torch.isneginf(got[~shortlist.exact]).all()
     for m in range(geometry.num_m):
         torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 4, 8])
+def test_sampled_key_kernel_takes_128_samples_per_step_at_any_stride(stride):
+    """Blocks of 64 keys at head dim 128: a step scores 128 samples from 128 / (64 / stride) key blocks
+    (two at stride 1), so the key tile fits in shared memory at every stride."""
+    geometry = BlockGeometry(200, 333, 64, 64, True, 133)
+    q, k = randn(1, 2, 200, 128), randn(1, 1, 333, 128)
+    got = sampled_key_logits_kernel(q, k, 0.1, geometry, stride, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.1, geometry, stride)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
 
 
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
