@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", status=2)
     try:
-        config = SAAConfig(block_m=args.block, block_n=args.block)
+        config = SAAConfig(block_m=args.block, block_n=args.block, router="mean-key")  # what the learned term corrects
     except SAAConfigError as e:
         raise CommandError(f"--block: {e}", status=2) from None
     model_key, model, windows = _hf_windows(args) if args.hf else _smollm2_windows(args)

@@ -32,15 +32,16 @@ def _is_pow2(n: int) -> bool:
 class SAAConfig:
     block_m: int = 64            # queries per query block (the routing granularity and kernel tile)
     block_n: int = 64            # keys per key block
-    top_k: int | None = 16       # routed exact blocks per query block, beyond sinks and local blocks
+    top_k: int | None = 24       # routed exact blocks per query block, beyond sinks and local blocks
     tau: float | None = None     # or: the fewest routed blocks whose estimated mass reaches tau
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 2           # centroids per key block that is not computed exactly
     max_error: float = 0.1       # relative error budget against dense attention
-    router: str = "mean-key"     # block logits: "mean-key", "every-key", "key-bounds" or "sampled-keys" (saa_routing)
+    router: str = "sampled-keys"  # block logits: "mean-key", "every-key", "key-bounds" or "sampled-keys" (saa_routing)
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
-    candidates: int | None = None  # "sampled-keys": score only these best key blocks by "mean-key" (and the forced)
+    candidates: int | None = 96  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
+    #                              "mean-key" (and the forced ones); None: every block
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -66,14 +67,9 @@ class SAAConfig:
                 or self.key_stride > self.block_n):
             raise SAAConfigError(f"SAA key_stride must be a power of two <= block_n={self.block_n}, "
                                  f"got {self.key_stride!r}")
-        if self.candidates is not None:
-            if (not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 1):
-                raise SAAConfigError(f"SAA candidates must be None or an integer >= 1, got {self.candidates!r}")
-            if self.top_k is not None and self.candidates < self.top_k:
-                raise SAAConfigError(f"SAA candidates ({self.candidates}) must be at least top_k ({self.top_k})")
-            if self.router != "sampled-keys":
-                raise SAAConfigError(f"SAA candidates shortlist key blocks for the sampled-keys router, "
-                                     f"not for {self.router!r}")
+        if self.candidates is not None and (not isinstance(self.candidates, int) or isinstance(self.candidates, bool)
+                                            or self.candidates < 1):
+            raise SAAConfigError(f"SAA candidates must be None or an integer >= 1, got {self.candidates!r}")
         if self.router not in ROUTERS:
             raise SAAConfigError(f"SAA router must be one of {list(ROUTERS)}, got {self.router!r}")
         if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error > 0):

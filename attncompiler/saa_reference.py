@@ -56,9 +56,13 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
            kernels: RouterKernels | None = None) -> Selection:
     """Route from queries ``[B, H, Sq, D]``, their block means ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and
     the centroids (whose weighted means are the mean keys) by ``config.router``, with ``predictor``'s
-    learned term when given. ``kernels`` computes the logits and picks the blocks (PyTorch by default)."""
+    learned term when given (it corrects ``"mean-key"``, the router it was calibrated with). ``kernels`` computes the logits and picks the blocks (PyTorch by default)."""
+    if predictor is not None and config.router != "mean-key":
+        raise ValueError(f'a learned router corrects the "mean-key" estimate; route with router="mean-key", '
+                         f'not {config.router!r}, to use it')
     kernels = kernels or RouterKernels()
-    needs_means = config.router == "mean-key" or config.candidates is not None or predictor is not None
+    shortlists = config.router == "sampled-keys" and config.candidates is not None
+    needs_means = config.router == "mean-key" or shortlists
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
     logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, kernels)  # [B, H, M, N]
     if predictor is not None:

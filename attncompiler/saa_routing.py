@@ -287,8 +287,9 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
 
 
 def shortlist_config(config: SAAConfig) -> SAAConfig:
-    """The selection that shortlists ``config.candidates`` key blocks by ``"mean-key"`` (besides the forced ones)."""
-    return dataclasses.replace(config, router="mean-key", top_k=config.candidates, tau=None, candidates=None)
+    """The selection that shortlists ``max(candidates, top_k)`` key blocks by ``"mean-key"`` (besides the forced ones)."""
+    return dataclasses.replace(config, router="mean-key", top_k=max(config.candidates, config.top_k or 0), tau=None,
+                               candidates=None)
 
 
 def selection_width(geometry: BlockGeometry, config: SAAConfig) -> int:

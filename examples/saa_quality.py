@@ -5,7 +5,7 @@ dense attention: perplexity on windows of ``pydoc_data.topics`` (Python's refere
 length, the mean relative error of the attention outputs per layer, the density (fraction of the
 allowed key blocks computed exactly), and passkey retrieval from several depths of a long text.
 Prefill runs SAA; decoding one token at a time runs dense attention. With ``--predictor`` (a file
-written by ``attncompiler calibrate``), the default operating point also runs with the learned router.
+written by ``attncompiler calibrate``), the fast point (``"mean-key"``) also runs with the learned router.
 
 On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).
@@ -51,16 +51,18 @@ QUESTION = " What is the pass key? The pass key is"
 
 
 def operating_points(block: int) -> dict[str, SAAConfig]:
-    """The default operating point, two others along the trade-off curve, and the default with each
+    """The default operating point, others along the trade-off curve, and the fast point with each
     other router."""
     default = replace(SAAConfig(), block_m=block, block_n=block)
+    fast = replace(default, router="mean-key", top_k=16)
     return {
         "saa-default": default,
-        "saa-sparser": replace(default, top_k=8, centroids=1, local_blocks=1),
-        "saa-denser": replace(default, top_k=32, centroids=4),
-        "saa-default every-key": replace(default, router="every-key"),
-        "saa-default key-bounds": replace(default, router="key-bounds"),
-        "saa-default sampled-keys": replace(default, router="sampled-keys"),
+        "saa-sparser": replace(default, top_k=16, candidates=64),
+        "saa-denser": replace(default, top_k=32, key_stride=4),
+        "saa-default no-shortlist": replace(default, candidates=None),
+        "saa-fast": fast,
+        "saa-fast every-key": replace(fast, router="every-key"),
+        "saa-fast key-bounds": replace(fast, router="key-bounds"),
     }
 
 
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     points.update(given)
     predictor = load_predictor(args.predictor) if args.predictor else None
     if predictor is not None:
-        points["saa-default+learned"] = points["saa-default"]
+        points["saa-fast+learned"] = operating_points(args.block)["saa-fast"]
     print(f"SmolLM2-135M on {device} ({dtype}), {ids.numel()} tokens of text; operating points:")
     for name, config in points.items():
         print(f"  {name}: {config}")

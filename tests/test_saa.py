@@ -6,6 +6,7 @@ Without a GPU the kernels run on CPU through Triton's interpreter (conftest sets
 
 import logging
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
 from attncompiler.saa_routing import (BlockGeometry, Selection, every_key_logits, key_bound_logits, key_bounds,
-                                      sampled_key_logits, select_blocks)
+                                      sampled_key_logits, select_blocks, shortlist_config)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -402,6 +403,19 @@ def test_applicable_programs(program, expected):
     assert saa_applicable(program) == (expected is not None)
 
 
+def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it():
+    """A shortlist smaller than top_k would cap it; routers other than "sampled-keys" ignore candidates."""
+    assert shortlist_config(SAAConfig(top_k=40, candidates=8)).top_k == 40
+    assert shortlist_config(SAAConfig(top_k=None, tau=0.9, candidates=8)) == SAAConfig(
+        top_k=8, tau=None, router="mean-key", candidates=None)
+    q, k, v = qkv(1, 2, 1, 200, 200, 16, 16)
+    for router in ("mean-key", "every-key", "key-bounds"):
+        config = SAAConfig(**SMALL, top_k=2, router=router)
+        with_list = saa_reference(q, k, v, 0.25, True, replace(config, candidates=3))
+        without = saa_reference(q, k, v, 0.25, True, replace(config, candidates=None))
+        assert torch.equal(with_list[0], without[0])
+
+
 @pytest.mark.parametrize("values, message", [
     ({"block_n": 48}, "block_n must be a power of two"),
     ({"top_k": None}, "needs top_k, tau or both"),
@@ -413,8 +427,6 @@ def test_applicable_programs(program, expected):
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
     ({"router": "sampled-keys", "candidates": 0}, "candidates must be None or an integer >= 1"),
-    ({"router": "sampled-keys", "candidates": 8}, r"candidates \(8\) must be at least top_k \(16\)"),
-    ({"candidates": 32}, "shortlist key blocks for the sampled-keys router, not for 'mean-key'"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
 def test_config_validation(values, message):

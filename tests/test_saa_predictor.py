@@ -15,7 +15,7 @@ from attncompiler.saa_predictor import (BUCKETS, LayerPredictor, PredictorError,
                                         load_predictor, predictor_path, routing_error, save_predictor)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
-CONFIG = SAAConfig(block_m=16, block_n=16, top_k=2)
+CONFIG = SAAConfig(block_m=16, block_n=16, top_k=2, router="mean-key")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,14 @@ def test_untrained_predictor_routes_as_mean_pooling():
     plain, plain_stats = saa_forward(q, k, v, 0.2, True, CONFIG, kernel="reference")
     routed, routed_stats = saa_forward(q, k, v, 0.2, True, CONFIG, kernel="reference", predictor=untrained)
     assert torch.equal(plain, routed) and int(plain_stats.exact_blocks) == int(routed_stats.exact_blocks)
+
+
+def test_a_predictor_needs_the_mean_key_router_it_corrects():
+    q, k, v = torch.randn(1, 4, 70, 32), torch.randn(1, 2, 70, 32), torch.randn(1, 2, 70, 32)
+    untrained = LayerPredictor(torch.randn(2, 32, 3), torch.zeros(2, 32, 3), torch.zeros(4, BUCKETS))
+    with pytest.raises(ValueError, match='corrects the "mean-key" estimate; route with router="mean-key", not '
+                                         "'sampled-keys'"):
+        saa_forward(q, k, v, 0.2, True, SAAConfig(block_m=16, block_n=16), kernel="reference", predictor=untrained)
 
 
 def test_learned_routing_is_the_same_in_the_kernel_and_the_reference(samples, predictor):
