@@ -1,8 +1,9 @@
 """SAA, sparse-aggregate attention: attention that computes only some key blocks exactly.
 
-Per query block and head, SAA routes (the block's mean query against each key block's mean key,
-or against every key), keeps the attention sinks, the diagonal blocks and the best-scoring blocks exact, and lets
-every other visible key block enter the same softmax through its centroids (see
+Per query block and head, SAA routes (by default each query row against sampled keys of the key
+blocks that the block's mean query shortlists), keeps the attention sinks, the diagonal blocks and
+the best-scoring blocks exact, and lets every other visible key block enter the same softmax
+through its centroids (see
 :mod:`attncompiler.saa_routing` and :mod:`attncompiler.saa_reference`). It is approximate, so it
 runs only where the user asked for it, and within an error budget (:mod:`attncompiler.saa_ops`).
 

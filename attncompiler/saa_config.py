@@ -42,13 +42,14 @@ class SAAConfig:
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
     candidates: int | None = 96  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
+    min_keys: int = 16384        # calls with fewer keys run dense attention (faster there than SAA's planning)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not _is_pow2(value) or value < 16:
                 raise SAAConfigError(f"SAA {name} must be a power of two >= 16, got {value!r}")
-        for name in ("sinks", "local_blocks"):
+        for name in ("sinks", "local_blocks", "min_keys"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SAAConfigError(f"SAA {name} must be an integer >= 0, got {value!r}")

@@ -4,7 +4,8 @@
 that SAA applies to (:func:`attncompiler.saa.saa_applicable`) at the operating point ``config``
 (:meth:`SAAConfig.to_json` text); rows that see no key are NaN, or zeros with ``zero_empty_rows``
 (as in :mod:`attncompiler.ops`). Calls in which, under a ``finfo.min``-like fill, some row sees
-no key (:meth:`attncompiler.saa.SAAProgram.averages_empty_rows`) run dense attention. The first
+no key (:meth:`attncompiler.saa.SAAProgram.averages_empty_rows`) run dense attention, and so do
+calls with fewer than the operating point's ``min_keys`` keys (decoding steps, short prompts). The first
 call for a ``site`` also computes dense attention and measures SAA's relative error against it
 (Frobenius norm); above the budget ``max_error``, or if SAA fails, the site runs dense attention
 from then on and the reason is logged once. Per-site
@@ -81,6 +82,8 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
     form = saa_program(program)
     if form is not None and form.averages_empty_rows(q.shape[-2], k.shape[-2]):
         return _dense(q, k, v, program, kernel, zero_empty_rows)  # this shape only; the gate is untouched
+    if k.shape[-2] < _config(config).min_keys:
+        return _dense(q, k, v, program, kernel, zero_empty_rows)  # too short to gain; the gate is untouched
     with _sites_lock:
         record = SAA_SITES.get(site)
         first = record is None

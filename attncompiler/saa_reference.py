@@ -56,7 +56,8 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
            kernels: RouterKernels | None = None) -> Selection:
     """Route from queries ``[B, H, Sq, D]``, their block means ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and
     the centroids (whose weighted means are the mean keys) by ``config.router``, with ``predictor``'s
-    learned term when given (it corrects ``"mean-key"``, the router it was calibrated with). ``kernels`` computes the logits and picks the blocks (PyTorch by default)."""
+    learned term when given (it corrects ``"mean-key"``, the router it was calibrated with). ``kernels``
+    computes the logits and picks the blocks (PyTorch by default)."""
     if predictor is not None and config.router != "mean-key":
         raise ValueError(f'a learned router corrects the "mean-key" estimate; route with router="mean-key", '
                          f'not {config.router!r}, to use it')

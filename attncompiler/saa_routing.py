@@ -11,8 +11,8 @@ routers, plus the learned term of a calibrated predictor when one is given
 (:mod:`attncompiler.saa_predictor`); its estimated mass is the softmax of these logits over the
 allowed blocks.
 
-- ``"mean-key"`` (default): ``scale · q̄_m · k̄_n + log |n|`` from the block's mean query ``q̄_m``
-  and the key block's mean key ``k̄_n``.
+- ``"mean-key"``: ``scale · q̄_m · k̄_n + log |n|`` from the block's mean query ``q̄_m``
+  and the key block's mean key ``k̄_n``; the cheapest.
 - ``"every-key"``: ``log Σ_{j ∈ n} exp(scale · q̄_m · k_j)``, the mean query's logsumexp against each
   key; it costs ``1 / block_m`` of the dense score product.
 - ``"key-bounds"``: per query row ``i``, ``u_in = scale · (max(q_i, 0)·k⁺_n + min(q_i, 0)·k⁻_n)``
@@ -20,9 +20,13 @@ allowed blocks.
   of the row's largest score in the block; normalized over the row's visible blocks, the largest
   over the query block's rows. A block that one row needs is kept even when the block's mean
   query does not see it. Two products of ``1 / block_n`` of the dense score product.
-- ``"sampled-keys"``: per query row, the logsumexp of its scores against every ``key_stride``-th key
-  of the block, normalized and maximized over the rows like ``"key-bounds"``; ``1 / key_stride``
-  of the dense score product.
+- ``"sampled-keys"`` (default): per query row, the logsumexp of its scores against every
+  ``key_stride``-th key of the block, normalized and maximized over the rows like ``"key-bounds"``;
+  ``1 / key_stride`` of the dense score product, twice (a pass for each row's normalizer, a pass for
+  the block masses). With ``candidates`` it scores only a shortlist: the forced blocks and the
+  ``max(candidates, top_k)`` best by ``"mean-key"``; the others get -inf. Over 8 windows of 8192
+  tokens (GPU, bf16, top 24) that cost +0.02 points of perplexity at 96 candidates (+0.74% against
+  +0.72% with every block sampled) and cut planning at 131072 tokens from 70 to 11 ms.
 
 Why the row maximum: on SmolLM2-135M over 4096 tokens of real text (CPU, fp32, blocks of 64, top 16,
 density 0.50, dense perplexity 10.834), choosing by the *true* block masses gives 10.865 when

@@ -35,7 +35,7 @@ if not INTERPRET and not torch.cuda.is_available():
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")]  # log2(0) = -inf
 
-SMALL = dict(block_m=16, block_n=16)
+SMALL = dict(block_m=16, block_n=16, min_keys=0)  # SAA at every length
 CAUSAL_FORMS = {  # name: (causal, bottom_right, score program)
     "full": (False, False, "(mul s {scale})"),
     "causal": (True, False, "(where (le k q) (mul s {scale}) -inf)"),
@@ -423,6 +423,7 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"centroids": 3}, "centroids must be"),
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
+    ({"min_keys": -1}, "min_keys must be an integer >= 0"),
     ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds., .sampled-keys.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
@@ -461,6 +462,21 @@ def test_gate_keeps_saa_within_budget(gate):
     assert record.fallback is None and record.density == 1.0 and record.error < 1e-5
     assert SAA_CALLS == {"saa": 2, "dense": 1}  # the first call also measured dense attention
     assert torch.equal(first, second)
+
+
+def test_calls_shorter_than_min_keys_run_dense_and_leave_the_gate_alone(gate):
+    """A decoding step (one query) and a short prompt run dense; the first long call is the gate's."""
+    program = CAUSAL_FORMS["bottom-right"][2].format(scale=0.125)
+    config = SAAConfig(**{**SMALL, "min_keys": 64}, top_k=8).to_json()
+    op = torch.ops.attncompiler.saa_attention
+    for sq, sk in ((40, 40), (1, 63)):
+        q, k, v = qkv(1, 2, 1, sq, sk, 64, 64)
+        torch.testing.assert_close(op(q, k, v, program, config, "graph0:site", "auto"),
+                                   attention_reference(q, k, v, [], program), atol=1e-5, rtol=1e-5)
+    assert SAA_CALLS == {"dense": 2} and "graph0:site" not in gate
+    q, k, v = qkv(1, 2, 1, 64, 64, 64, 64)
+    op(q, k, v, program, config, "graph0:site", "auto")
+    assert SAA_CALLS == {"dense": 3, "saa": 1} and gate["graph0:site"].error is not None
 
 
 def test_gate_rejects_an_operating_point_over_budget(gate, caplog):

@@ -17,7 +17,7 @@ from attncompiler.saa import SAAProgram, saa_program
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES
 
-SMALL = dict(block_m=16, block_n=16)
+SMALL = dict(block_m=16, block_n=16, min_keys=0)  # SAA at every length
 DENSE_EQUIVALENT = dict(SMALL, top_k=64)  # more routed blocks than any test has: every block exact
 FINFO_MIN = torch.finfo(torch.float32).min
 
