@@ -6,20 +6,24 @@ with ``backend="attncompiler"``; the SDPA-attention model uncompiled and compile
 Eager attention materializes ``32·S²`` scores per layer, so it is skipped where that cannot fit.
 Prints a markdown table of milliseconds and the ratio of each peer's time to ours.
 
-    python benchmarks/llama_prefill.py [--seqs 4096 16384] [--train] [--out FILE]
+    python benchmarks/llama_prefill.py [--seqs 4096 16384] [--train] [--saa JSON] [--only NAME ...] [--out FILE]
+
+With ``--saa '{}'`` the backend also runs with SAA allowed at the default operating point (prefill
+only; e.g. ``--seqs 32768 65536 --saa '{}' --only attncompiler "attncompiler + SAA" sdpa``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 
 import torch
 import triton
 
 CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8,
-              num_hidden_layers=8, vocab_size=32000, max_position_embeddings=32768)
+              num_hidden_layers=8, vocab_size=32000, max_position_embeddings=131072)
 EAGER_SCORE_BYTES = 24 << 30
 
 
@@ -32,16 +36,21 @@ def build(attn_implementation: str, device: str = "cuda", dtype: torch.dtype = t
     return model.to(device)
 
 
-def variants() -> dict:
-    """Name → (attention implementation, how to compile the model's forward)."""
+def variants(saa: dict | None = None) -> dict:
+    """Name → (attention implementation, how to compile the model's forward); with ``saa`` (SAA options)
+    also the backend with approximate attention allowed at that operating point."""
     def inductor(m):
         return torch.compile(m)
 
     def ours(m):
         return torch.compile(m, backend="attncompiler")
 
+    def ours_saa(m):
+        return torch.compile(m, backend="attncompiler", options={"saa": saa})
+
     return {
         "attncompiler": ("eager", ours),
+        **({"attncompiler + SAA": ("eager", ours_saa)} if saa is not None else {}),
         "eager": ("eager", None),
         "eager + Inductor": ("eager", inductor),
         "sdpa": ("sdpa", None),
@@ -69,20 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--train", action="store_true", help="time a forward+backward step instead of prefill")
     parser.add_argument("--only", nargs="+", help="run only these variants")
+    parser.add_argument("--saa", metavar="JSON", help="also time the backend with SAA at this operating point "
+                        "(SAA options, '{}' for the default; prefill only)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("llama_prefill needs a CUDA GPU")
+    saa = None if args.saa is None else json.loads(args.saa)
+    if saa is not None and args.train:
+        sys.exit("--saa times prefill only: SAA has no backward")
     torch.set_float32_matmul_precision("high")
 
-    chosen = {k: v for k, v in variants().items() if not args.only or k in args.only}
+    chosen = {k: v for k, v in variants(saa).items() if not args.only or k in args.only}
     times: dict[tuple[str, int], float | None] = {}
     for name, (impl, compile_with) in chosen.items():
         model = build(impl)
         model.train(args.train)
         forward = compile_with(model) if compile_with else model
         for seq in args.seqs:
-            materializes_scores = impl == "eager" and name != "attncompiler"
+            materializes_scores = impl == "eager" and not name.startswith("attncompiler")
             too_big = materializes_scores and 4 * CONFIG["num_attention_heads"] * seq * seq > EAGER_SCORE_BYTES
             try:
                 times[name, seq] = None if too_big else time_prefill(model, forward, seq, args.train)
