@@ -15,7 +15,7 @@ in PyTorch, to find which kernel moves perplexity where GPU and CPU differ. ``--
 adds an operating point (options over the default). The text differs between Python versions, so
 the table names the Python whose text it read: compare numbers from one Python only.
 
-    python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 2] [--passkey-length 8192]
+    python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 8] [--passkey-length 8192]
                                    [--tokens N] [--block 64] [--predictor FILE] [--points NAME ...]
                                    [--point JSON ...]
                                    [--dtype DTYPE] [--pytorch-parts PART ...] [--out FILE]
@@ -204,7 +204,7 @@ def passkey_rows(model, tokenizer, switch, points: dict, predictor, ids: torch.T
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--windows", type=int, default=2, help="disjoint text windows per length")
+    parser.add_argument("--windows", type=int, default=8, help="disjoint text windows per length, pooled into one perplexity")
     parser.add_argument("--passkey-length", type=int, default=8192, help="0 skips the passkey test")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--tokens", type=int, help="one short length for everything (a quick CPU run)")
