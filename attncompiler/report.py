@@ -71,7 +71,11 @@ class Site:
             return "-"
         record = self.saa
         if record is None:
-            return "saa (not run yet)"
+            from .saa_ops import SHORT_CALLS
+
+            short = SHORT_CALLS[self.saa_site]
+            calls = f"{short} call" + ("s" if short != 1 else "")
+            return f"saa (not run yet: {calls} below min_keys ran dense)" if short else "saa (not run yet)"
         measured = ", ".join(f"{name} {value:.3g}" for name, value in
                              (("density", record.density), ("error", record.error)) if value is not None)
         if record.fallback is not None:

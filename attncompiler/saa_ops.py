@@ -9,8 +9,8 @@ calls with fewer than the operating point's ``min_keys`` keys (decoding steps, s
 call for a ``site`` also computes dense attention and measures SAA's relative error against it
 (Frobenius norm); above the budget ``max_error``, or if SAA fails, the site runs dense attention
 from then on and the reason is logged once. Per-site
-measurements are kept in :data:`SAA_SITES`, and every call is counted in :data:`SAA_CALLS` as
-"saa" or "dense". Forward only: SAA sites are for inference.
+measurements are kept in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is
+counted in :data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class SiteRecord:
 
 
 SAA_SITES: dict[str, SiteRecord] = {}
+SHORT_CALLS: Counter = Counter()  # per site: calls with fewer than min_keys keys, run dense before the gate
 _sites_lock = threading.Lock()
 
 
@@ -83,6 +84,7 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
     if form is not None and form.averages_empty_rows(q.shape[-2], k.shape[-2]):
         return _dense(q, k, v, program, kernel, zero_empty_rows)  # this shape only; the gate is untouched
     if k.shape[-2] < _config(config).min_keys:
+        SHORT_CALLS[site] += 1
         return _dense(q, k, v, program, kernel, zero_empty_rows)  # too short to gain; the gate is untouched
     with _sites_lock:
         record = SAA_SITES.get(site)

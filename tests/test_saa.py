@@ -20,7 +20,7 @@ from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_program, saa_triton
 from attncompiler.saa_config import SAAConfig, SAAConfigError
-from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, relative_error
+from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
 from attncompiler.saa_routing import (BlockGeometry, Selection, every_key_logits, key_bound_logits, key_bounds,
@@ -447,6 +447,7 @@ def test_saa_option_gives_an_operating_point():
 def gate():
     SAA_SITES.clear()
     SAA_CALLS.clear()
+    SHORT_CALLS.clear()
     yield SAA_SITES
     SAA_SITES.clear()
 
@@ -473,7 +474,7 @@ def test_calls_shorter_than_min_keys_run_dense_and_leave_the_gate_alone(gate):
         q, k, v = qkv(1, 2, 1, sq, sk, 64, 64)
         torch.testing.assert_close(op(q, k, v, program, config, "graph0:site", "auto"),
                                    attention_reference(q, k, v, [], program), atol=1e-5, rtol=1e-5)
-    assert SAA_CALLS == {"dense": 2} and "graph0:site" not in gate
+    assert SAA_CALLS == {"dense": 2} and "graph0:site" not in gate and SHORT_CALLS["graph0:site"] == 2
     q, k, v = qkv(1, 2, 1, 64, 64, 64, 64)
     op(q, k, v, program, config, "graph0:site", "auto")
     assert SAA_CALLS == {"dense": 3, "saa": 1} and gate["graph0:site"].error is not None

@@ -15,7 +15,7 @@ from attncompiler import hf_zoo
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_program
 from attncompiler.saa_config import SAAConfig
-from attncompiler.saa_ops import SAA_CALLS, SAA_SITES
+from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS
 
 SMALL = dict(block_m=16, block_n=16, min_keys=0)  # SAA at every length
 DENSE_EQUIVALENT = dict(SMALL, top_k=64)  # more routed blocks than any test has: every block exact
@@ -27,6 +27,7 @@ def gate():
     torch.manual_seed(0)
     SAA_SITES.clear()
     SAA_CALLS.clear()
+    SHORT_CALLS.clear()
     yield SAA_SITES
     SAA_SITES.clear()
 
@@ -47,6 +48,16 @@ def compile_and_run(fn, *args, saa):
     with torch.no_grad(), attncompiler.collect() as report:
         out = torch.compile(fn, backend="attncompiler", options={"inner": "eager", "saa": saa})(*args)
     return out, report
+
+
+def test_short_calls_run_dense_and_the_report_says_so():
+    """Under min_keys the site computes dense attention, and the report tells why SAA has not run."""
+    q, k, v = qkv()
+    out, report = compile_and_run(causal_sdpa, q, k, v, saa=dict(DENSE_EQUIVALENT, min_keys=41))
+    (site,) = report.sites
+    assert site.kernel.startswith("saa:") and site.saa is None and SAA_CALLS == {"dense": 1}
+    assert site.describe_saa() == "saa (not run yet: 1 call below min_keys ran dense)"
+    torch.testing.assert_close(out, causal_sdpa(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_dense_equivalent_operating_point_equals_eager():
