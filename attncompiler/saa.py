@@ -164,8 +164,7 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
              config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     (Triton pooling) and the routed selection of exact key blocks."""
-    from attncompiler.codegen.saa import (MAX_SORTED_BLOCKS, every_key_logits, key_bound_logits, pool_means,
-                                          sampled_key_logits, select_blocks)
+    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, pool_means, sampled_key_logits, select_blocks
 
     num_centroids = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
@@ -173,9 +172,7 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
                           pool_means(v, config.sub_block, num_centroids), counts)
     q_means = pool_means(q, config.block_m, geometry.num_m)
     interpret = q.device.type == "cpu"
-    kernels = RouterKernels(every_key=functools.partial(every_key_logits, interpret=interpret),
-                            key_bound=functools.partial(key_bound_logits, interpret=interpret),
-                            sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
+    kernels = RouterKernels(sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
     if geometry.num_n <= MAX_SORTED_BLOCKS:
         kernels = dataclasses.replace(kernels, choose=functools.partial(select_blocks, interpret=interpret))
     return select(q, q_means, k, centroids, scale, geometry, config, predictor, kernels), centroids

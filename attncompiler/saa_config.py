@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-ROUTERS = ("mean-key", "every-key", "key-bounds", "sampled-keys")
+ROUTERS = ("sampled-keys", "mean-key")
 
 
 class SAAConfigError(ValueError):
@@ -38,7 +38,7 @@ class SAAConfig:
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 2           # centroids per key block that is not computed exactly
     max_error: float = 0.1       # relative error budget against dense attention
-    router: str = "sampled-keys"  # block logits: "mean-key", "every-key", "key-bounds" or "sampled-keys" (saa_routing)
+    router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
     candidates: int | None = 96  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block

@@ -6,35 +6,30 @@ for a query block when some of its keys are visible to some of the block's queri
 when all of its keys are visible to all of them. Allowed blocks that are not full straddle the
 diagonal; they are always computed exactly, because their visible keys differ from row to row.
 
-The estimated logit of key block ``n`` for query block ``m`` comes from one of four training-free
+The estimated logit of key block ``n`` for query block ``m`` comes from one of two training-free
 routers, plus the learned term of a calibrated predictor when one is given
 (:mod:`attncompiler.saa_predictor`); its estimated mass is the softmax of these logits over the
 allowed blocks.
 
-- ``"mean-key"``: ``scale · q̄_m · k̄_n + log |n|`` from the block's mean query ``q̄_m``
-  and the key block's mean key ``k̄_n``; the cheapest.
-- ``"every-key"``: ``log Σ_{j ∈ n} exp(scale · q̄_m · k_j)``, the mean query's logsumexp against each
-  key; it costs ``1 / block_m`` of the dense score product.
-- ``"key-bounds"``: per query row ``i``, ``u_in = scale · (max(q_i, 0)·k⁺_n + min(q_i, 0)·k⁻_n)``
-  with ``k⁺_n``, ``k⁻_n`` the elementwise maximum and minimum of the block's keys, an upper bound
-  of the row's largest score in the block; normalized over the row's visible blocks, the largest
-  over the query block's rows. A block that one row needs is kept even when the block's mean
-  query does not see it. Two products of ``1 / block_n`` of the dense score product.
 - ``"sampled-keys"`` (default): per query row, the logsumexp of its scores against every
-  ``key_stride``-th key of the block, normalized and maximized over the rows like ``"key-bounds"``;
-  ``1 / key_stride`` of the dense score product, twice (a pass for each row's normalizer, a pass for
-  the block masses). With ``candidates`` it scores only a shortlist: the forced blocks and the
+  ``key_stride``-th key of the block, normalized over the row's visible blocks; the largest over the
+  query block's rows is the block's logit, so a block that one row needs is kept. It costs
+  ``1 / key_stride`` of the dense score product, twice (a pass for each row's normalizer, a pass
+  for the block masses). With ``candidates`` it scores only a shortlist: the forced blocks and the
   ``max(candidates, top_k)`` best by ``"mean-key"``; the others get -inf. Over 8 windows of 8192
   tokens (GPU, bf16, top 24) that cost +0.02 points of perplexity at 96 candidates (+0.74% against
   +0.72% with every block sampled) and cut planning at 131072 tokens from 70 to 11 ms.
+- ``"mean-key"``: ``scale · q̄_m · k̄_n + log |n|`` from the block's mean query ``q̄_m`` and the key
+  block's mean key ``k̄_n``; the cheapest (+3.67% at 8K at top 16, against +1.47% for
+  ``"sampled-keys"``).
 
 Why the row maximum: on SmolLM2-135M over 4096 tokens of real text (CPU, fp32, blocks of 64, top 16,
 density 0.50, dense perplexity 10.834), choosing by the *true* block masses gives 10.865 when
 averaged over the query block's rows and 10.847 when maximized over them, against 11.050 for
-``"mean-key"`` and 11.157 for ``"every-key"``. The choice of blocks, not the granularity nor the
-centroids, is where the perplexity goes. ``"key-bounds"`` gives 10.975, ``"sampled-keys"`` 10.922
-(stride 16) and 10.934 (stride 8). At 8192 tokens (density 0.27, dense 10.268): the true masses
-10.228, ``"sampled-keys"`` 10.315 (stride 8), ``"key-bounds"`` 10.985, ``"mean-key"`` 11.208.
+``"mean-key"``. The choice of blocks, not the granularity nor the centroids, is where the
+perplexity goes. Two other training-free routers were measured and removed: the mean query's
+logsumexp against every key of a block, and each row's bound from the block's key maxima and
+minima (8 windows of 8192 tokens, top 16: +4.87% and +6.41%, both worse than ``"mean-key"``).
 
 Exact blocks are the forced ones (the first ``sinks`` blocks, the ``local_blocks`` blocks ending
 at the diagonal, every partial block) plus, in order of estimated logit, the ``top_k`` best
@@ -167,37 +162,6 @@ def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: to
     return logits.reshape(batch, heads, num_m, num_n) + key_counts.float().log()
 
 
-def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
-                     chunk_bytes: int = 1 << 28) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32: ``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` for mean queries ``[B, H, num_m, D]``
-    and keys ``[B, Hk, Sk, D]`` (query head ``h`` reads key head ``h // (H / Hk)``). Query blocks go
-    in chunks whose scores take at most ``chunk_bytes``."""
-    batch, heads, num_m, dim = q_means.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
-    group, block_n, num_n = heads // kv_heads, geometry.block_n, geometry.num_n
-    keys = torch.nn.functional.pad(k.float(), (0, 0, 0, num_n * block_n - seq_k)).transpose(-2, -1)
-    padding = torch.arange(num_n * block_n, device=k.device) >= seq_k                  # [N·bn]
-    grouped = q_means.float().reshape(batch, kv_heads, group, num_m, dim)
-    out = torch.empty(batch, kv_heads, group, num_m, num_n, dtype=torch.float32, device=k.device)
-    step = max(1, chunk_bytes // max(1, 4 * batch * heads * num_n * block_n))
-    for start in range(0, num_m, step):
-        part = grouped[:, :, :, start:start + step].reshape(batch, kv_heads, -1, dim)
-        scores = (torch.matmul(part, keys) * scale).masked_fill(padding, -math.inf)    # [B, Hk, G·m, N·bn]
-        blocks = scores.reshape(batch, kv_heads, group, -1, num_n, block_n).logsumexp(-1)
-        out[:, :, :, start:start + step] = blocks
-    return out.reshape(batch, heads, num_m, num_n)
-
-
-def key_bounds(k: torch.Tensor, geometry: BlockGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise maximum and minimum ``[B, Hk, num_n, D]`` (fp32) of each key block's keys ``[B, Hk, Sk, D]``."""
-    batch, kv_heads, seq_k, dim = k.shape
-    padded = torch.nn.functional.pad(k.float(), (0, 0, 0, geometry.num_n * geometry.block_n - seq_k))
-    blocks = padded.reshape(batch, kv_heads, geometry.num_n, geometry.block_n, dim)
-    padding = (torch.arange(geometry.num_n * geometry.block_n, device=k.device) >= seq_k).view(
-        geometry.num_n, geometry.block_n, 1)
-    return blocks.masked_fill(padding, -math.inf).amax(-2), blocks.masked_fill(padding, math.inf).amin(-2)
-
-
 def _row_max_logits(q: torch.Tensor, geometry: BlockGeometry, kv_heads: int, row_estimates: Callable,
                     chunk_bytes: int) -> torch.Tensor:
     """``[B, H, num_m, num_n]``: per query row, ``row_estimates(rows [R], queries [B, Hk, G, R, D])`` gives
@@ -218,24 +182,6 @@ def _row_max_logits(q: torch.Tensor, geometry: BlockGeometry, kv_heads: int, row
         out[:, :, :, start:start + blocks] = estimate.reshape(
             batch, kv_heads, group, blocks, block_m, num_n).amax(-2)
     return out.reshape(batch, heads, num_m, num_n)
-
-
-def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, scale: float,
-                     geometry: BlockGeometry, chunk_bytes: int = 1 << 28) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32, the ``"key-bounds"`` logits: for each query row ``i`` and key block ``n``,
-    ``u_in = scale · (max(q_i, 0)·k⁺_n + min(q_i, 0)·k⁻_n)`` bounds its largest score from above
-    (``k⁺``, ``k⁻`` from :func:`key_bounds`); normalized over the row's visible blocks, the largest
-    over the rows of a query block is its logit."""
-    upper, lower = k_max.transpose(-2, -1)[:, :, None], k_min.transpose(-2, -1)[:, :, None]  # [B, Hk, 1, D, N]
-    first_key = torch.arange(geometry.num_n, device=q.device) * geometry.block_n          # [N]
-
-    def bounds(rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        bound = (part.clamp_min(0) @ upper + part.clamp_max(0) @ lower) * scale           # [B, Hk, G, R, N]
-        if geometry.causal:
-            bound = bound.masked_fill(first_key > rows[:, None] + geometry.key_offset, -math.inf)
-        return bound
-
-    return _row_max_logits(q, geometry, k_max.shape[1], bounds, chunk_bytes)
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
@@ -276,10 +222,6 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
     shortlist of candidates);
     ``kernels`` computes the other forms (PyTorch by default, Triton kernels on the kernel path)."""
     kernels = kernels or RouterKernels()
-    if config.router == "every-key":
-        return kernels.every_key(q_means, k, scale, geometry)
-    if config.router == "key-bounds":
-        return kernels.key_bound(q, *key_bounds(k, geometry), scale, geometry)
     key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
     if config.router == "sampled-keys":
         shortlist = None
@@ -339,7 +281,5 @@ def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConf
 class RouterKernels:
     """What computes the routers' logits and picks the blocks: PyTorch here, Triton kernels on the kernel path."""
 
-    every_key: Callable[..., torch.Tensor] = every_key_logits
-    key_bound: Callable[..., torch.Tensor] = key_bound_logits
     sampled_key: Callable[..., torch.Tensor] = sampled_key_logits
     choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks

@@ -1,9 +1,10 @@
 """SAA Triton kernels: block means, block logits, block selection, and one attend-and-aggregate pass.
 
 ``saa_pool_kernel`` averages runs of consecutive rows (mean queries for routing, key and value
-centroids). ``block_logits_kernel`` gives the ``"every-key"`` router's logits: for each query block,
-the logsumexp of its mean query against each key block's keys (PyTorch form:
-:func:`attncompiler.saa_routing.every_key_logits`). ``select_blocks_kernel`` picks each query
+centroids). ``sampled_key_logits_kernel`` gives the ``"sampled-keys"`` router's logits: for each query
+row, its scores against every ``key_stride``-th key of each (shortlisted) key block, normalized per
+row and maximized over the query block (PyTorch form:
+:func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
 block's exact key blocks from the logits (PyTorch form:
 :func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
 query tile on chip and folds two kinds of entries into one online softmax (base 2): the keys of
@@ -56,65 +57,6 @@ def _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def block_logits_kernel(
-    QM, K, OUT,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    kh = h // GROUP
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)                     # [BQ] query blocks
-    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
-    q_ok = offs_q < NUM_M
-    p_q = QM + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=q_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BQ, BD] mean queries
-    b_q = b_q.to(K.dtype.element_ty)
-    p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + offs_q * NUM_N   # [BQ] rows of [B·H, M, N]
-
-    n_end = NUM_N
-    if CAUSAL:  # key blocks no query of this tile sees: -inf
-        last_row = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q) * BLOCK_M, SEQ_Q) - 1
-        n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
-    for n in range(0, n_end):
-        offs_k = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        k_ok = offs_k < SEQ_K
-        p_k = K + b * stride_kb + kh * stride_kh + offs_k[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        b_kt = tl.load(p_k, mask=k_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BN]
-        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BQ, BN] log2 domain
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        top = tl.max(s, 1)                                                # [BQ]
-        lse = (top + tl.log2(tl.sum(tl.exp2(s - top[:, None]), 1))) * 0.6931471805599453  # [BQ] ln
-        tl.store(p_out + n, lse, mask=q_ok)
-    for n in range(n_end, NUM_N):
-        tl.store(p_out + n, tl.full([BLOCK_Q], float("-inf"), tl.float32), mask=q_ok)
-
-
-@triton.jit
-def _bound_logits(q_pos, q_neg, K_MAX, K_MIN, stride_kn, stride_kd, offs_r, offs_d, start, n_end, qk_scale, KEY_OFFSET,
-                  CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """``[BM, BLOCKS]``: each row's bound on its largest score (log2 domain) in key blocks start..,
-    from the blocks' key maxima and minima; -inf where the row sees no key of the block."""
-    offs_n = start + tl.arange(0, BLOCKS)                                 # [NB] key blocks
-    n_ok = offs_n < n_end
-    mask = n_ok[None, :] & (offs_d[:, None] < HEAD_D)
-    k_max = tl.load(K_MAX + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-    k_min = tl.load(K_MIN + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask, other=0.0)  # [BD, NB]
-    u = tl.dot(q_pos, k_max.to(q_pos.dtype), input_precision=DOT_PRECISION)
-    u = tl.dot(q_neg, k_min.to(q_neg.dtype), acc=u, input_precision=DOT_PRECISION) * qk_scale  # [BM, NB]
-    visible = n_ok[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] * BLOCK_N <= offs_r[:, None] + KEY_OFFSET)
-    return tl.where(visible, u, float("-inf"))
-
-
-@triton.jit
 def _slot_blocks(SHORTLIST_ROW, slots, n_slots, SHORTLIST: tl.constexpr):
     """The key blocks at positions ``slots`` of a query block's list (the shortlist, or 0, 1, ... without
     one), and which of them exist."""
@@ -145,26 +87,23 @@ def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, s
 
 
 @triton.jit
-def row_max_logits_kernel(
-    Q, K1, K2, OUT, IDX, CNT,
+def sampled_key_logits_kernel(
+    Q, K, OUT, IDX, CNT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
-    ROUTER: tl.constexpr, SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
+    SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
     STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block's logits of a per-row router, BLOCKS key blocks per step (LANES >= BLOCKS of them
+    """One query block's ``"sampled-keys"`` logits, BLOCKS key blocks per step (LANES >= BLOCKS of them
     computed, at least 16 for ``tl.dot``), in two passes.
 
-    "bounds" (``"key-bounds"``, K1 / K2 the blocks' key maxima / minima): pass 1 takes each row's
-    logsumexp over its block bounds u, pass 2 stores the largest ``u - lse`` over the rows.
-    "samples" (``"sampled-keys"``, K1 the keys): pass 1 takes each row's logsumexp over its sampled
-    scores s, pass 2 sums ``exp(s - lse)`` per key block by one product with the samples' block
-    membership and stores the log of the largest sum over the rows (sums below 2**-126, which fp32
-    cannot tell from 0, read as 2**-126). With SHORTLIST, "samples" visits only the ``CNT`` key blocks
-    listed in ``IDX`` (``[B·H·num_m, LIST_WIDTH]``) for this query block and leaves the other logits
-    as they are (the caller fills them with -inf)."""
+    Pass 1 takes each row's logsumexp over its sampled scores s; pass 2 sums ``exp(s - lse)`` per key
+    block by one product with the samples' block membership and stores the log of the largest sum
+    over the rows (sums below 2**-126, which fp32 cannot tell from 0, read as 2**-126). With
+    SHORTLIST it visits only the ``CNT`` key blocks listed in ``IDX`` (``[B·H·num_m, LIST_WIDTH]``) for
+    this query block and leaves the other logits as they are (the caller fills them with -inf)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -175,10 +114,7 @@ def row_max_logits_kernel(
     row_ok = offs_r < SEQ_Q
     p_q = Q + b * stride_qb + h * stride_qh + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
-    q_pos = tl.maximum(b_q, 0.0)                                          # [BM, BD]
-    q_neg = tl.minimum(b_q, 0.0)                                          # [BM, BD]
-    K1_bh = K1 + b * stride_kb + kh * stride_kh
-    K2_bh = K2 + b * stride_kb + kh * stride_kh
+    K_bh = K + b * stride_kb + kh * stride_kh
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
     n_end = NUM_N
@@ -195,33 +131,24 @@ def row_max_logits_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     for start in range(0, n_slots, BLOCKS):
-        if ROUTER == "bounds":
-            u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
-                              qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
-        else:
-            blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
-            u = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
-        m_new = tl.maximum(m_i, tl.max(u, 1))
+        blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
+        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(u - m_use[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
         m_i = m_new
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
     lanes = tl.arange(0, LANES)
+    member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)      # [W, NB] samples' block membership
     for start in range(0, n_slots, BLOCKS):
         offs_n, n_ok = _slot_blocks(SHORTLIST_ROW, start + lanes, n_slots, SHORTLIST)  # [NB]
         n_ok = n_ok & (lanes < BLOCKS)
-        if ROUTER == "bounds":
-            u = _bound_logits(q_pos, q_neg, K1_bh, K2_bh, stride_kn, stride_kd, offs_r, offs_d, start, n_end,
-                              qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, DOT_PRECISION)  # [BM, NB]
-            best = tl.max(u - lse[:, None], 0) * 0.6931471805599453      # [NB] natural log
-        else:
-            blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
-            s = _sampled_scores(b_q, K1_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                                KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
-            member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB]
-            mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
-            best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
+        blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
+        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+        mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
+        best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
         tl.store(p_out + offs_n, best, mask=n_ok)
     if not SHORTLIST:
         for start in range(n_end, NUM_N, LANES):
@@ -409,31 +336,12 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
-def every_key_logits(q_means: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
-                     interpret: bool = False) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32: ``log Σ_{j ∈ n} exp(scale · q̄_m·k_j)`` for mean queries ``[B, H, num_m, D]``
-    (fp32) and keys ``[B, Hk, Sk, D]``. Causal: ``-inf`` past the last key block that some query block
-    of the same program's tile sees (never an allowed block)."""
-    batch, heads, num_m, dim = q_means.shape
-    out = torch.empty(batch, heads, num_m, geometry.num_n, dtype=torch.float32, device=k.device)
-    if out.numel() == 0:
-        return out
-    block_q = 16 if interpret else 64
-    block_logits_kernel[(triton.cdiv(num_m, block_q), batch * heads)](
-        q_means, k, out, *q_means.stride(), *k.stride(),
-        scale * LOG2E, heads, heads // k.shape[1], num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
-        geometry.key_offset,
-        CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_Q=block_q,
-        BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
-        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=1 if interpret else 2,
-    )
-    return out
-
-
-def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float, geometry: BlockGeometry,
-                    router: str, blocks: int, stride: int = 1, num_stages: int = 1,
-                    shortlist: Selection | None = None) -> torch.Tensor:
+def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
+                       shortlist: Selection | None = None, interpret: bool = False) -> torch.Tensor:
+    """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
+    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block; with a
+    ``shortlist``, only of the key blocks it lists (-inf elsewhere). PyTorch form:
+    :func:`attncompiler.saa_routing.sampled_key_logits`."""
     batch, heads, _, dim = q.shape
     shape = (batch, heads, geometry.num_m, geometry.num_n)
     if shortlist is None:
@@ -444,36 +352,17 @@ def _row_max_logits(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: 
         indices, counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
     if out.numel() == 0:
         return out
-    row_max_logits_kernel[(geometry.num_m, batch * heads)](
-        q, k1, k2, out, indices, counts, *q.stride(), *k1.stride(),
-        scale * LOG2E, heads, heads // k1.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
+    blocks = max(1, 128 // (geometry.block_n // stride))                 # key blocks per step: 128 samples
+    sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
+        q, k, out, indices, counts, *q.stride(), *k.stride(),
+        scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
         geometry.key_offset, indices.shape[-1],
-        ROUTER=router, SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim,
-        BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks,
-        LANES=max(blocks, 16), STRIDE=stride,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=num_stages,
+        SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
+        BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16), STRIDE=stride,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        num_stages=1 if interpret else 3,
     )
     return out
-
-
-def key_bound_logits(q: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor, scale: float,
-                     geometry: BlockGeometry, interpret: bool = False) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32, the ``"key-bounds"`` router's logits from queries ``[B, H, Sq, D]`` and
-    each key block's key maxima and minima ``[B, Hk, num_n, D]`` (fp32), one program per query block
-    (PyTorch form: :func:`attncompiler.saa_routing.key_bound_logits`)."""
-    return _row_max_logits(q, k_max.contiguous(), k_min.contiguous(), scale, geometry, "bounds",
-                           blocks=16 if interpret else 64)
-
-
-def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
-                       shortlist: Selection | None = None, interpret: bool = False) -> torch.Tensor:
-    """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
-    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block; with a
-    ``shortlist``, only of the key blocks it lists (-inf elsewhere). PyTorch form:
-    :func:`attncompiler.saa_routing.sampled_key_logits`."""
-    blocks = max(1, 128 // (geometry.block_n // stride))                 # key blocks per step: 128 samples
-    return _row_max_logits(q, k, k, scale, geometry, "samples", blocks=blocks, stride=stride,
-                           num_stages=1 if interpret else 3, shortlist=shortlist)
 
 
 MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers

@@ -51,8 +51,8 @@ QUESTION = " What is the pass key? The pass key is"
 
 
 def operating_points(block: int) -> dict[str, SAAConfig]:
-    """The default operating point, others along the trade-off curve, and the fast point with each
-    other router."""
+    """The default operating point and others along the trade-off curve, down to the fast ``"mean-key"``
+    router."""
     default = replace(SAAConfig(), block_m=block, block_n=block)
     fast = replace(default, router="mean-key", top_k=16)
     return {
@@ -61,8 +61,6 @@ def operating_points(block: int) -> dict[str, SAAConfig]:
         "saa-denser": replace(default, top_k=32, key_stride=4),
         "saa-default no-shortlist": replace(default, candidates=None),
         "saa-fast": fast,
-        "saa-fast every-key": replace(fast, router="every-key"),
-        "saa-fast key-bounds": replace(fast, router="key-bounds"),
     }
 
 
@@ -122,8 +120,7 @@ def pytorch_parts(parts):
 
     swaps = {
         "pool": {"pool_means": saa_reference.pool_reference},
-        "router": {name: dropping_interpret(getattr(saa_routing, name))
-                   for name in ("every_key_logits", "key_bound_logits", "sampled_key_logits")},
+        "router": {"sampled_key_logits": dropping_interpret(saa_routing.sampled_key_logits)},
         "select": {"select_blocks": dropping_interpret(saa_routing.select_blocks)},
         "attend": {"saa_attend": attend},
     }

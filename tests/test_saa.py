@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from attncompiler.codegen.saa import every_key_logits as every_key_logits_kernel, pool_means
-from attncompiler.codegen.saa import key_bound_logits as key_bound_logits_kernel
+from attncompiler.codegen.saa import pool_means
 from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
@@ -23,8 +22,7 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import (BlockGeometry, Selection, every_key_logits, key_bound_logits, key_bounds,
-                                      sampled_key_logits, select_blocks, shortlist_config)
+from attncompiler.saa_routing import BlockGeometry, Selection, sampled_key_logits, select_blocks, shortlist_config
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -90,7 +88,7 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
-@pytest.mark.parametrize("router", ["mean-key", "every-key", "key-bounds", "sampled-keys", "sampled-keys shortlist"])
+@pytest.mark.parametrize("router", ["mean-key", "sampled-keys", "sampled-keys shortlist"])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 def test_triton_path_routes_as_the_reference(form, router):
     """The kernels' pooling gives the same centroids and the same selection as the reference."""
@@ -134,61 +132,6 @@ def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, caus
     assert (got.counts > 0).any() or knobs.get("top_k") == 0
 
 
-def test_every_key_logits_are_each_key_blocks_logsumexp_for_the_mean_query():
-    """A block holding one key the mean query wants outranks a block whose mean key looks the same."""
-    geometry = BlockGeometry(16, 48, 16, 16, causal=False)
-    q_mean = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
-    k = torch.zeros(1, 1, 48, 2)
-    k[0, 0, 16:32, 0] = 0.25                     # block 1: every key a little aligned (mean 0.25)
-    k[0, 0, 32, 0], k[0, 0, 33:48, 0] = 4.0, 0.0  # block 2: one key strongly aligned (mean 0.25)
-    logits = every_key_logits(q_mean, k, 1.0, geometry)[0, 0, 0]
-    expected = torch.stack([torch.tensor(16.0).log(), (16 * torch.tensor(0.25).exp()).log(),
-                            (torch.tensor(4.0).exp() + 15).log()])
-    torch.testing.assert_close(logits, expected)
-    assert logits.argmax() == 2
-
-
-@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
-                                                        (93, 73, True, -20)])
-def test_every_key_logits_kernel_matches_pytorch(sq, sk, causal, key_offset):
-    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
-    q_means, k = randn(2, 4, geometry.num_m, 32), randn(2, 2, sk, 32)
-    got = every_key_logits_kernel(q_means, k, 0.3, geometry, interpret=INTERPRET)
-    want = every_key_logits(q_means, k, 0.3, geometry)
-    allowed = torch.arange(geometry.num_n, device=DEVICE) < geometry.allowed_blocks(DEVICE)[:, None]
-    torch.testing.assert_close(got[..., allowed], want[..., allowed], atol=1e-5, rtol=1e-5)
-    assert not torch.isnan(got).any()
-
-
-@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
-                                                        (93, 73, True, -20)])
-def test_key_bound_logits_are_normalized_row_bounds_maximized_over_the_block(sq, sk, causal, key_offset):
-    """Each row's bound is at least its largest score in the key block; the logit is the largest
-    over the query block's rows of the bound minus the row's logsumexp of bounds over visible blocks."""
-    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
-    q, k = randn(1, 2, sq, 8, dtype=torch.float64), randn(1, 1, sk, 8, dtype=torch.float64)
-    k_max, k_min = key_bounds(k, geometry)
-    bound = torch.maximum(q[..., :, None, :] * k_max[:, :, None], q[..., :, None, :] * k_min[:, :, None]).sum(-1) * 0.3
-    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, 2, Sq, Sk]
-    rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
-    visible = cols <= rows[:, None] + key_offset if causal else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
-    blocks_seen = torch.zeros(sq, geometry.num_n, dtype=torch.bool, device=DEVICE)
-    for n in range(geometry.num_n):
-        in_block = visible[:, n * 16:(n + 1) * 16]
-        blocks_seen[:, n] = in_block.any(-1)
-        best = scores[..., n * 16:(n + 1) * 16].masked_fill(~in_block, -math.inf).amax(-1)
-        assert (bound[..., n][..., blocks_seen[:, n]] >= best[..., blocks_seen[:, n]] - 1e-9).all()
-    per_row = bound.float().masked_fill(~blocks_seen, -math.inf)
-    per_row = per_row - per_row.logsumexp(-1, keepdim=True)
-    got = key_bound_logits(q.float(), k_max.float(), k_min.float(), 0.3, geometry)
-    for m in range(geometry.num_m):
-        rows_m = [r for r in range(m * 16, min(m * 16 + 16, sq)) if blocks_seen[r].any()]
-        if rows_m:
-            torch.testing.assert_close(got[..., m, :], per_row[..., rows_m, :].amax(-2), atol=1e-5, rtol=1e-5)
-        else:
-            assert torch.isneginf(got[..., m, :]).all()
-
-
 @pytest.mark.parametrize("stride", [1, 4, 16])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
@@ -210,22 +153,15 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
         torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys stride 1", "sampled-keys stride 2",
-                                    "sampled-keys stride 16", "sampled-keys stride 4 shortlist"])
+@pytest.mark.parametrize("stride, shortlisted", [(1, False), (2, False), (16, False), (4, True)])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
-def test_row_router_kernels_match_pytorch(sq, sk, causal, key_offset, router):
+def test_sampled_key_kernel_matches_pytorch(sq, sk, causal, key_offset, stride, shortlisted):
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
-    if router == "key-bounds":
-        k_max, k_min = key_bounds(k, geometry)
-        got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
-        want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
-    else:
-        stride = int(router.split()[2])
-        shortlist = random_shortlist(geometry, 2, 4, listed=2) if router.endswith("shortlist") else None
-        got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist, interpret=INTERPRET)
-        want = sampled_key_logits(q, k, 0.3, geometry, stride, shortlist)
+    shortlist = random_shortlist(geometry, 2, 4, listed=2) if shortlisted else None
+    got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.3, geometry, stride, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
@@ -278,22 +214,17 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
-@pytest.mark.parametrize("router", ["key-bounds", "sampled-keys", "sampled-keys shortlist"])
-def test_row_router_kernels_match_pytorch_over_many_key_steps(router, dtype):
+@pytest.mark.parametrize("shortlisted", [False, True])
+def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dtype):
     """Seventy key blocks (forty listed): each pass of the kernel loops over several steps of key blocks."""
     geometry = BlockGeometry(1100, 1100, 16, 16, True, 0)
     q, k = randn(1, 4, 1100, 64, dtype=dtype), randn(1, 2, 1100, 64, dtype=dtype)
-    if router == "key-bounds":
-        k_max, k_min = key_bounds(k, geometry)
-        got = key_bound_logits_kernel(q, k_max, k_min, 0.3, geometry, interpret=INTERPRET)
-        want = key_bound_logits(q, k_max, k_min, 0.3, geometry)
-    else:
-        shortlist = random_shortlist(geometry, 1, 4, listed=40) if router.endswith("shortlist") else None
-        got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
-        want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
+    shortlist = random_shortlist(geometry, 1, 4, listed=40) if shortlisted else None
+    got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounded bounds, tf32 block sums
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounded scores, tf32 block sums
     torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
 
 
@@ -409,11 +340,10 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     assert shortlist_config(SAAConfig(top_k=None, tau=0.9, candidates=8)) == SAAConfig(
         top_k=8, tau=None, router="mean-key", candidates=None)
     q, k, v = qkv(1, 2, 1, 200, 200, 16, 16)
-    for router in ("mean-key", "every-key", "key-bounds"):
-        config = SAAConfig(**SMALL, top_k=2, router=router)
-        with_list = saa_reference(q, k, v, 0.25, True, replace(config, candidates=3))
-        without = saa_reference(q, k, v, 0.25, True, replace(config, candidates=None))
-        assert torch.equal(with_list[0], without[0])
+    config = SAAConfig(**SMALL, top_k=2, router="mean-key")
+    with_list = saa_reference(q, k, v, 0.25, True, replace(config, candidates=3))
+    without = saa_reference(q, k, v, 0.25, True, replace(config, candidates=None))
+    assert torch.equal(with_list[0], without[0])
 
 
 @pytest.mark.parametrize("values, message", [
@@ -424,7 +354,7 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
     ({"min_keys": -1}, "min_keys must be an integer >= 0"),
-    ({"router": "max"}, r"router must be one of \[.mean-key., .every-key., .key-bounds., .sampled-keys.\]"),
+    ({"router": "every-key"}, r"router must be one of \[.sampled-keys., .mean-key.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
     ({"router": "sampled-keys", "candidates": 0}, "candidates must be None or an integer >= 1"),
