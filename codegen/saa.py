@@ -140,13 +140,13 @@ def sampled_key_logits_kernel(
         m_i = m_new
     lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
     lanes = tl.arange(0, LANES)
-    member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)      # [W, NB] samples' block membership
     for start in range(0, n_slots, BLOCKS):
         offs_n, n_ok = _slot_blocks(SHORTLIST_ROW, start + lanes, n_slots, SHORTLIST)  # [NB]
         n_ok = n_ok & (lanes < BLOCKS)
         blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
                             KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+        member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB] samples' block membership
         mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
         best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
         tl.store(p_out + offs_n, best, mask=n_ok)
