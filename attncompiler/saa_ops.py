@@ -81,9 +81,10 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
     """SAA of q ``[..., Sq, D]``, k ``[..., Sk, D]``, v ``[..., Sk, Dv]``, or dense attention where it
     did not meet its error budget at ``site``."""
     form = saa_program(program)
+    operating_point = _config(config)
     if form is not None and form.averages_empty_rows(q.shape[-2], k.shape[-2]):
         return _dense(q, k, v, program, kernel, zero_empty_rows)  # this shape only; the gate is untouched
-    if k.shape[-2] < _config(config).min_keys:
+    if k.shape[-2] < operating_point.min_keys:
         SHORT_CALLS[site] += 1
         return _dense(q, k, v, program, kernel, zero_empty_rows)  # too short to gain; the gate is untouched
     with _sites_lock:
@@ -96,7 +97,6 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
     if form is None:
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
-    operating_point = _config(config)
     try:
         out, stats = saa_forward(q, k, v, form.scale, form.causal, operating_point,
                                  bottom_right=form.bottom_right, zero_empty_rows=zero_empty_rows,

@@ -62,8 +62,7 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
         raise ValueError(f'a learned router corrects the "mean-key" estimate; route with router="mean-key", '
                          f'not {config.router!r}, to use it')
     kernels = kernels or RouterKernels()
-    shortlists = config.router == "sampled-keys" and config.candidates is not None
-    needs_means = config.router == "mean-key" or shortlists
+    needs_means = config.router == "mean-key" or config.candidates is not None  # mean-key, or its shortlist
     k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
     logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, kernels)  # [B, H, M, N]
     if predictor is not None:

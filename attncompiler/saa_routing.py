@@ -222,14 +222,17 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
     shortlist of candidates);
     ``kernels`` computes the other forms (PyTorch by default, Triton kernels on the kernel path)."""
     kernels = kernels or RouterKernels()
-    key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
+
+    def by_mean_key() -> torch.Tensor:
+        key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
+        return mean_key_logits(q_means, k_means, key_counts, scale)
+
     if config.router == "sampled-keys":
         shortlist = None
         if config.candidates is not None:
-            coarse = mean_key_logits(q_means, k_means, key_counts, scale)
-            shortlist = kernels.choose(coarse, geometry, shortlist_config(config))
+            shortlist = kernels.choose(by_mean_key(), geometry, shortlist_config(config))
         return kernels.sampled_key(q, k, scale, geometry, config.key_stride, shortlist)
-    return mean_key_logits(q_means, k_means, key_counts, scale)
+    return by_mean_key()
 
 
 def shortlist_config(config: SAAConfig) -> SAAConfig:

@@ -224,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
+    known = operating_points(args.block)
     given = {}
     for text in args.point:
         try:
-            given[f"saa {text}"] = SAAConfig.from_dict({**asdict(operating_points(args.block)["saa-default"]),
-                                                        **json.loads(text)})
+            given[f"saa {text}"] = SAAConfig.from_dict({**asdict(known["saa-default"]), **json.loads(text)})
         except (ValueError, TypeError) as error:
             sys.exit(f"--point {text}: {error}")
     tokenizer, model = load_smollm2(device, dtype, args.gguf)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     needed = max(max(args.lengths) * args.windows, args.passkey_length)
     if ids.numel() < needed:
         sys.exit(f"the text has {ids.numel()} tokens, fewer than the {needed} asked for")
-    points = {"dense": None, **operating_points(args.block)}
+    points = {"dense": None, **known}
     if args.points:
         unknown = set(args.points) - set(points)
         if unknown:
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     points.update(given)
     predictor = load_predictor(args.predictor) if args.predictor else None
     if predictor is not None:
-        points["saa-fast+learned"] = operating_points(args.block)["saa-fast"]
+        points["saa-fast+learned"] = known["saa-fast"]
     print(f"SmolLM2-135M on {device} ({dtype}), {ids.numel()} tokens of text; operating points:")
     for name, config in points.items():
         print(f"  {name}: {config}")

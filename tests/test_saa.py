@@ -140,17 +140,28 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
     minus the row's logsumexp over blocks; the largest over the query block's rows."""
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(1, 2, sq, 8), randn(1, 1, sk, 8)
-    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, 2, Sq, Sk]
+    got = sampled_key_logits(q, k, 0.3, geometry, stride)
+    torch.testing.assert_close(got, sampled_logits_by_loops(q, k, geometry, stride), atol=1e-5, rtol=1e-5)
+
+
+def sampled_logits_by_loops(q, k, geometry: BlockGeometry, stride: int, listed: torch.Tensor | None = None):
+    """The ``"sampled-keys"`` logits of q ``[1, H, Sq, D]``, k ``[1, 1, Sk, D]`` (scale 0.3, blocks of 16) by
+    explicit loops: per row, each block's logsumexp over its visible keys at multiples of ``stride``, over
+    the ``listed`` blocks only (``[1, H, M, N]``) when given, minus the row's logsumexp over blocks; the
+    largest over the query block's rows."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, H, Sq, Sk]
     rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
-    visible = cols <= rows[:, None] + key_offset if causal else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    visible = (cols <= rows[:, None] + geometry.key_offset if geometry.causal
+               else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE))
     kept = (cols % 16 % stride == 0) & visible                                         # [Sq, Sk]
     per_row = torch.stack([scores[..., n * 16:(n + 1) * 16].masked_fill(~kept[:, n * 16:(n + 1) * 16], -math.inf)
-                           .logsumexp(-1) for n in range(geometry.num_n)], -1)          # [1, 2, Sq, N]
+                           .logsumexp(-1) for n in range(geometry.num_n)], -1)          # [1, H, Sq, N]
+    if listed is not None:
+        per_row = per_row.masked_fill(~listed[:, :, rows // 16], -math.inf)
     norm = per_row.logsumexp(-1, keepdim=True)
     per_row = torch.where(norm > -math.inf, per_row - norm, -math.inf)
-    got = sampled_key_logits(q, k, 0.3, geometry, stride)
-    for m in range(geometry.num_m):
-        torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
+    return torch.stack([per_row[..., m * 16:m * 16 + 16, :].amax(-2) for m in range(geometry.num_m)], -2)
 
 
 @pytest.mark.parametrize("stride, shortlisted", [(1, False), (2, False), (16, False), (4, True)])
@@ -181,19 +192,9 @@ def test_sampled_key_logits_with_a_shortlist_score_and_normalize_over_the_listed
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(1, 2, sq, 8), randn(1, 1, sk, 8)
     shortlist = random_shortlist(geometry, 1, 2, listed=1)
-    scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, 2, Sq, Sk]
-    rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
-    visible = cols <= rows[:, None] + key_offset if causal else torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
-    kept = (cols % 16 % 4 == 0) & visible                                              # [Sq, Sk]
-    per_row = torch.stack([scores[..., n * 16:(n + 1) * 16].masked_fill(~kept[:, n * 16:(n + 1) * 16], -math.inf)
-                           .logsumexp(-1) for n in range(geometry.num_n)], -1)          # [1, 2, Sq, N]
-    per_row = per_row.masked_fill(~shortlist.exact[:, :, rows // 16], -math.inf)
-    norm = per_row.logsumexp(-1, keepdim=True)
-    per_row = torch.where(norm > -math.inf, per_row - norm, -math.inf)
     got = sampled_key_logits(q, k, 0.3, geometry, 4, shortlist)
     assert torch.isneginf(got[~shortlist.exact]).all()
-    for m in range(geometry.num_m):
-        torch.testing.assert_close(got[..., m, :], per_row[..., m * 16:m * 16 + 16, :].amax(-2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, sampled_logits_by_loops(q, k, geometry, 4, shortlist.exact), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("stride", [1, 4, 8])
