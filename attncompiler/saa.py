@@ -31,7 +31,7 @@ from attncompiler.passes.score_mod import Binary, Const, Expr, Index, Score, Whe
 from .options import triton_interpret
 from .saa_config import SAAConfig
 from .saa_reference import Centroids, saa_reference, select
-from .saa_routing import BlockGeometry, RouterKernels, Selection, group_counts
+from .saa_routing import BlockGeometry, RouterKernels, Selection
 from .spec import align
 
 if TYPE_CHECKING:
@@ -58,10 +58,16 @@ class SAAProgram:
 
 @dataclass(frozen=True)
 class SAAStats:
-    """What one SAA call computed. ``exact_blocks`` is a 0-d tensor (read it to synchronize)."""
+    """What one SAA call computed: the number of exact key blocks of each (batch, head, query block)
+    ``[B, H, num_m]`` and the allowed key blocks in all."""
 
-    exact_blocks: torch.Tensor
+    exact_counts: torch.Tensor
     allowed_blocks: int
+
+    @property
+    def exact_blocks(self) -> torch.Tensor:
+        """Key blocks computed exactly, in all: a 0-d tensor (read it to synchronize)."""
+        return self.exact_counts.sum()
 
     @property
     def density(self) -> float:
@@ -113,8 +119,9 @@ def _masked_fill(where: Where) -> str | None:
     return "sentinel" if is_sentinel_fill_of(fill, where.a) else None
 
 
+@functools.lru_cache(maxsize=256)
 def saa_program(program: str) -> SAAProgram | None:
-    """The scale and causal alignment of ``program``, or None when SAA does not apply to it."""
+    """The scale and causal alignment of ``program``, or None when SAA does not apply to it (parsed once per text)."""
     try:
         expr = parse(program)
     except ValueError:
@@ -163,13 +170,11 @@ def triton_runnable(t: torch.Tensor) -> bool:
 def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, geometry: BlockGeometry,
              config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
-    (Triton pooling) and the routed selection of exact key blocks."""
-    from attncompiler.codegen.saa import MAX_SORTED_BLOCKS, pool_means, sampled_key_logits, select_blocks
+    and the routed selection of exact key blocks, by Triton kernels."""
+    from attncompiler.codegen.saa import (MAX_SORTED_BLOCKS, block_centroids, pool_means, sampled_key_logits,
+                                          select_blocks)
 
-    num_centroids = geometry.num_n * config.centroids
-    counts = group_counts(geometry.seq_k, config.sub_block, num_centroids, q.device)
-    centroids = Centroids(pool_means(k, config.sub_block, num_centroids),
-                          pool_means(v, config.sub_block, num_centroids), counts)
+    centroids = block_centroids(k, v, geometry, config)
     q_means = pool_means(q, config.block_m, geometry.num_m)
     interpret = q.device.type == "cpu"
     kernels = RouterKernels(sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
@@ -186,8 +191,8 @@ def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     from attncompiler.codegen.saa import saa_attend
 
     selection, centroids = saa_plan(q, k, v, scale, geometry, config, predictor)
-    out = saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale, geometry,
-                     config, interpret=q.device.type == "cpu", out=out)
+    out = saa_attend(q, k, v, centroids.keys, centroids.values, selection, scale, geometry, config,
+                     interpret=q.device.type == "cpu", out=out)
     return out, selection, centroids
 
 
@@ -217,11 +222,11 @@ def saa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     geometry = BlockGeometry(seq_q, seq_k, config.block_m, config.block_n, causal, key_offset)
     if q4.numel() == 0 or seq_k == 0:  # no queries, or softmax over no keys (zeros, as in eager)
         empty = torch.zeros(shape, dtype=v.dtype, device=q.device)
-        return empty, SAAStats(torch.zeros((), dtype=torch.int64), 0)
+        return empty, SAAStats(torch.zeros(0, dtype=torch.int64), 0)
     if use_triton:
         out, selection, _ = saa_triton(q4, k4, v4, scale, geometry, config, predictor=predictor)
     else:
         out, selection = saa_reference(q4, k4, v4, scale, causal, config, key_offset, predictor=predictor)
     if zero_empty_rows and causal and key_offset < 0:
         out[..., :-key_offset, :] = 0.0
-    return out.reshape(shape), SAAStats(selection.exact_blocks, geometry.allowed_total(q4.shape[0] * q4.shape[1]))
+    return out.reshape(shape), SAAStats(selection.counts, geometry.allowed_total(q4.shape[0] * q4.shape[1]))

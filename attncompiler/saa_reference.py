@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import BlockGeometry, RouterKernels, Selection, block_means, group_counts, training_free_logits
+from .saa_routing import BlockGeometry, RouterKernels, Selection, group_counts, training_free_logits
 
 if TYPE_CHECKING:
     from .saa_predictor import LayerPredictor
@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Centroids:
-    """Mean keys ``[B, Hk, N·C, D]`` and values ``[B, Hk, N·C, Dv]`` of consecutive runs of keys, and
-    ``counts`` ``[N·C]``: keys behind each (0 for runs past the last key)."""
+    """Mean keys ``[B, Hk, N·C, D]`` and values ``[B, Hk, N·C, Dv]`` of consecutive runs of keys (0 for
+    runs past the last key), ``counts`` ``[N·C]``: keys behind each, and ``block_keys``: the fp32 mean key
+    of each key block ``[B, Hk, N, D]``, for routing (None where only the attend pass reads these)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     counts: torch.Tensor
+    block_keys: torch.Tensor | None = None
 
 
 def pool_reference(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
@@ -48,25 +50,23 @@ def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometr
     groups = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, groups, k.device)
     return Centroids(pool_reference(k, config.sub_block, groups), pool_reference(v, config.sub_block, groups),
-                     counts)
+                     counts, pool_reference(k, config.block_n, geometry.num_n))
 
 
 def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float,
            geometry: BlockGeometry, config: SAAConfig, predictor: LayerPredictor | None = None,
            kernels: RouterKernels | None = None) -> Selection:
     """Route from queries ``[B, H, Sq, D]``, their block means ``[B, H, M, D]``, keys ``[B, Hk, Sk, D]`` and
-    the centroids (whose weighted means are the mean keys) by ``config.router``, with ``predictor``'s
+    the centroids (with the key blocks' mean keys) by ``config.router``, with ``predictor``'s
     learned term when given (it corrects ``"mean-key"``, the router it was calibrated with). ``kernels``
     computes the logits and picks the blocks (PyTorch by default)."""
     if predictor is not None and config.router != "mean-key":
         raise ValueError(f'a learned router corrects the "mean-key" estimate; route with router="mean-key", '
                          f'not {config.router!r}, to use it')
     kernels = kernels or RouterKernels()
-    needs_means = config.router == "mean-key" or config.candidates is not None  # mean-key, or its shortlist
-    k_means = block_means(centroids.keys.float(), centroids.counts, config.centroids) if needs_means else None
-    logits = training_free_logits(q, q_means, k, k_means, scale, geometry, config, kernels)  # [B, H, M, N]
+    logits = training_free_logits(q, q_means, k, centroids.block_keys, scale, geometry, config, kernels)  # [B, H, M, N]
     if predictor is not None:
-        logits = logits + predictor.logits(q_means, k_means, geometry)
+        logits = logits + predictor.logits(q_means, centroids.block_keys, geometry)
     return kernels.choose(logits, geometry, config)
 
 

@@ -104,11 +104,16 @@ class BlockGeometry:
 
     def allowed_total(self, batch_heads: int) -> int:
         """Allowed key blocks summed over every query block of ``batch_heads`` (batch × heads), on the host."""
-        return int(self.allowed_blocks("cpu").sum()) * batch_heads
+        return _allowed_per_head(self) * batch_heads
 
     def forced_partial_blocks(self) -> int:
         """An upper bound on the partial (diagonal-straddling) blocks of one query block."""
         return (self.block_m + self.block_n - 2) // self.block_n + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _allowed_per_head(geometry: BlockGeometry) -> int:
+    return int(geometry.allowed_blocks("cpu").sum())
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,17 +122,20 @@ def _bounds(geometry: BlockGeometry, device: torch.device) -> tuple[torch.Tensor
 
 
 def group_counts(seq: int, group: int, groups: int, device) -> torch.Tensor:
-    """``[groups]``: rows in each run of ``group`` consecutive rows out of ``seq`` (0 past the end)."""
+    """``[groups]``: rows in each run of ``group`` consecutive rows out of ``seq`` (0 past the end).
+    Made once per shape and device (shared: do not modify it)."""
+    return _group_counts(seq, group, groups, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_counts(seq: int, group: int, groups: int, device: torch.device) -> torch.Tensor:
     starts = torch.arange(groups, device=device) * group
     return torch.clamp(seq - starts, 0, group)
 
 
-def block_means(centroid_means: torch.Tensor, counts: torch.Tensor, centroids: int) -> torch.Tensor:
-    """Mean of each key block ``[..., num_n, D]`` from its sub-block means ``[..., num_n·centroids, D]``."""
-    *lead, n, d = centroid_means.shape
-    weights = counts.to(centroid_means.dtype).view(n // centroids, centroids, 1)
-    sums = (centroid_means.reshape(*lead, n // centroids, centroids, d) * weights).sum(-2)
-    return sums / weights.sum(-2)
+@functools.lru_cache(maxsize=64)
+def _log_block_counts(seq: int, block: int, blocks: int, device: torch.device) -> torch.Tensor:
+    return group_counts(seq, block, blocks, device).float().log()
 
 
 @dataclass(frozen=True)
@@ -151,15 +159,17 @@ class Selection:
         return self.counts.sum()
 
 
-def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, key_counts: torch.Tensor,
+def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, geometry: BlockGeometry,
                     scale: float) -> torch.Tensor:
     """``[B, H, num_m, num_n]``: ``scale · q̄·k̄ + log |n|`` from mean queries ``[B, H, num_m, D]`` and mean keys
-    ``[B, Hk, num_n, D]`` (query head ``h`` reads key head ``h // (H / Hk)``), in fp32."""
+    ``[B, Hk, num_n, D]`` (query head ``h`` reads key head ``h // (H / Hk)``), in fp32, by one batched product."""
     batch, heads, num_m, dim = q_means.shape
     kv_heads, num_n = k_means.shape[1], k_means.shape[2]
-    grouped = q_means.float().reshape(batch, kv_heads, (heads // kv_heads) * num_m, dim)
-    logits = torch.matmul(grouped, k_means.float().transpose(-2, -1)) * scale
-    return logits.reshape(batch, heads, num_m, num_n) + key_counts.float().log()
+    grouped = q_means.float().reshape(batch * kv_heads, (heads // kv_heads) * num_m, dim)
+    log_counts = _log_block_counts(geometry.seq_k, geometry.block_n, num_n, q_means.device)          # [N]
+    logits = torch.baddbmm(log_counts, grouped, k_means.float().reshape(batch * kv_heads, num_n, dim).transpose(1, 2),
+                           alpha=scale)
+    return logits.reshape(batch, heads, num_m, num_n)
 
 
 def _row_max_logits(q: torch.Tensor, geometry: BlockGeometry, kv_heads: int, row_estimates: Callable,
@@ -224,8 +234,7 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
     kernels = kernels or RouterKernels()
 
     def by_mean_key() -> torch.Tensor:
-        key_counts = group_counts(geometry.seq_k, geometry.block_n, geometry.num_n, q_means.device)
-        return mean_key_logits(q_means, k_means, key_counts, scale)
+        return mean_key_logits(q_means, k_means, geometry, scale)
 
     if config.router == "sampled-keys":
         shortlist = None

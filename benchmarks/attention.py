@@ -7,7 +7,7 @@ table (TFLOP/s and our ratio to each peer), writes it to ``--out`` when given, a
 ``--results`` adds it as a dated section to ``benchmarks/RESULTS.md``.
 
     python benchmarks/attention.py [--seqs 1024 4096 16384] [--head-dims 64 128] [--causal both]
-                                   [--passes fwd fwd+bwd] [--out FILE] [--results]
+                                   [--passes fwd fwd+bwd] [--precompile JOBS] [--out FILE] [--results]
 """
 
 from __future__ import annotations
@@ -134,6 +134,35 @@ def measure(seq: int, head_dim: int, dtype: torch.dtype, causal: bool, backward:
     return results
 
 
+def warm(seq: int, head_dim: int, dtype: torch.dtype, causal: bool, backward: bool) -> None:
+    """Run each compiled implementation once at one shape, untimed: fills the on-disk compile caches
+    (Inductor's graphs, Triton's kernels) that a later process then reads instead of compiling."""
+    heads, batch = HIDDEN // head_dim, TOKENS // seq
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, requires_grad=backward)
+               for _ in range(3))
+    for name, fn in peers(head_dim ** -0.5, causal, seq).items():
+        if name not in ("attncompiler", "flex"):
+            continue
+        if backward:
+            fn(q, k, v).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(q, k, v)
+    torch.cuda.synchronize()
+
+
+def precompile(grid: list[tuple], jobs: int) -> None:
+    """Compile every shape of ``grid`` in ``jobs`` processes at once (see :func:`warm`)."""
+    import json
+    import subprocess
+
+    print(f"compiling {len(grid)} shapes in {jobs} processes", file=sys.stderr, flush=True)
+    workers = [subprocess.Popen([sys.executable, __file__, "--warm-shapes", json.dumps(grid[i::jobs])])
+               for i in range(jobs)]
+    for worker in workers:
+        worker.wait()
+
+
 def table_row(dtype: str, head_dim: int, seq: int, causal: bool, pass_name: str, r: dict[str, float | None]) -> str:
     cells = [f"{r[n]:.0f}" if r.get(n) else "–" for n in PEERS]
     ours = r.get("attncompiler")
@@ -166,23 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--results", action="store_true", help=f"add the table to {RESULTS.name} as a dated section")
+    parser.add_argument("--precompile", type=int, default=0, metavar="JOBS",
+                        help="first compile every shape in JOBS processes at once (the timed run then reads the caches)")
+    parser.add_argument("--warm-shapes", help=argparse.SUPPRESS)  # a --precompile worker's shapes, as JSON
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    if args.warm_shapes:
+        import json
+        for dtype, d, s, causal, pass_name in json.loads(args.warm_shapes):
+            warm(s, d, getattr(torch, dtype), causal, backward=pass_name == "fwd+bwd")
+        return 0
 
     causal_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    grid = [(dtype, d, s, causal, pass_name) for dtype in args.dtypes for d in args.head_dims for s in args.seqs
+            for causal in causal_modes for pass_name in args.passes]
+    if args.precompile:
+        precompile(grid, args.precompile)
     heading = (f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · "
                f"triton {triton.__version__}")
     lines = [f"TFLOP/s; batch·seq={TOKENS}, hidden={HIDDEN}; fwd+bwd counts 3.5× the forward's FLOPs.", "",
              *table_header()]
-    for dtype in args.dtypes:
-        for d in args.head_dims:
-            for s in args.seqs:
-                for causal in causal_modes:
-                    for pass_name in args.passes:
-                        r = measure(s, d, getattr(torch, dtype), causal, backward=pass_name == "fwd+bwd")
-                        lines.append(table_row(dtype, d, s, causal, pass_name, r))
-                        print(lines[-1], flush=True)
+    for dtype, d, s, causal, pass_name in grid:
+        r = measure(s, d, getattr(torch, dtype), causal, backward=pass_name == "fwd+bwd")
+        lines.append(table_row(dtype, d, s, causal, pass_name, r))
+        print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(f"\n{heading}\n\n{table}")
     if args.out:

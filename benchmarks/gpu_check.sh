@@ -12,6 +12,7 @@
 #   llama   Llama prefill against its peers (LLAMA_ARGS, e.g. "--train")
 #   bench   attention, then llama
 #   sweep   launch-config sweep of the dense kernels at one shape (SWEEP_ARGS, e.g. "--causal --passes bwd")
+#   anatomy where the dense forward's time goes: probes, ceilings, SASS (D128, S=4096, causal and not)
 #   saa     SAA tests, quality on SmolLM2 (SAA_QUALITY_ARGS), SAA benchmark (SAA_ARGS)
 # The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
 # found; a copy lands in $OUT/cache.
@@ -63,6 +64,11 @@ for phase in $phases; do
     llama)
       python3 benchmarks/llama_prefill.py ${LLAMA_ARGS:-} --out "$OUT/llama.md" 2>&1 | tail -10 || status=1
       ;;
+    anatomy)
+      for causal in "" --causal; do
+        python3 benchmarks/forward_anatomy.py $causal 2>&1 | tee -a "$OUT/anatomy.md" | tail -12 || status=1
+      done
+      ;;
     sweep)
       python3 benchmarks/kernel_sweep.py ${SWEEP_ARGS:-} 2>&1 | grep -v "^  " | tee -a "$OUT/sweep.md" | tail -30 || status=1
       ;;
@@ -71,7 +77,7 @@ for phase in $phases; do
       python3 examples/saa_quality.py "${gguf[@]}" ${SAA_QUALITY_ARGS:-} --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
       python3 benchmarks/saa.py --no-record ${SAA_ARGS:-} 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
       ;;
-    *) echo "unknown phase $phase (tests, model, tune, attention, llama, bench, sweep or saa)"; exit 2 ;;
+    *) echo "unknown phase $phase (tests, model, tune, attention, llama, bench, sweep, anatomy or saa)"; exit 2 ;;
   esac
   echo "phase $phase: $((SECONDS - start)) s"
 done

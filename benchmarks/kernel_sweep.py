@@ -52,17 +52,29 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def variant_kernel(program: str, variant: str):
-    """``(name, kernel)``: the TMA forward kernel for ``program`` with one of :data:`VARIANT_EDITS` applied."""
+def edited_forward(program: str, label: str, edits: list[tuple[str, str]]):
+    """``(name, kernel)``: the TMA forward kernel for ``program`` with each ``(text, replacement)`` of
+    ``edits`` applied to its generated source."""
     _, source = flash.generate(program, tma=True)
-    text, replacement = VARIANT_EDITS[variant]
-    if text not in source:
-        raise RuntimeError(f"the forward template changed: no {text!r}")
     old = source.split("def flash_fwd_", 1)[1].split("(", 1)[0]
-    source = source.replace(text, replacement)
-    name = f"flash_fwd_{variant.replace('-', '_')}_{source_hash(source)}"
+    for text, replacement in edits:
+        if text not in source:
+            raise RuntimeError(f"the forward template changed: no {text!r}")
+        source = source.replace(text, replacement)
+    name = f"flash_fwd_{label.replace('-', '_').replace(' ', '_')}_{source_hash(source)}"
     source = source.replace(f"flash_fwd_{old}", name)
     return name, getattr(load_source(name, source), name)
+
+
+@contextlib.contextmanager
+def running(program: str, edited):
+    """While entered, ``flash_forward`` runs ``edited`` (a ``(name, kernel)`` pair) as ``program``'s TMA form."""
+    loaded = flash.load_kernel
+    flash.load_kernel = lambda p, tma=False: edited if p == program and tma else loaded(p, tma)
+    try:
+        yield
+    finally:
+        flash.load_kernel = loaded
 
 
 @contextlib.contextmanager
@@ -72,13 +84,8 @@ def forward_variant(program: str, variant: str):
     if variant in FORMS:
         yield
         return
-    edited = variant_kernel(program, variant)
-    loaded = flash.load_kernel
-    flash.load_kernel = lambda p, tma=False: edited if p == program and tma else loaded(p, tma)
-    try:
+    with running(program, edited_forward(program, variant, [VARIANT_EDITS[variant]])):
         yield
-    finally:
-        flash.load_kernel = loaded
 
 
 def kernel_times(fn, iters: int = 20) -> dict[str, float]:

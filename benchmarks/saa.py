@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,12 +56,21 @@ def implementations(scale: float, config: SAAConfig) -> dict:
 
 
 def plan_profile(q, k, v, scale: float, geometry: BlockGeometry, config: SAAConfig) -> str:
-    """The GPU kernels of planning, by total time over five calls (a profiler table)."""
+    """The GPU kernels of planning, by total time over five calls (a profiler table), and the host's
+    time to issue one plan (when it exceeds the GPU's, launches bound planning)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             saa_plan(q, k, v, scale, geometry, config)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
+    launches = sum(event.count for event in prof.key_averages() if event.device_time_total > 0) / 5
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        saa_plan(q, k, v, scale, geometry, config)
+    host_ms = (time.perf_counter() - start) / 20 * 1e3
+    torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
+    return f"{table}\n  host time to issue one plan: {host_ms:.3f} ms, {launches:.0f} GPU kernels"
 
 
 def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
@@ -75,17 +85,19 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, pr
               f"{plan_profile(q, k, v, scale, geometry, config)}", file=sys.stderr)
 
     def attend(**launch):
-        return lambda: saa_attend(q, k, v, centroids.keys, centroids.values, centroids.counts, selection, scale,
-                                  geometry, config, **launch)
+        return lambda: saa_attend(q, k, v, centroids.keys, centroids.values, selection, scale, geometry, config,
+                                  **launch)
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     if sweep:
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                ms = bench(attend(num_warps=warps, num_stages=stages))
-                print(f"  attend S={seq} D={q.shape[-1]}: {warps} warps, {stages} stages: {ms:.3f} ms", file=sys.stderr)
+        for warps in (4,):
+            for stages in (1, 2):
+                for centroid_stages in (1, 2, 3, 4):
+                    ms = bench(attend(num_warps=warps, num_stages=stages, centroid_stages=centroid_stages))
+                    print(f"  attend S={seq} D={q.shape[-1]}: {warps} warps, {stages} stages, {centroid_stages} "
+                          f"centroid stages: {ms:.3f} ms", file=sys.stderr)
     return {"plan": bench(lambda: saa_plan(q, k, v, scale, geometry, config)), "attend": bench(attend())}
 
 

@@ -1,7 +1,8 @@
 """SAA Triton kernels: block means, block logits, block selection, and one attend-and-aggregate pass.
 
-``saa_pool_kernel`` averages runs of consecutive rows (mean queries for routing, key and value
-centroids). ``sampled_key_logits_kernel`` gives the ``"sampled-keys"`` router's logits: for each query
+``saa_pool_kernel`` averages runs of consecutive rows (the mean query of each query block, for
+routing); ``saa_centroid_kernel`` gives each key block's key and value centroids and its mean key
+in one pass over the keys and values. ``sampled_key_logits_kernel`` gives the ``"sampled-keys"`` router's logits: for each query
 row, its scores against every ``key_stride``-th key of each (shortlisted) key block, normalized per
 row and maximized over the query block (PyTorch form:
 :func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
@@ -22,9 +23,11 @@ import triton
 import triton.language as tl
 
 from attncompiler.saa_config import SAAConfig
-from attncompiler.saa_routing import BlockGeometry, Selection, selection_width
+from attncompiler.saa_reference import Centroids
+from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
 
 LOG2E = 1.4426950408889634
+CENTROID_STAGES = 2  # pipeline depth of the attend pass's centroid loop
 
 
 @triton.jit
@@ -48,6 +51,48 @@ def saa_pool_kernel(
     b_mean = tl.sum(b_x.to(tl.float32), 0) / count                        # [BD]
     p_o = OUT + b * stride_ob + h * stride_oh + pid_g * stride_og + offs_d * stride_od
     tl.store(p_o, b_mean, mask=offs_d < HEAD_D)
+
+
+@triton.jit
+def saa_centroid_kernel(
+    K, V, KC, VC, KM,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_cb, stride_ch, stride_cn, stride_cd,
+    stride_wb, stride_wh, stride_wn, stride_wd,
+    stride_mb, stride_mh, stride_mn, stride_md,
+    H, SEQ, HEAD_D, HEAD_DV,
+    CENTROIDS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One key block: the mean key and value of each of its CENTROIDS runs of SUB keys (in KC's and
+    VC's dtype; 0 for a run past SEQ) and the block's mean key in fp32 (KM, for routing)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    offs_dv = tl.arange(0, BLOCK_DV)                                      # [BDV]
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+    key_sum = tl.zeros([BLOCK_D], tl.float32)                             # [BD]
+    for c in tl.static_range(CENTROIDS):
+        run = pid_n * CENTROIDS + c
+        offs_s = run * SUB + tl.arange(0, SUB)                            # [SUB] keys of this run
+        s_ok = offs_s < SEQ
+        b_k = tl.load(K_bh + offs_s[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                      mask=s_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [SUB, BD]
+        b_v = tl.load(V_bh + offs_s[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                      mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [SUB, BDV]
+        count = tl.maximum(tl.minimum(SEQ - run * SUB, SUB), 1)
+        run_keys = tl.sum(b_k.to(tl.float32), 0)                          # [BD]
+        key_sum += run_keys
+        tl.store(KC + b * stride_cb + h * stride_ch + run * stride_cn + offs_d * stride_cd,
+                 (run_keys / count).to(KC.dtype.element_ty), mask=offs_d < HEAD_D)
+        tl.store(VC + b * stride_wb + h * stride_wh + run * stride_wn + offs_dv * stride_wd,
+                 (tl.sum(b_v.to(tl.float32), 0) / count).to(VC.dtype.element_ty), mask=offs_dv < HEAD_DV)
+    block_count = tl.maximum(tl.minimum(SEQ - pid_n * CENTROIDS * SUB, CENTROIDS * SUB), 1)
+    tl.store(KM + b * stride_mb + h * stride_mh + pid_n * stride_mn + offs_d * stride_md, key_sum / block_count,
+             mask=offs_d < HEAD_D)
 
 
 @triton.jit
@@ -234,7 +279,7 @@ def select_blocks_kernel(
 
 @triton.jit
 def saa_attend_kernel(
-    Q, K, V, KC, VC, LC, IDX, CNT, EXACT, FULL, O,
+    Q, K, V, KC, VC, IDX, CNT, EXACT, O,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -246,7 +291,7 @@ def saa_attend_kernel(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % NUM_M_BLOCKS
@@ -290,17 +335,23 @@ def saa_attend_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # Centroids of the full key blocks that were not computed exactly.
-    num_centroids = tl.load(FULL + pid_m) * CENTROIDS
-    for start_c in range(0, num_centroids, BLOCK_C):
+    # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed exactly.
+    full = NUM_N_BLOCKS
+    if CAUSAL:
+        visible = tl.minimum(tl.maximum(pid_m * BLOCK_M + KEY_OFFSET + 1, 0), SEQ_K)  # keys the first row sees
+        full = tl.where(visible == SEQ_K, NUM_N_BLOCKS, visible // BLOCK_N)
+    num_centroids = full * CENTROIDS
+    SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
+    for start_c in tl.range(0, num_centroids, BLOCK_C, num_stages=CENTROID_STAGES):
         offs_c = start_c + tl.arange(0, BLOCK_C)                          # [BC]
         c_ok = offs_c < num_centroids
         is_exact = tl.load(EXACT + row * NUM_N_BLOCKS + offs_c // CENTROIDS, mask=c_ok, other=1)  # [BC]
-        b_lc = tl.load(LC + offs_c, mask=c_ok, other=float("-inf"))       # [BC] log2 of keys behind each
+        behind = tl.minimum(tl.maximum(SEQ_K - offs_c * SUB, 0), SUB)     # [BC] keys behind each (0 past the end)
+        b_lc = tl.log2(tl.maximum(behind, 1).to(tl.float32))              # [BC] (masked where 0)
         p_kc = KC + b * stride_cb + kh * stride_ch + offs_c[None, :] * stride_cn + offs_d[:, None] * stride_cd
         b_kct = tl.load(p_kc, mask=c_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BC]
         s = tl.dot(b_q, b_kct.to(b_q.dtype), input_precision=DOT_PRECISION) * qk_scale + b_lc[None, :]
-        s = tl.where((c_ok & (is_exact == 0))[None, :], s, float("-inf"))  # [BM, BC]
+        s = tl.where((c_ok & (is_exact == 0) & (behind > 0))[None, :], s, float("-inf"))  # [BM, BC]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -325,8 +376,9 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     """fp32 means ``[B, H, groups, D]`` of runs of ``group`` (a power of two) consecutive rows of
     ``x`` ``[B, H, S, D]``; runs past the end give 0."""
     batch, heads, seq, dim = x.shape
-    out = torch.zeros(batch, heads, groups, dim, dtype=torch.float32, device=x.device)
     filled = math.ceil(seq / group)
+    out = (torch.empty if filled == groups else torch.zeros)(batch, heads, groups, dim, dtype=torch.float32,
+                                                              device=x.device)
     if filled == 0 or batch * heads == 0:
         return out
     saa_pool_kernel[(filled, batch * heads)](
@@ -334,6 +386,26 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
         GROUP=group, BLOCK_D=_pow2_at_least(dim, floor=1),
     )
     return out
+
+
+def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, config: SAAConfig) -> Centroids:
+    """The centroids of keys ``[B, Hk, Sk, D]`` and values ``[B, Hk, Sk, Dv]``: ``config.centroids`` per key
+    block, in k's and v's dtype, and each key block's fp32 mean key, in one launch. PyTorch form:
+    :func:`attncompiler.saa_reference.centroids_reference`."""
+    batch, kv_heads, seq_k, head_d = k.shape
+    head_dv = v.shape[-1]
+    runs = geometry.num_n * config.centroids
+    keys = torch.empty(batch, kv_heads, runs, head_d, dtype=k.dtype, device=k.device)
+    values = torch.empty(batch, kv_heads, runs, head_dv, dtype=v.dtype, device=v.device)
+    block_keys = torch.empty(batch, kv_heads, geometry.num_n, head_d, dtype=torch.float32, device=k.device)
+    if keys.numel() or values.numel():
+        saa_centroid_kernel[(geometry.num_n, batch * kv_heads)](
+            k, v, keys, values, block_keys, *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
+            *block_keys.stride(), kv_heads, seq_k, head_d, head_dv,
+            CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=_pow2_at_least(head_d, floor=1),
+            BLOCK_DV=_pow2_at_least(head_dv, floor=1),
+        )
+    return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys)
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
@@ -397,17 +469,18 @@ def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConf
 
 
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,
-               value_centroids: torch.Tensor, centroid_counts: torch.Tensor, selection: Selection,
-               scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
-               out: torch.Tensor | None = None, num_warps: int | None = None,
-               num_stages: int | None = None) -> torch.Tensor:
+               value_centroids: torch.Tensor, selection: Selection, scale: float, geometry: BlockGeometry,
+               config: SAAConfig, interpret: bool = False, out: torch.Tensor | None = None,
+               num_warps: int | None = None, num_stages: int | None = None,
+               centroid_stages: int | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``,
-    centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` with ``centroid_counts`` ``[N·C]``.
+    centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` of runs of ``config.sub_block`` keys.
 
-    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps`` and
-    ``num_stages`` override the defaults: 4 warps per 64 query rows and 1 stage, the fastest on an H100
-    at 32K and 128K tokens (``benchmarks/saa.py --sweep``; with routed, data-dependent key blocks,
-    deeper pipelines cost more than they hide).
+    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
+    ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
+    defaults: 4 warps per 64 query rows; 1 stage for the routed, data-dependent key blocks, whose
+    deeper pipelines cost more than they hide on an H100 at 32K and 128K tokens; CENTROID_STAGES for the
+    centroids, which stream in order (``benchmarks/saa.py --sweep``).
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
@@ -417,13 +490,11 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
         return out
     indices = selection.indices.contiguous()
     counts = selection.counts.contiguous()
-    exact = selection.exact.to(torch.int8).contiguous()
-    full = selection.full.to(torch.int32).contiguous()
-    log2_counts = centroid_counts.float().log2().contiguous()
+    exact = selection.exact.view(torch.int8).contiguous()
     widest = max(head_d, head_dv)
     grid = (geometry.num_m * batch * heads,)
     saa_attend_kernel[grid](
-        q, k, v, key_centroids, value_centroids, log2_counts, indices, counts, exact, full, out,
+        q, k, v, key_centroids, value_centroids, indices, counts, exact, out,
         *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
         *out.stride(),
         scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
@@ -432,7 +503,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
         HEAD_D=head_d, HEAD_DV=head_dv,
         BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
         num_stages=num_stages or 1,
     )

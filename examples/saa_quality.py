@@ -112,14 +112,15 @@ def pytorch_parts(parts):
     def dropping_interpret(fn):
         return lambda *args, interpret=False, **kwargs: fn(*args, **kwargs)
 
-    def attend(q, k, v, key_centroids, value_centroids, counts, selection, scale, geometry, config,
-               interpret=False, out=None):
+    def attend(q, k, v, key_centroids, value_centroids, selection, scale, geometry, config, interpret=False,
+               out=None):
+        counts = saa_routing.group_counts(geometry.seq_k, config.sub_block, key_centroids.shape[-2], q.device)
         centroids = saa_reference.Centroids(key_centroids, value_centroids, counts)
         result = saa_reference.attend_reference(q, k, v, centroids, selection, scale, geometry, config).to(v.dtype)
         return result if out is None else out.copy_(result)
 
     swaps = {
-        "pool": {"pool_means": saa_reference.pool_reference},
+        "pool": {"pool_means": saa_reference.pool_reference, "block_centroids": saa_reference.centroids_reference},
         "router": {"sampled_key_logits": dropping_interpret(saa_routing.sampled_key_logits)},
         "select": {"select_blocks": dropping_interpret(saa_routing.select_blocks)},
         "attend": {"saa_attend": attend},

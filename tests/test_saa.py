@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from attncompiler.codegen.saa import pool_means
+from attncompiler.codegen.saa import block_centroids, pool_means
 from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
@@ -60,7 +60,7 @@ def geometry_of(q, k, config, causal, bottom_right):
 
 
 def double(centroids: Centroids) -> Centroids:
-    return Centroids(centroids.keys.double(), centroids.values.double(), centroids.counts)
+    return replace(centroids, keys=centroids.keys.double(), values=centroids.values.double())
 
 
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
@@ -101,6 +101,7 @@ def test_triton_path_routes_as_the_reference(form, router):
     expected = centroids_reference(k, v, geometry, config)
     torch.testing.assert_close(centroids.keys, expected.keys)
     torch.testing.assert_close(centroids.values, expected.values)
+    torch.testing.assert_close(centroids.block_keys, expected.block_keys)
     assert torch.equal(centroids.counts, expected.counts)
     reference_out, reference_selection = saa_reference(q, k, v, 0.125, causal, config, geometry.key_offset)
     assert torch.equal(selection.exact, reference_selection.exact)
@@ -233,6 +234,23 @@ def test_pool_means_short_last_run():
     x = randn(2, 3, 37, 80)
     torch.testing.assert_close(pool_means(x, 16, 4), pool_reference(x, 16, 4))
     assert torch.equal(pool_means(x, 16, 4)[:, :, 3], torch.zeros(2, 3, 80, device=DEVICE))  # a run past the end
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_centroids_in_the_inputs_dtype_with_fp32_block_means(dtype):
+    """One launch gives each key block's run means (in k's and v's dtype, 0 for runs past the last key)
+    and its fp32 mean key, as the PyTorch form does; a short last block averages only its keys."""
+    config = SAAConfig(**SMALL, centroids=4)
+    k, v = randn(2, 3, 37, 80, dtype=dtype), randn(2, 3, 37, 48, dtype=dtype)
+    geometry = BlockGeometry(37, 37, 16, 16, True)
+    got = block_centroids(k, v, geometry, config)
+    want = centroids_reference(k, v, geometry, config)
+    assert got.keys.dtype == got.values.dtype == dtype and got.block_keys.dtype == torch.float32
+    torch.testing.assert_close(got.keys, want.keys.to(dtype))
+    torch.testing.assert_close(got.values, want.values.to(dtype))
+    torch.testing.assert_close(got.block_keys, want.block_keys)
+    assert torch.equal(got.counts, want.counts) and got.counts[-3:].tolist() == [1, 0, 0]
+    assert not got.keys[:, :, -2:].any() and not got.values[:, :, -2:].any()
 
 
 @pytest.mark.parametrize("kernel", ["triton", "reference"])
