@@ -89,9 +89,9 @@ class Capturing:
 
 def sass_counts(compiled) -> tuple[Counter, int]:
     """``(counts, instructions)``: :data:`SASS_CLASSES` counted in the kernel's SASS, and all its instructions."""
-    sass = compiled.asm["sass"]
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
-    counts = Counter()
+    sass = compiled.asm["sass"]  # one "control<TAB>instruction ;" line per instruction
+    opcodes = re.findall(r"^[^\t\n]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, flags=re.M)
+    counts = Counter({"full waits": len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0\b", sass))})
     for opcode in opcodes:
         for name in SASS_CLASSES:
             if opcode == name or opcode.startswith(name + "."):
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # no cuobjdump next to Triton
         print(f"SASS not available: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return 0
-    print(f"SASS: {total} instructions; " + ", ".join(f"{n} {counts[n]}" for n in SASS_CLASSES))
+    print(f"SASS: {total} instructions; " + ", ".join(f"{n} {counts[n]}" for n in SASS_CLASSES)
+          + f"; waits for every product in flight (WARPGROUP.DEPBAR.LE gsb0, 0x0): {counts['full waits']}")
     return 0
 
 
