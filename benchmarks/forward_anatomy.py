@@ -10,7 +10,8 @@ Probes are edits of the generated TMA forward that are timed only (their outputs
 Ceilings measured in the same process: a bf16 matrix product by cuBLAS (8192³, the tensor cores'
 reachable peak) and the exp2 rate of the special-function units (a Triton kernel doing nothing
 else). From those, the time the forward's products and exponentials need if they never overlap. The
-SASS counts come from the default launch config's compiled kernel (``cuobjdump``).
+SASS counts come from the default launch config's compiled kernel (``cuobjdump``). Last, the host's
+time to issue one forward call against its kernel's time on the GPU.
 
     python benchmarks/forward_anatomy.py [--seq 4096] [--head-dim 128] [--causal] [--dtype bfloat16]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -74,6 +76,24 @@ def matmul_tflops(dtype: torch.dtype) -> float:
     return 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e9
 
 
+def issue_and_kernel_ms(fn, calls: int = 50) -> tuple[float, float]:
+    """``(host, kernel)`` ms per call of ``fn``: the host's time to issue it (calls queued without waiting)
+    and its GPU kernels' time (profiler). Where the host is slower, back-to-back calls leave the GPU idle."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernel = sum(event.device_time_total for event in prof.key_averages()) / calls / 1e3
+    return host, kernel
+
+
 class Capturing:
     """A Triton kernel whose last compiled launch is kept (``compiled``), for its resources and SASS."""
 
@@ -125,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     with running(program, (name, capture)):
         ours()
     rows = [("attncompiler forward", bench(ours))]
+    host_ms, kernel_ms = issue_and_kernel_ms(ours)
     for label, edits in PROBES.items():
         with running(program, edited_forward(program, label, edits)):
             rows.append((f"probe: {label}", bench(ours)))
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({exp_rate / 1e12:.2f} T/s), not overlapped | {serial_ms:.3f} | {work / serial_ms / 1e9:.0f} | "
           f"{serial_ms / rows[0][1]:.2f} |")
 
+    print(f"\none forward call: the host issues it in {host_ms:.3f} ms, its kernel runs {kernel_ms:.3f} ms on the GPU"
+          f"{' (host-bound)' if host_ms > kernel_ms else ''}")
     compiled = capture.compiled
     config = flash.default_config(q, d, interpret=False)
     print(f"\ncompiled forward ({config.block_m}×{config.block_n}, {config.num_warps} warps, "

@@ -27,7 +27,11 @@ from attncompiler.saa_reference import Centroids
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
 
 LOG2E = 1.4426950408889634
-CENTROID_STAGES = 2  # pipeline depth of the attend pass's centroid loop
+# Pipeline depths of the attend pass: its routed key blocks and its centroid loop (which streams in
+# order). On an H200 at 8K, 32K and 128K tokens (D128), 2 and 3 were fastest of 1-2 and 1-4: 13.0 ms
+# at 128K, against 15.1 with one stage for both (benchmarks/saa.py --sweep).
+EXACT_STAGES = 2
+CENTROID_STAGES = 3
 
 
 @triton.jit
@@ -478,9 +482,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
 
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
-    defaults: 4 warps per 64 query rows; 1 stage for the routed, data-dependent key blocks, whose
-    deeper pipelines cost more than they hide on an H100 at 32K and 128K tokens; CENTROID_STAGES for the
-    centroids, which stream in order (``benchmarks/saa.py --sweep``).
+    defaults: 4 warps per 64 query rows, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`.
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
@@ -503,8 +505,9 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
         HEAD_D=head_d, HEAD_DV=head_dv,
         BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
-        CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
-        num_stages=num_stages or 1,
+        num_stages=1 if interpret else num_stages or EXACT_STAGES,
     )
     return out
