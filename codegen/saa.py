@@ -2,9 +2,9 @@
 
 ``saa_pool_kernel`` averages runs of consecutive rows (the mean query of each query block, for
 routing); ``saa_centroid_kernel`` gives each key block's key and value centroids and its mean key
-in one pass over the keys and values. ``sampled_key_logits_kernel`` gives the ``"sampled-keys"`` router's logits: for each query
-row, its scores against every ``key_stride``-th key of each (shortlisted) key block, normalized per
-row and maximized over the query block (PyTorch form:
+in one pass over the keys and values. ``sampled_key_logits_kernel`` gives the ``"sampled-keys"``
+router's logits: for each query row, its scores against every ``key_stride``-th key of each
+(shortlisted) key block, normalized per row and maximized over the query block (PyTorch form:
 :func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
 block's exact key blocks from the logits (PyTorch form:
 :func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
@@ -106,16 +106,6 @@ def _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _slot_blocks(SHORTLIST_ROW, slots, n_slots, SHORTLIST: tl.constexpr):
-    """The key blocks at positions ``slots`` of a query block's list (the shortlist, or 0, 1, ... without
-    one), and which of them exist."""
-    ok = slots < n_slots
-    if SHORTLIST:
-        return tl.load(SHORTLIST_ROW + slots, mask=ok, other=0), ok
-    return slots, ok
-
-
-@triton.jit
 def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, sample_ok, SEQ_K, qk_scale,
                     KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     WIDTH: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -136,6 +126,77 @@ def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, s
 
 
 @triton.jit
+def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, LIST, n_slots,
+                         SEQ_K, qk_scale, KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+                         LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its share of the row's
+    sampled probability mass, in one pass: each step's sampled probabilities are summed into the
+    block's column by a product with the samples' list positions, the columns rescaled as the row
+    maxima grow (as an attention accumulator is)."""
+    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+    SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
+    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
+    columns = tl.arange(0, LIST_PAD)                                      # [LP]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
+    acc = tl.zeros([BLOCK_M, LIST_PAD], tl.float32)                       # [BM, LP] row sums per listed block
+    for start in range(0, n_slots, BLOCKS):
+        ok = start + sample_slot < n_slots
+        blocks = tl.load(LIST + start + sample_slot, mask=ok, other=0)    # [W] key block of each sample
+        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)                                      # [BM]
+        p = tl.exp2(s - m_use[:, None])                                   # [BM, W]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        member = ((start + sample_slot)[:, None] == columns[None, :]).to(tl.float32)  # [W, LP]
+        acc = acc * alpha[:, None] + tl.dot(p, member, input_precision=DOT_PRECISION)
+        m_i = m_new
+    mass = acc / tl.maximum(l_i, 1e-30)[:, None]                          # [BM, LP]
+    mass = tl.where((row_ok & (l_i > 0))[:, None], mass, 0.0)             # rows without keys drop out
+    return tl.max(mass, 0)
+
+
+@triton.jit
+def _all_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, n_slots, SEQ_K, qk_scale,
+                      KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr, STRIDE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Key blocks 0 .. n_slots-1, in two passes: each row's logsumexp over its sampled scores s, then per
+    block ``exp(s - lse)`` summed by a product with the samples' block membership; stores the log of the
+    largest sum over the rows at ``p_out + block``."""
+    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+    SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
+    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] block of each sample in a step
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
+    for start in range(0, n_slots, BLOCKS):
+        blocks = start + sample_slot                                      # [W] key block of each sample
+        ok = blocks < n_slots
+        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        m_i = m_new
+    lse = m_i + tl.log2(tl.maximum(l_i, 1e-30))                           # [BM]
+    lse = tl.where(row_ok & (l_i > 0), lse, float("inf"))                 # rows without keys drop out
+    lanes = tl.arange(0, LANES)
+    for start in range(0, n_slots, BLOCKS):
+        offs_n = start + lanes                                            # [NB]
+        blocks = start + sample_slot                                      # [W] key block of each sample
+        ok = blocks < n_slots
+        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+        member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB] samples' block membership
+        mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
+        best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
+        tl.store(p_out + offs_n, best, mask=(offs_n < n_slots) & (lanes < BLOCKS))
+
+
+@triton.jit
 def sampled_key_logits_kernel(
     Q, K, OUT, IDX, CNT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -143,16 +204,16 @@ def sampled_key_logits_kernel(
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
     SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
-    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block's ``"sampled-keys"`` logits, BLOCKS key blocks per step (LANES >= BLOCKS of them
-    computed, at least 16 for ``tl.dot``), in two passes.
+    """One query block's ``"sampled-keys"`` logits, BLOCKS key blocks per step: the log of the largest
+    share of a row's sampled probability mass that falls in each key block (shares below 2**-126,
+    which fp32 cannot tell from 0, read as 2**-126).
 
-    Pass 1 takes each row's logsumexp over its sampled scores s; pass 2 sums ``exp(s - lse)`` per key
-    block by one product with the samples' block membership and stores the log of the largest sum
-    over the rows (sums below 2**-126, which fp32 cannot tell from 0, read as 2**-126). With
-    SHORTLIST it visits only the ``CNT`` key blocks listed in ``IDX`` (``[B·H·num_m, LIST_WIDTH]``) for
-    this query block and leaves the other logits as they are (the caller fills them with -inf)."""
+    With SHORTLIST it visits only the ``CNT`` key blocks listed in ``IDX`` (``[B·H·num_m, LIST_WIDTH]``,
+    at most LIST_PAD) for this query block, in one pass, and leaves the other logits as they are (the
+    caller fills them with -inf); without, every key block up to the diagonal in two passes (LANES >=
+    BLOCKS lanes per step, at least 16 for ``tl.dot``) and -inf past it."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -166,40 +227,24 @@ def sampled_key_logits_kernel(
     K_bh = K + b * stride_kb + kh * stride_kh
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
-    n_end = NUM_N
-    if CAUSAL:  # key blocks past the last row's last visible key: -inf
-        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
-        n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
-    n_slots = n_end                                                       # blocks visited: 0 .. n_end-1
-    SHORTLIST_ROW = IDX + (pid_bh.to(tl.int64) * NUM_M + pid_m) * LIST_WIDTH
-    if SHORTLIST:                                                         # or the listed ones
-        n_slots = tl.load(CNT + pid_bh.to(tl.int64) * NUM_M + pid_m)
-    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
-    SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
-    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] slot of each sample
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
-    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
-    for start in range(0, n_slots, BLOCKS):
-        blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
-        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(row_ok & (l_i > 0), m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # [BM]; rows without keys drop out
-    lanes = tl.arange(0, LANES)
-    for start in range(0, n_slots, BLOCKS):
-        offs_n, n_ok = _slot_blocks(SHORTLIST_ROW, start + lanes, n_slots, SHORTLIST)  # [NB]
-        n_ok = n_ok & (lanes < BLOCKS)
-        blocks, ok = _slot_blocks(SHORTLIST_ROW, start + sample_slot, n_slots, SHORTLIST)  # [W]
-        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
-        member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB] samples' block membership
-        mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
-        best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
-        tl.store(p_out + offs_n, best, mask=n_ok)
-    if not SHORTLIST:
+    if SHORTLIST:
+        list_row = (pid_bh.to(tl.int64) * NUM_M + pid_m)
+        n_slots = tl.load(CNT + list_row)
+        best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok,
+                                    IDX + list_row * LIST_WIDTH, n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL,
+                                    HEAD_D, BLOCK_M, BLOCK_N, BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
+        slots = tl.arange(0, LIST_PAD)
+        listed = slots < n_slots
+        blocks = tl.load(IDX + list_row * LIST_WIDTH + slots, mask=listed, other=0)  # [LP]
+        tl.store(p_out + blocks, tl.log(tl.maximum(best, 1.1754943508222875e-38)), mask=listed)
+    else:
+        n_end = NUM_N
+        if CAUSAL:  # key blocks past the last row's last visible key: -inf
+            last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
+            n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
+        _all_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, n_end, SEQ_K, qk_scale,
+                          KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS, LANES, STRIDE, DOT_PRECISION)
+        lanes = tl.arange(0, LANES)
         for start in range(n_end, NUM_N, LANES):
             offs_n = start + lanes
             tl.store(p_out + offs_n, tl.full([LANES], float("-inf"), tl.float32), mask=offs_n < NUM_N)
@@ -429,12 +474,14 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
     if out.numel() == 0:
         return out
     blocks = max(1, 128 // (geometry.block_n // stride))                 # key blocks per step: 128 samples
+    list_width = indices.shape[-1] if shortlist is not None else 0
     sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
         q, k, out, indices, counts, *q.stride(), *k.stride(),
         scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
-        geometry.key_offset, indices.shape[-1],
+        geometry.key_offset, list_width,
         SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
-        BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16), STRIDE=stride,
+        BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
+        LIST_PAD=_pow2_at_least(list_width), STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         num_stages=1 if interpret else 3,
     )

@@ -199,13 +199,17 @@ def test_sampled_key_logits_with_a_shortlist_score_and_normalize_over_the_listed
 
 
 @pytest.mark.parametrize("stride", [1, 4, 8])
-def test_sampled_key_kernel_takes_128_samples_per_step_at_any_stride(stride):
+@pytest.mark.parametrize("shortlisted", [False, True])
+def test_sampled_key_kernel_takes_128_samples_per_step_at_any_stride(stride, shortlisted):
     """Blocks of 64 keys at head dim 128: a step scores 128 samples from 128 / (64 / stride) key blocks
-    (two at stride 1), so the key tile fits in shared memory at every stride."""
-    geometry = BlockGeometry(200, 333, 64, 64, True, 133)
-    q, k = randn(1, 2, 200, 128), randn(1, 1, 333, 128)
-    got = sampled_key_logits_kernel(q, k, 0.1, geometry, stride, interpret=INTERPRET)
-    want = sampled_key_logits(q, k, 0.1, geometry, stride)
+    (two at stride 1), so the key tile fits in shared memory at every stride; shortlisted as by the
+    default operating point (96 of 110 blocks and the forced ones: the one-pass form's widest list)."""
+    seq_k = 7040 if shortlisted else 333
+    geometry = BlockGeometry(200, seq_k, 64, 64, True, seq_k - 200)
+    q, k = randn(1, 2, 200, 128), randn(1, 1, geometry.seq_k, 128)
+    shortlist = random_shortlist(geometry, 1, 2, listed=96) if shortlisted else None
+    got = sampled_key_logits_kernel(q, k, 0.1, geometry, stride, shortlist, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.1, geometry, stride, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
