@@ -142,8 +142,7 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     acc = tl.zeros([BLOCK_M, LIST_PAD], tl.float32)                       # [BM, LP] row sums per listed block
     for start in range(0, n_slots, BLOCKS):
-        ok = start + sample_slot < n_slots
-        blocks = tl.load(LIST + start + sample_slot, mask=ok, other=0)    # [W] key block of each sample
+        blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
                             KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -160,21 +159,30 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
 
 
 @triton.jit
-def _all_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, n_slots, SEQ_K, qk_scale,
-                      KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr, STRIDE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Key blocks 0 .. n_slots-1, in two passes: each row's logsumexp over its sampled scores s, then per
-    block ``exp(s - lse)`` summed by a product with the samples' block membership; stores the log of the
-    largest sum over the rows at ``p_out + block``."""
+def _list_blocks(LIST, slots, n_slots, LISTED: tl.constexpr):
+    """The key blocks at positions ``slots`` of a query block's list (LIST, or 0, 1, ... when not
+    LISTED), and which of them exist."""
+    ok = slots < n_slots
+    if LISTED:
+        return tl.load(LIST + slots, mask=ok, other=0), ok
+    return slots, ok
+
+
+@triton.jit
+def _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, LIST, n_slots, SEQ_K,
+                           qk_scale, KEY_OFFSET, LISTED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
+                           STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The n_slots key blocks (at LIST when LISTED, else 0 .. n_slots-1) in two passes: each row's
+    logsumexp over its sampled scores s, then per block ``exp(s - lse)`` summed by a product with the
+    samples' block membership; stores the log of the largest sum over the rows at ``p_out + block``."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
-    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] block of each sample in a step
+    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] slot of each sample in a step
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     for start in range(0, n_slots, BLOCKS):
-        blocks = start + sample_slot                                      # [W] key block of each sample
-        ok = blocks < n_slots
+        blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, LISTED)  # [W]
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
                             KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -185,15 +193,14 @@ def _all_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p
     lse = tl.where(row_ok & (l_i > 0), lse, float("inf"))                 # rows without keys drop out
     lanes = tl.arange(0, LANES)
     for start in range(0, n_slots, BLOCKS):
-        offs_n = start + lanes                                            # [NB]
-        blocks = start + sample_slot                                      # [W] key block of each sample
-        ok = blocks < n_slots
+        offs_n, n_ok = _list_blocks(LIST, start + lanes, n_slots, LISTED)  # [NB]
+        blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, LISTED)  # [W]
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
                             KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
         member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB] samples' block membership
         mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
         best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
-        tl.store(p_out + offs_n, best, mask=(offs_n < n_slots) & (lanes < BLOCKS))
+        tl.store(p_out + offs_n, best, mask=n_ok & (lanes < BLOCKS))
 
 
 @triton.jit
@@ -204,16 +211,18 @@ def sampled_key_logits_kernel(
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
     SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
-    LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LIST_PAD: tl.constexpr, ONE_PASS: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block's ``"sampled-keys"`` logits, BLOCKS key blocks per step: the log of the largest
     share of a row's sampled probability mass that falls in each key block (shares below 2**-126,
     which fp32 cannot tell from 0, read as 2**-126).
 
     With SHORTLIST it visits only the ``CNT`` key blocks listed in ``IDX`` (``[B·H·num_m, LIST_WIDTH]``,
-    at most LIST_PAD) for this query block, in one pass, and leaves the other logits as they are (the
-    caller fills them with -inf); without, every key block up to the diagonal in two passes (LANES >=
-    BLOCKS lanes per step, at least 16 for ``tl.dot``) and -inf past it."""
+    at most LIST_PAD) for this query block and leaves the other logits as they are (the caller fills
+    them with -inf); without, every key block up to the diagonal, and -inf past it. ONE_PASS (for a
+    shortlist of 2-byte inputs) sums the blocks' shares in one pass; otherwise two passes take LANES
+    >= BLOCKS lanes per step (at least 16 for ``tl.dot``); with fp32 inputs at head dim 128 the one-pass
+    form failed on an H200."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -227,8 +236,8 @@ def sampled_key_logits_kernel(
     K_bh = K + b * stride_kb + kh * stride_kh
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
-    if SHORTLIST:
-        list_row = (pid_bh.to(tl.int64) * NUM_M + pid_m)
+    list_row = pid_bh.to(tl.int64) * NUM_M + pid_m
+    if SHORTLIST and ONE_PASS:
         n_slots = tl.load(CNT + list_row)
         best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok,
                                     IDX + list_row * LIST_WIDTH, n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL,
@@ -237,13 +246,19 @@ def sampled_key_logits_kernel(
         listed = slots < n_slots
         blocks = tl.load(IDX + list_row * LIST_WIDTH + slots, mask=listed, other=0)  # [LP]
         tl.store(p_out + blocks, tl.log(tl.maximum(best, 1.1754943508222875e-38)), mask=listed)
+    elif SHORTLIST:
+        shortlist_row = IDX + list_row * LIST_WIDTH
+        _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, shortlist_row,
+                               tl.load(CNT + list_row), SEQ_K, qk_scale, KEY_OFFSET, True, CAUSAL, HEAD_D, BLOCK_M,
+                               BLOCK_N, BLOCKS, LANES, STRIDE, DOT_PRECISION)
     else:
         n_end = NUM_N
         if CAUSAL:  # key blocks past the last row's last visible key: -inf
             last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
             n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
-        _all_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, n_end, SEQ_K, qk_scale,
-                          KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS, LANES, STRIDE, DOT_PRECISION)
+        _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, IDX, n_end, SEQ_K,
+                               qk_scale, KEY_OFFSET, False, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS, LANES, STRIDE,
+                               DOT_PRECISION)
         lanes = tl.arange(0, LANES)
         for start in range(n_end, NUM_N, LANES):
             offs_n = start + lanes
@@ -481,7 +496,7 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
         geometry.key_offset, list_width,
         SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
         BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
-        LIST_PAD=_pow2_at_least(list_width), STRIDE=stride,
+        LIST_PAD=_pow2_at_least(list_width), ONE_PASS=q.element_size() == 2, STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         num_stages=1 if interpret else 3,
     )

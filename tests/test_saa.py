@@ -165,18 +165,26 @@ def sampled_logits_by_loops(q, k, geometry: BlockGeometry, stride: int, listed: 
     return torch.stack([per_row[..., m * 16:m * 16 + 16, :].amax(-2) for m in range(geometry.num_m)], -2)
 
 
-@pytest.mark.parametrize("stride, shortlisted", [(1, False), (2, False), (16, False), (4, True)])
+def sampled_tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2  # 2-byte inputs: rounded scores, tf32 block sums
+
+
+@pytest.mark.parametrize("stride, shortlisted, dtype", [(1, False, torch.float32), (2, False, torch.float32),
+                                                        (16, False, torch.float32), (4, True, torch.float32),
+                                                        (4, True, torch.float16)])
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (40, 93, True, 53), (77, 93, False, 0),
                                                         (93, 73, True, -20)])
-def test_sampled_key_kernel_matches_pytorch(sq, sk, causal, key_offset, stride, shortlisted):
+def test_sampled_key_kernel_matches_pytorch(sq, sk, causal, key_offset, stride, shortlisted, dtype):
+    """Shortlisted fp16 runs the one-pass form, fp32 the two-pass one."""
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
-    q, k = randn(2, 4, sq, 32), randn(2, 2, sk, 32)
+    q, k = randn(2, 4, sq, 32, dtype=dtype), randn(2, 2, sk, 32, dtype=dtype)
     shortlist = random_shortlist(geometry, 2, 4, listed=2) if shortlisted else None
     got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.3, geometry, stride, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+    tolerance = sampled_tolerance(dtype)
+    torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
 
 
 def random_shortlist(geometry: BlockGeometry, batch: int, heads: int, listed: int) -> Selection:
@@ -199,27 +207,29 @@ def test_sampled_key_logits_with_a_shortlist_score_and_normalize_over_the_listed
 
 
 @pytest.mark.parametrize("stride", [1, 4, 8])
-@pytest.mark.parametrize("shortlisted", [False, True])
-def test_sampled_key_kernel_takes_128_samples_per_step_at_any_stride(stride, shortlisted):
+@pytest.mark.parametrize("shortlisted, dtype", [(False, torch.float32), (True, torch.float32),
+                                                (True, torch.float16)])
+def test_sampled_key_kernel_takes_128_samples_per_step_at_any_stride(stride, shortlisted, dtype):
     """Blocks of 64 keys at head dim 128: a step scores 128 samples from 128 / (64 / stride) key blocks
     (two at stride 1), so the key tile fits in shared memory at every stride; shortlisted as by the
     default operating point (96 of 110 blocks and the forced ones: the one-pass form's widest list)."""
     seq_k = 7040 if shortlisted else 333
     geometry = BlockGeometry(200, seq_k, 64, 64, True, seq_k - 200)
-    q, k = randn(1, 2, 200, 128), randn(1, 1, geometry.seq_k, 128)
+    q, k = randn(1, 2, 200, 128, dtype=dtype), randn(1, 1, geometry.seq_k, 128, dtype=dtype)
     shortlist = random_shortlist(geometry, 1, 2, listed=96) if shortlisted else None
     got = sampled_key_logits_kernel(q, k, 0.1, geometry, stride, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.1, geometry, stride, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
     finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+    tolerance = sampled_tolerance(dtype)
+    torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
 
 
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     INTERPRET, reason="Triton's CPU interpreter computes bf16 tiles wrongly (a bf16 tl.dot is off by 1e10)"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_ON_GPU])
 @pytest.mark.parametrize("shortlisted", [False, True])
 def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dtype):
     """Seventy key blocks (forty listed): each pass of the kernel loops over several steps of key blocks."""
@@ -230,7 +240,7 @@ def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dty
     want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
     finite = torch.isfinite(want)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounded scores, tf32 block sums
+    tolerance = sampled_tolerance(dtype)
     torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
 
 
