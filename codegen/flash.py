@@ -266,8 +266,10 @@ def generate(program: Expr | str, tma: bool = False) -> tuple[str, str]:
     return name, body.replace("{name}", name)
 
 
+@functools.lru_cache(maxsize=256)
 def load_kernel(program: Expr | str, tma: bool = False):
-    """The ``@triton.jit`` forward kernel for ``program`` (generated and cached on first use)."""
+    """The ``@triton.jit`` forward kernel for ``program`` (generated and loaded once per program: every
+    forward call asks for it)."""
     name, source = generate(program, tma)
     return name, getattr(load_source(name, source), name)
 

@@ -24,6 +24,8 @@ For such rows the preprocess also counts ``n`` in the forward's sentinel rate (e
 
 from __future__ import annotations
 
+import functools
+
 import math
 import textwrap
 
@@ -475,8 +477,10 @@ def generate(program: Expr | str) -> tuple[str, str]:
     return f"flash_bwd_{source_hash(body)}", body
 
 
+@functools.lru_cache(maxsize=256)
 def load_kernels(program: Expr | str):
-    """The generated backward module for ``program`` (kernels ``preprocess``, ``dkdv``, ``dq``)."""
+    """The generated backward module for ``program`` (kernels ``preprocess``, ``dkdv``, ``dq``), generated
+    and loaded once per program."""
     name, source = generate(program)
     return load_source(name, source)
 
