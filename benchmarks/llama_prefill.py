@@ -58,6 +58,19 @@ def variants(saa: dict | None = None) -> dict:
     }
 
 
+def saa_gate_summary() -> str:
+    """What the SAA gate decided per site since the last summary, and how the calls ran (then forgotten)."""
+    from attncompiler.saa_ops import SAA_CALLS, SAA_SITES
+
+    sites = [f"{site}: dense ({record.fallback})" if record.fallback else
+             f"{site}: SAA (density {record.density:.3f}, error {record.error:.3f})"
+             for site, record in sorted(SAA_SITES.items())]
+    summary = f"SAA gate: {'; '.join(sites) or 'no site'}; calls {dict(SAA_CALLS)}"
+    SAA_SITES.clear()
+    SAA_CALLS.clear()
+    return summary
+
+
 def time_prefill(model, forward, seq: int, train: bool) -> float:
     ids = torch.randint(0, CONFIG["vocab_size"], (1, seq), device="cuda")
 
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[name, seq] = None
             torch.cuda.empty_cache()
             print(f"{name} S={seq}: {times[name, seq]}", file=sys.stderr, flush=True)
+            if saa is not None and name == "attncompiler + SAA":
+                print(f"  {saa_gate_summary()}", file=sys.stderr, flush=True)
         del model, forward
         torch._dynamo.reset()
         torch.cuda.empty_cache()
