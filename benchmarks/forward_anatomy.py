@@ -35,7 +35,7 @@ from attncompiler.codegen import flash
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention import HIDDEN, TOKENS, flops, program_of  # noqa: E402
-from kernel_sweep import edited_forward, running  # noqa: E402
+from kernel_sweep import add_shape_arguments, edited_forward, running  # noqa: E402
 
 NO_EXP2 = [("alpha = tl.exp2((m_i - m_use) * SCORE_RATE)", "alpha = (m_i - m_use) * SCORE_RATE"),
            ("p = tl.exp2(s * SCORE_RATE - (m_use * SCORE_RATE)[:, None])",
@@ -121,10 +121,7 @@ def sass_counts(compiled) -> tuple[Counter, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--dtype", default="bfloat16")
+    add_shape_arguments(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/forward_anatomy.py needs a CUDA GPU")

@@ -121,12 +121,17 @@ def wanted(config, args) -> bool:
             and (not args.configs or named in args.configs))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shape one kernel study runs at: ``--seq``, ``--head-dim``, ``--causal``, ``--dtype``."""
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser)
     parser.add_argument("--passes", nargs="+", choices=("fwd", "bwd"), default=["fwd", "bwd"])
     parser.add_argument("--variants", nargs="+", choices=(*FORMS, *VARIANT_EDITS),
                         help="forward kernels to time: the generated forms (TMA, pointer loads), edits of the TMA "
