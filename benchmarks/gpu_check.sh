@@ -12,7 +12,8 @@
 #   llama   Llama prefill against its peers (LLAMA_ARGS, e.g. "--train")
 #   bench   attention, then llama
 #   sweep   launch-config sweep of the dense kernels at one shape (SWEEP_ARGS, e.g. "--causal --passes bwd")
-#   anatomy where the dense forward's time goes: probes, ceilings, SASS (D128, S=4096, causal and not)
+#   anatomy where the dense forward's time goes: probes, ceilings, SASS, host against GPU time (D128, S=4096,
+#           causal and not; D64 and D128 at S=1024, causal, where the forward is slow)
 #   saa     SAA tests, quality on SmolLM2 (SAA_QUALITY_ARGS), SAA benchmark (SAA_ARGS)
 # The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
 # found; a copy lands in $OUT/cache.
@@ -65,8 +66,8 @@ for phase in $phases; do
       python3 benchmarks/llama_prefill.py ${LLAMA_ARGS:-} --out "$OUT/llama.md" 2>&1 | tail -10 || status=1
       ;;
     anatomy)
-      for causal in "" --causal; do
-        python3 benchmarks/forward_anatomy.py $causal 2>&1 | tee -a "$OUT/anatomy.md" | tail -12 || status=1
+      for shape in "" "--causal" "--seq 1024 --head-dim 64 --causal" "--seq 1024 --causal"; do
+        python3 benchmarks/forward_anatomy.py $shape 2>&1 | tee -a "$OUT/anatomy.md" | tail -14 || status=1
       done
       ;;
     sweep)
