@@ -126,14 +126,24 @@ def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, s
 
 
 @triton.jit
+def _list_blocks(LIST, slots, n_slots, LISTED: tl.constexpr):
+    """The key blocks at positions ``slots`` of a query block's list (LIST, or 0, 1, ... when not
+    LISTED), and which of them exist."""
+    ok = slots < n_slots
+    if LISTED:
+        return tl.load(LIST + slots, mask=ok, other=0), ok
+    return slots, ok
+
+
+@triton.jit
 def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, LIST, n_slots,
                          SEQ_K, qk_scale, KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                          LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its share of the row's
-    sampled probability mass, in one pass: each step's sampled probabilities are summed into the
-    block's column by a product with the samples' list positions, the columns rescaled as the row
-    maxima grow (as an attention accumulator is)."""
+    """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its
+    share of the row's sampled probability mass, in one pass: each step's sampled probabilities are
+    summed into the block's column by a product with the samples' list positions, the columns
+    rescaled as the row maxima grow (as an attention accumulator is)."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
     sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
@@ -156,16 +166,6 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
     mass = acc / tl.maximum(l_i, 1e-30)[:, None]                          # [BM, LP]
     mass = tl.where((row_ok & (l_i > 0))[:, None], mass, 0.0)             # rows without keys drop out
     return tl.max(mass, 0)
-
-
-@triton.jit
-def _list_blocks(LIST, slots, n_slots, LISTED: tl.constexpr):
-    """The key blocks at positions ``slots`` of a query block's list (LIST, or 0, 1, ... when not
-    LISTED), and which of them exist."""
-    ok = slots < n_slots
-    if LISTED:
-        return tl.load(LIST + slots, mask=ok, other=0), ok
-    return slots, ok
 
 
 @triton.jit
@@ -237,17 +237,15 @@ def sampled_key_logits_kernel(
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
     list_row = pid_bh.to(tl.int64) * NUM_M + pid_m
+    shortlist_row = IDX + list_row * LIST_WIDTH                           # this query block's list
     if SHORTLIST and ONE_PASS:
         n_slots = tl.load(CNT + list_row)
-        best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok,
-                                    IDX + list_row * LIST_WIDTH, n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL,
-                                    HEAD_D, BLOCK_M, BLOCK_N, BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
-        slots = tl.arange(0, LIST_PAD)
-        listed = slots < n_slots
-        blocks = tl.load(IDX + list_row * LIST_WIDTH + slots, mask=listed, other=0)  # [LP]
+        best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
+                                    n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                    BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
+        blocks, listed = _list_blocks(shortlist_row, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
         tl.store(p_out + blocks, tl.log(tl.maximum(best, 1.1754943508222875e-38)), mask=listed)
     elif SHORTLIST:
-        shortlist_row = IDX + list_row * LIST_WIDTH
         _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, shortlist_row,
                                tl.load(CNT + list_row), SEQ_K, qk_scale, KEY_OFFSET, True, CAUSAL, HEAD_D, BLOCK_M,
                                BLOCK_N, BLOCKS, LANES, STRIDE, DOT_PRECISION)
