@@ -106,6 +106,14 @@ def _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N: tl.constexpr):
+    """Causal: key blocks whose keys are all visible to query row first_row (and so to every later row);
+    all NUM_N when it sees every key, the ragged last block included."""
+    visible = tl.minimum(tl.maximum(first_row + KEY_OFFSET + 1, 0), SEQ_K)
+    return tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
+
+
+@triton.jit
 def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, sample_ok, SEQ_K, qk_scale,
                     KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     WIDTH: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -277,8 +285,7 @@ def select_blocks_kernel(
     last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
     if CAUSAL:
         allowed = _allowed_blocks(last, KEY_OFFSET, SEQ_K, BLOCK_N)
-        visible = tl.minimum(tl.maximum(first + KEY_OFFSET + 1, 0), SEQ_K)
-        full = tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
+        full = _full_blocks(first, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N)
         diagonal = allowed - 1
     else:
         allowed = NUM_N
@@ -400,8 +407,7 @@ def saa_attend_kernel(
     # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed exactly.
     full = NUM_N_BLOCKS
     if CAUSAL:
-        visible = tl.minimum(tl.maximum(pid_m * BLOCK_M + KEY_OFFSET + 1, 0), SEQ_K)  # keys the first row sees
-        full = tl.where(visible == SEQ_K, NUM_N_BLOCKS, visible // BLOCK_N)
+        full = _full_blocks(pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
     num_centroids = full * CENTROIDS
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
     for start_c in tl.range(0, num_centroids, BLOCK_C, num_stages=CENTROID_STAGES):
