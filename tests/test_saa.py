@@ -165,8 +165,13 @@ def sampled_logits_by_loops(q, k, geometry: BlockGeometry, stride: int, listed: 
     return torch.stack([per_row[..., m * 16:m * 16 + 16, :].amax(-2) for m in range(geometry.num_m)], -2)
 
 
-def sampled_tolerance(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype == torch.float32 else 2e-2  # 2-byte inputs: rounded scores, tf32 block sums
+def assert_sampled_logits_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """The kernel's sampled-keys logits against the PyTorch form's: -inf at the same blocks, no NaN, the
+    rest close (2-byte inputs: rounded scores, tf32 block sums)."""
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
+    finite = torch.isfinite(want)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("stride, shortlisted, dtype", [(1, False, torch.float32), (2, False, torch.float32),
@@ -181,10 +186,7 @@ def test_sampled_key_kernel_matches_pytorch(sq, sk, causal, key_offset, stride, 
     shortlist = random_shortlist(geometry, 2, 4, listed=2) if shortlisted else None
     got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.3, geometry, stride, shortlist)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
-    finite = torch.isfinite(want)
-    tolerance = sampled_tolerance(dtype)
-    torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
+    assert_sampled_logits_close(got, want, dtype)
 
 
 def random_shortlist(geometry: BlockGeometry, batch: int, heads: int, listed: int) -> Selection:
@@ -219,10 +221,7 @@ def test_sampled_key_kernel_takes_128_samples_per_step_at_any_stride(stride, sho
     shortlist = random_shortlist(geometry, 1, 2, listed=96) if shortlisted else None
     got = sampled_key_logits_kernel(q, k, 0.1, geometry, stride, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.1, geometry, stride, shortlist)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-    finite = torch.isfinite(want)
-    tolerance = sampled_tolerance(dtype)
-    torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
+    assert_sampled_logits_close(got, want, dtype)
 
 
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -238,10 +237,7 @@ def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dty
     shortlist = random_shortlist(geometry, 1, 4, listed=40) if shortlisted else None
     got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not torch.isnan(got).any()
-    finite = torch.isfinite(want)
-    tolerance = sampled_tolerance(dtype)
-    torch.testing.assert_close(got[finite], want[finite], atol=tolerance, rtol=tolerance)
+    assert_sampled_logits_close(got, want, dtype)
 
 
 def test_pool_means_short_last_run():
