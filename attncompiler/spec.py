@@ -9,6 +9,7 @@ flattened index gives the same pairing. Operands broadcast to the score shape ``
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -31,8 +32,19 @@ def heads(q_shape: Sequence, kv_shape: Sequence) -> tuple[int, int]:
     return hq, hq // hk
 
 
+def _concrete(*shapes: Sequence) -> bool:
+    return all(type(size) is int for shape in shapes for size in shape)
+
+
 def output_shape(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> tuple:
     """Shape of the result: broadcast leading dims, grouped heads, ``[Sq, Dv]``."""
+    if _concrete(q_shape, k_shape, v_shape):  # every call of the op: answered from a cache
+        return _output_shape(tuple(q_shape), tuple(k_shape), tuple(v_shape))
+    return _output_shape.__wrapped__(q_shape, k_shape, v_shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _output_shape(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> tuple:
     kv = tuple(torch.broadcast_shapes(tuple(k_shape[:-2]), tuple(v_shape[:-2])))
     rank = max(len(q_shape), len(k_shape), len(v_shape))
     if rank < 3:
@@ -46,6 +58,13 @@ def output_shape(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> tup
 
 def group_of(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> int:
     """How many query heads share one key/value head (1 without grouping)."""
+    if _concrete(q_shape, k_shape, v_shape):
+        return _group_of(tuple(q_shape), tuple(k_shape), tuple(v_shape))
+    return _group_of.__wrapped__(q_shape, k_shape, v_shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_of(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> int:
     kv = tuple(torch.broadcast_shapes(tuple(k_shape[:-2]), tuple(v_shape[:-2])))
     return heads(tuple(q_shape[:-2]) + (0, 0), kv + (0, 0))[1] if len(q_shape) >= 3 and kv else 1
 

@@ -296,14 +296,23 @@ def tma_descriptors(tensors: list[torch.Tensor], blocks: list[list[int]]) -> lis
 
     descriptors = []
     for t, block in zip(tensors, blocks):
-        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1 or t.data_ptr() % 16:
+        strides = _tma_strides(t.shape, t.stride(), t.dtype)
+        if strides is None or t.data_ptr() % 16:
             return None
-        strides = [stride if size > 1 else t.shape[i + 1:].numel()
-                   for i, (size, stride) in enumerate(zip(t.shape[:-1], t.stride()[:-1]))]
-        if any(stride <= 0 or stride * t.element_size() % 16 for stride in strides):
-            return None
-        descriptors.append(TensorDescriptor(t, list(t.shape), [*strides, 1], block))
+        descriptors.append(TensorDescriptor(t, list(t.shape), list(strides), block))
     return descriptors
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_strides(shape: torch.Size, strides: tuple[int, ...], dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The strides a TMA descriptor of this layout takes, or None where TMA cannot move it."""
+    if dtype not in (torch.float16, torch.bfloat16) or strides[-1] != 1:
+        return None
+    outer = [stride if size > 1 else shape[i + 1:].numel()
+             for i, (size, stride) in enumerate(zip(shape[:-1], strides[:-1]))]
+    if any(stride <= 0 or stride * dtype.itemsize % 16 for stride in outer):
+        return None
+    return (*outer, 1)
 
 
 def as_4d(t: torch.Tensor) -> torch.Tensor:
