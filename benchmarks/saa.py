@@ -14,8 +14,11 @@ records it, dated, in ``benchmarks/RESULTS.md`` unless ``--no-record``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -70,7 +73,20 @@ def plan_profile(q, k, v, scale: float, geometry: BlockGeometry, config: SAAConf
     host_ms = (time.perf_counter() - start) / 20 * 1e3
     torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
-    return f"{table}\n  host time to issue one plan: {host_ms:.3f} ms, {launches:.0f} GPU kernels"
+    return (f"{table}\n  host time to issue one plan: {host_ms:.3f} ms, {launches:.0f} GPU kernels\n"
+            f"{host_functions(lambda: saa_plan(q, k, v, scale, geometry, config))}")
+
+
+def host_functions(fn, calls: int = 20, rows: int = 14) -> str:
+    """Where the host's time goes in ``fn``: the functions with the most time of their own (cProfile)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()[text.getvalue().find("ncalls"):]
 
 
 def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
