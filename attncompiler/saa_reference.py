@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import BlockGeometry, RouterKernels, Selection, group_counts, training_free_logits
+from .saa_routing import (BlockGeometry, RouterKernels, Selection, group_counts, sampled_shortlist,
+                          training_free_logits)
 
 if TYPE_CHECKING:
     from .saa_predictor import LayerPredictor
@@ -64,6 +65,9 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
         raise ValueError(f'a learned router corrects the "mean-key" estimate; route with router="mean-key", '
                          f'not {config.router!r}, to use it')
     kernels = kernels or RouterKernels()
+    if kernels.sampled_choice is not None and config.router == "sampled-keys" and config.candidates is not None:
+        shortlist = sampled_shortlist(q_means, centroids.block_keys, scale, geometry, config, kernels)
+        return kernels.sampled_choice(q, k, scale, geometry, config, shortlist)
     logits = training_free_logits(q, q_means, k, centroids.block_keys, scale, geometry, config, kernels)  # [B, H, M, N]
     if predictor is not None:
         logits = logits + predictor.logits(q_means, centroids.block_keys, geometry)

@@ -241,9 +241,17 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
     if config.router == "sampled-keys":
         shortlist = None
         if config.candidates is not None:
-            shortlist = kernels.choose(by_mean_key(), geometry, shortlist_config(config))
+            shortlist = sampled_shortlist(q_means, k_means, scale, geometry, config, kernels)
         return kernels.sampled_key(q, k, scale, geometry, config.key_stride, shortlist)
     return by_mean_key()
+
+
+def sampled_shortlist(q_means: torch.Tensor, k_means: torch.Tensor, scale: float, geometry: BlockGeometry,
+                      config: SAAConfig, kernels: RouterKernels | None = None) -> Selection:
+    """The key blocks the ``"sampled-keys"`` router scores when it has ``candidates``: the forced ones
+    and the best by ``"mean-key"`` (queries' block means ``[B, H, num_m, D]``, mean keys ``[B, Hk, num_n, D]``)."""
+    kernels = kernels or RouterKernels()
+    return kernels.choose(mean_key_logits(q_means, k_means, geometry, scale), geometry, shortlist_config(config))
 
 
 def shortlist_config(config: SAAConfig) -> SAAConfig:
@@ -297,3 +305,6 @@ class RouterKernels:
 
     sampled_key: Callable[..., torch.Tensor] = sampled_key_logits
     choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks
+    # Where given: the "sampled-keys" router and its top-k in one, from the shortlist (q, k, scale,
+    # geometry, config, shortlist) → Selection, in place of sampled_key and choose.
+    sampled_choice: Callable[..., Selection] | None = None

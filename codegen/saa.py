@@ -7,7 +7,9 @@ router's logits: for each query row, its scores against every ``key_stride``-th 
 (shortlisted) key block, normalized per row and maximized over the query block (PyTorch form:
 :func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
 block's exact key blocks from the logits (PyTorch form:
-:func:`attncompiler.saa_routing.select_blocks`). ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
+:func:`attncompiler.saa_routing.select_blocks`). For the default operating point (a top-k over a
+shortlist, 2-byte inputs) ``sampled_key_selection_kernel`` does both in one launch, without writing
+the logits. ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
 query tile on chip and folds two kinds of entries into one online softmax (base 2): the keys of
 the key blocks routed to this query block, exactly, and then the centroids of every other full key
 block, whose logits carry ``log2 n`` for the ``n`` keys each stands for. The PyTorch oracle is
@@ -111,6 +113,63 @@ def _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N: tl.constexpr):
     all NUM_N when it sees every key, the ragged last block included."""
     visible = tl.minimum(tl.maximum(first_row + KEY_OFFSET + 1, 0), SEQ_K)
     return tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
+
+
+@triton.jit
+def _forced_blocks(blocks, m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(allowed, forced)`` for key blocks ``blocks`` of query block m: whether some row may see them,
+    and whether they are kept whatever the router says (sinks, the local blocks up to the diagonal,
+    blocks that some row sees only in part)."""
+    first = m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
+    if CAUSAL:
+        allowed = _allowed_blocks(last, KEY_OFFSET, SEQ_K, BLOCK_N)
+        full = _full_blocks(first, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N)
+        diagonal = allowed - 1
+    else:
+        allowed = NUM_N
+        full = NUM_N
+        diagonal = tl.minimum(tl.maximum(last + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
+    is_allowed = blocks < allowed
+    forced = is_allowed & ((blocks < SINKS) | (blocks >= full) | ((blocks <= diagonal) & (blocks > diagonal - LOCAL)))
+    return is_allowed, forced
+
+
+@triton.jit
+def _order_bits(priority):
+    """fp32 priorities as int32 bits that order as the priorities do."""
+    bits = priority.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _top_k(priority, forced, TOP_K, USE_TOP_K: tl.constexpr):
+    """Which entries to keep: the forced ones and the TOP_K next largest priorities (every finite one
+    without USE_TOP_K), ties to the earlier entry. A top-k needs no order: the want-th largest
+    priority, found bit by bit, is the threshold (32 counts instead of a sort)."""
+    ordinal = _order_bits(priority).to(tl.int64) + 2147483648             # [N] in [0, 2**32)
+    candidate = priority > float("-inf")
+    want = tl.sum(candidate.to(tl.int32), 0)
+    if USE_TOP_K:
+        want = tl.minimum(want, tl.sum(forced.to(tl.int32), 0) + TOP_K)
+    threshold = tl.zeros([], tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        trial = threshold + (1 << bit)
+        threshold = tl.where(tl.sum((ordinal >= trial).to(tl.int32), 0) >= want, trial, threshold)
+    above = candidate & (ordinal > threshold)
+    tie = candidate & (ordinal == threshold)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
+
+
+@triton.jit
+def _store_in_order(IDX_ROW, CNT_ROW, blocks, keep, slots, MAX_EXACT):
+    """Lists the kept ``blocks`` (in their order) at IDX_ROW, zeros after them, and their count at CNT_ROW."""
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    count = tl.sum(keep.to(tl.int32), 0)
+    tl.store(CNT_ROW, count)
+    tl.store(IDX_ROW + slot, blocks, mask=keep)
+    tl.store(IDX_ROW + slots, tl.zeros_like(slots), mask=(slots >= count) & (slots < MAX_EXACT))
 
 
 @triton.jit
@@ -272,6 +331,50 @@ def sampled_key_logits_kernel(
 
 
 @triton.jit
+def sampled_key_selection_kernel(
+    Q, K, LIST, LIST_CNT, IDX, CNT, EXACT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH, MAX_EXACT, SINKS, LOCAL, TOP_K,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LIST_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query block's ``"sampled-keys"`` top-k, straight from its shortlist (2-byte inputs): the
+    one-pass logits of the listed key blocks, then the forced blocks and the TOP_K best of the rest,
+    listed in block order at IDX with their count at CNT. The same selection as
+    ``select_blocks_kernel`` makes of ``sampled_key_logits_kernel``'s logits, without writing them.
+    EXACT holds the shortlist's flags (its listed blocks set) and is left holding the kept ones."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM] query rows
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    row_ok = offs_r < SEQ_Q
+    p_q = Q + b * stride_qb + h * stride_qh + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
+    K_bh = K + b * stride_kb + (h // GROUP) * stride_kh
+
+    row = pid_bh.to(tl.int64) * NUM_M + pid_m                             # (b, h, query block)
+    shortlist_row = LIST + row * LIST_WIDTH
+    n_slots = tl.load(LIST_CNT + row)
+    best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
+                                n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
+    slots = tl.arange(0, LIST_PAD)
+    blocks, listed = _list_blocks(shortlist_row, slots, n_slots, True)   # [LP] in block order
+    _, forced = _forced_blocks(blocks, pid_m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL, BLOCK_M,
+                               BLOCK_N)
+    forced = forced & listed
+    logits = tl.log(tl.maximum(best, 1.1754943508222875e-38))
+    priority = tl.where(forced, float("inf"), tl.where(listed, logits, float("-inf")))  # [LP]
+    keep = _top_k(priority, forced, TOP_K, True)
+    _store_in_order(IDX + row * MAX_EXACT, CNT + row, blocks, keep, slots, MAX_EXACT)
+    tl.store(EXACT + row * NUM_N + blocks, keep.to(tl.int8), mask=listed)
+
+
+@triton.jit
 def select_blocks_kernel(
     LOGITS, IDX, CNT, EXACT,
     NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
@@ -279,30 +382,16 @@ def select_blocks_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)                                   # (b, h, query block)
-    m = row % NUM_M
     offs_n = tl.arange(0, N_PAD)                                          # [NP] key blocks
-    first = m * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
-    if CAUSAL:
-        allowed = _allowed_blocks(last, KEY_OFFSET, SEQ_K, BLOCK_N)
-        full = _full_blocks(first, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N)
-        diagonal = allowed - 1
-    else:
-        allowed = NUM_N
-        full = NUM_N
-        diagonal = tl.minimum(tl.maximum(last + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
-    is_allowed = offs_n < allowed
-    forced = is_allowed & ((offs_n < SINKS) | (offs_n >= full)
-                           | ((offs_n <= diagonal) & (offs_n > diagonal - LOCAL)))
+    is_allowed, forced = _forced_blocks(offs_n, row % NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL,
+                                        CAUSAL, BLOCK_M, BLOCK_N)
     logits = tl.load(LOGITS + row * NUM_N + offs_n, mask=offs_n < NUM_N, other=float("-inf"))  # [NP]
     priority = tl.where(forced, float("inf"), tl.where(is_allowed, logits, float("-inf")))
 
-    # Priorities as order-preserving int32 bits (ties to the lower block).
-    bits = priority.to(tl.int32, bitcast=True)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     if USE_TAU:
-        # Sort by priority, descending: the bits above the block number in one int64 key.
-        key = (bits.to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
+        # Sort by priority, descending (ties to the lower block): the priority's order-preserving bits
+        # above the block number in one int64 key.
+        key = (_order_bits(priority).to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
         key = tl.sort(key, 0, descending=True)                            # [NP]
         order = N_PAD - 1 - (key & 0xFFFFFFFF).to(tl.int32)               # [NP] block at each rank
         bits = (key >> 32).to(tl.int32)
@@ -325,24 +414,8 @@ def select_blocks_kernel(
         tl.store(IDX + row * MAX_EXACT + offs_n, tl.where(keep, order, 0), mask=offs_n < MAX_EXACT)
         tl.store(EXACT + row * NUM_N + order, keep.to(tl.int8), mask=order < NUM_N)
     else:
-        # Top-k alone needs no order: the want-th largest priority, found bit by bit, is the threshold.
-        ordinal = bits.to(tl.int64) + 2147483648                          # [NP] in [0, 2**32)
-        candidate = priority > float("-inf")
-        want = tl.sum(candidate.to(tl.int32), 0)
-        if USE_TOP_K:
-            want = tl.minimum(want, tl.sum(forced.to(tl.int32), 0) + TOP_K)
-        threshold = tl.zeros([], tl.int64)
-        for bit in tl.static_range(31, -1, -1):
-            trial = threshold + (1 << bit)
-            threshold = tl.where(tl.sum((ordinal >= trial).to(tl.int32), 0) >= want, trial, threshold)
-        above = candidate & (ordinal > threshold)
-        tie = candidate & (ordinal == threshold)
-        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
-        slot = tl.cumsum(keep.to(tl.int32), 0) - 1                        # [NP] listed in block order
-        count = tl.sum(keep.to(tl.int32), 0)
-        tl.store(CNT + row, count)
-        tl.store(IDX + row * MAX_EXACT + slot, offs_n, mask=keep)
-        tl.store(IDX + row * MAX_EXACT + offs_n, tl.zeros_like(offs_n), mask=(offs_n >= count) & (offs_n < MAX_EXACT))
+        keep = _top_k(priority, forced, TOP_K, USE_TOP_K)                # [NP], listed in block order
+        _store_in_order(IDX + row * MAX_EXACT, CNT + row, offs_n, keep, offs_n, MAX_EXACT)
         tl.store(EXACT + row * NUM_N + offs_n, keep.to(tl.int8), mask=offs_n < NUM_N)
 
 
@@ -476,6 +549,11 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
     return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys)
 
 
+def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int) -> int:
+    """Key blocks the router visits per step: 128 sampled keys."""
+    return max(1, 128 // (geometry.block_n // stride))
+
+
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
                        shortlist: Selection | None = None, interpret: bool = False) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
@@ -492,7 +570,7 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
         indices, counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
     if out.numel() == 0:
         return out
-    blocks = max(1, 128 // (geometry.block_n // stride))                 # key blocks per step: 128 samples
+    blocks = _sampled_blocks_per_step(geometry, stride)
     list_width = indices.shape[-1] if shortlist is not None else 0
     sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
         q, k, out, indices, counts, *q.stride(), *k.stride(),
@@ -536,6 +614,42 @@ def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConf
             num_warps=4 if n_pad <= 1024 else 8,
         )
     return Selection(indices, counts, exact.view(torch.bool), allowed, full)
+
+
+def fuses_sampled_selection(q: torch.Tensor, config: SAAConfig) -> bool:
+    """Whether :func:`sampled_key_selection` computes this operating point's selection: a
+    ``"sampled-keys"`` top-k (no ``tau``) over a shortlist, with 2-byte inputs (the one-pass router)."""
+    return (config.router == "sampled-keys" and config.candidates is not None and config.top_k is not None
+            and config.tau is None and q.element_size() == 2)
+
+
+def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
+                          config: SAAConfig, shortlist: Selection, interpret: bool = False) -> Selection:
+    """The exact key blocks that :func:`select_blocks` picks from :func:`sampled_key_logits` of the
+    blocks ``shortlist`` lists, in one launch and without the ``[B, H, num_m, num_n]`` logits, where
+    :func:`fuses_sampled_selection` holds. ``shortlist`` (its blocks in block order, as a top-k
+    selection lists them) gives up its ``exact`` flags to the result."""
+    if not fuses_sampled_selection(q, config):
+        raise ValueError("the fused sampled-keys selection takes a top-k without tau over a shortlist "
+                         "of fp16 or bf16 inputs")
+    batch, heads, _, dim = q.shape
+    width = selection_width(geometry, config)
+    indices = torch.empty(batch, heads, geometry.num_m, width, dtype=torch.int32, device=q.device)
+    counts = torch.empty(batch, heads, geometry.num_m, dtype=torch.int32, device=q.device)
+    listed, listed_counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
+    exact = shortlist.exact.view(torch.int8)
+    if indices.numel():
+        list_width = listed.shape[-1]
+        sampled_key_selection_kernel[(geometry.num_m, batch * heads)](
+            q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
+            scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
+            geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks, config.top_k,
+            CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m,
+            BLOCK_N=geometry.block_n, BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride),
+            LIST_PAD=_pow2_at_least(list_width), STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
+            num_stages=1 if interpret else 3,
+        )
+    return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
 
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,

@@ -121,8 +121,11 @@ def pytorch_parts(parts):
 
     swaps = {
         "pool": {"pool_means": saa_reference.pool_reference, "block_centroids": saa_reference.centroids_reference},
-        "router": {"sampled_key_logits": dropping_interpret(saa_routing.sampled_key_logits)},
-        "select": {"select_blocks": dropping_interpret(saa_routing.select_blocks)},
+        # (the fused router-and-top-k kernel is both router and select: handing either over turns it off)
+        "router": {"sampled_key_logits": dropping_interpret(saa_routing.sampled_key_logits),
+                   "fuses_sampled_selection": lambda q, config: False},
+        "select": {"select_blocks": dropping_interpret(saa_routing.select_blocks),
+                   "fuses_sampled_selection": lambda q, config: False},
         "attend": {"saa_attend": attend},
     }
     saved = {name: getattr(kernels, name) for part in parts for name in swaps[part]}

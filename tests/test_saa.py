@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from attncompiler.codegen.saa import block_centroids, pool_means
+from attncompiler.codegen import saa as saa_kernels
+from attncompiler.codegen.saa import block_centroids, pool_means, sampled_key_selection
 from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
@@ -238,6 +239,64 @@ def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dty
     got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
     assert_sampled_logits_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(40, 93, True, 53), (77, 93, False, 0), (93, 73, True, -20),
+                                                        (200, 200, True, 0)])
+@pytest.mark.parametrize("stride, top_k", [(1, 2), (4, 0), (16, 5)])
+def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_keep(sq, sk, causal, key_offset,
+                                                                                  stride, top_k):
+    """The router and its top-k in one launch (fp16): the same counts, block-order lists and exact
+    flags as the selection kernel makes of the router kernel's logits over the same shortlist."""
+    config = SAAConfig(**SMALL, sinks=1, local_blocks=2, top_k=top_k, router="sampled-keys", candidates=3,
+                       key_stride=stride)
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(2, 4, sq, 32, dtype=torch.float16), randn(2, 2, sk, 32, dtype=torch.float16)
+    mean_key_logits = randn(2, 4, geometry.num_m, geometry.num_n)
+
+    def shortlist() -> Selection:
+        return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
+
+    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist(), interpret=INTERPRET)
+    want = select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+    listed = shortlist()
+    got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+    assert torch.equal(got.exact, want.exact) and got.exact is listed.exact
+    if sk >= 200 and top_k < config.candidates:  # a long list, cut down to the forced blocks and the top-k
+        assert (got.counts < listed.counts).any()
+
+
+def test_fused_sampled_selection_refuses_what_it_does_not_compute():
+    q, k = randn(1, 1, 32, 16), randn(1, 1, 32, 16)
+    geometry = BlockGeometry(32, 32, 16, 16, True)
+    config = SAAConfig(**SMALL, top_k=1, router="sampled-keys", candidates=2)
+    shortlist = select_blocks_kernel(randn(1, 1, 2, 2), geometry, shortlist_config(config), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        sampled_key_selection(q, k, 0.3, geometry, config, shortlist, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="without tau"):
+        sampled_key_selection(q.half(), k.half(), 0.3, geometry, replace(config, tau=0.5), shortlist,
+                              interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+def test_the_kernel_path_fuses_the_default_router_and_selection_for_2_byte_inputs(form, monkeypatch):
+    """With fp16 inputs a shortlisted "sampled-keys" top-k routes in the fused kernel, and gives the
+    selection and output that the router and selection kernels give apart."""
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    config = SAAConfig(**SMALL, top_k=2, centroids=2, router="sampled-keys", candidates=3, key_stride=4)
+    q, k, v = qkv(2, 4, 2, 77, 93, 64, 64, dtype=torch.float16)
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    fused_calls = []
+    fused = saa_kernels.sampled_key_selection
+    monkeypatch.setattr(saa_kernels, "sampled_key_selection", lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
+    out, selection, _ = saa_triton(q, k, v, 0.125, geometry, config)
+    assert fused_calls == [1]
+    monkeypatch.setattr(saa_kernels, "fuses_sampled_selection", lambda q, config: False)
+    apart_out, apart, _ = saa_triton(q, k, v, 0.125, geometry, config)
+    assert fused_calls == [1]
+    assert torch.equal(selection.exact, apart.exact) and torch.equal(selection.counts, apart.counts)
+    assert torch.equal(out, apart_out)
 
 
 def test_pool_means_short_last_run():
