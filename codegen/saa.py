@@ -18,6 +18,7 @@ block, whose logits carry ``log2 n`` for the ``n`` keys each stands for. The PyT
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ import triton.language as tl
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
+
+log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 # Pipeline depths of the attend pass: its routed key blocks and its centroid loop (which streams in
@@ -628,7 +631,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     """The exact key blocks that :func:`select_blocks` picks from :func:`sampled_key_logits` of the
     blocks ``shortlist`` lists, in one launch and without the ``[B, H, num_m, num_n]`` logits, where
     :func:`fuses_sampled_selection` holds. ``shortlist`` (its blocks in block order, as a top-k
-    selection lists them) gives up its ``exact`` flags to the result."""
+    selection lists them) gives up its ``exact`` flags to the result. Where the fused kernel does
+    not compile for a launch shape, that shape takes the two kernels from then on (logged once)."""
     if not fuses_sampled_selection(q, config):
         raise ValueError("the fused sampled-keys selection takes a top-k without tau over a shortlist "
                          "of fp16 or bf16 inputs")
@@ -638,18 +642,34 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     counts = torch.empty(batch, heads, geometry.num_m, dtype=torch.int32, device=q.device)
     listed, listed_counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
     exact = shortlist.exact.view(torch.int8)
+    list_width = listed.shape[-1]
+    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride,
+              _pow2_at_least(list_width))
+    if indices.numel() and launch in FUSED_SELECTION_FAILURES:
+        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret)
+        return select_blocks(logits, geometry, config, interpret)
     if indices.numel():
-        list_width = listed.shape[-1]
-        sampled_key_selection_kernel[(geometry.num_m, batch * heads)](
-            q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
-            scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
-            geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks, config.top_k,
-            CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m,
-            BLOCK_N=geometry.block_n, BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride),
-            LIST_PAD=_pow2_at_least(list_width), STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
-            num_stages=1 if interpret else 3,
-        )
+        try:
+            sampled_key_selection_kernel[(geometry.num_m, batch * heads)](
+                q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
+                scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
+                geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
+                config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
+                BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
+                BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride), LIST_PAD=_pow2_at_least(list_width),
+                STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4, num_stages=1 if interpret else 3,
+            )
+        except Exception as e:  # a kernel that does not compile here: the router and selection kernels still work
+            FUSED_SELECTION_FAILURES.add(launch)
+            log.warning("attncompiler: the fused SAA router-and-top-k kernel failed for %s (%s: %s); routing "
+                        "with two kernels", launch, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return sampled_key_selection(q, k, scale, geometry, config, shortlist, interpret)
     return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
+
+
+# Launch shapes (dtype, head dim, block sizes, causal, key stride, list width) whose fused selection
+# kernel raised: they route with sampled_key_logits and select_blocks.
+FUSED_SELECTION_FAILURES: set[tuple] = set()
 
 
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,

@@ -263,8 +263,40 @@ def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_kee
     got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
     assert torch.equal(got.exact, want.exact) and got.exact is listed.exact
+    assert not saa_kernels.FUSED_SELECTION_FAILURES  # the fused kernel ran
     if sk >= 200 and top_k < config.candidates:  # a long list, cut down to the forced blocks and the top-k
         assert (got.counts < listed.counts).any()
+
+
+def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(monkeypatch, caplog):
+    """Logged once per launch shape; the selection is the two kernels' (and later calls skip the fused one)."""
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                raise RuntimeError("out of resources")
+            return launch
+
+    launches = []
+    monkeypatch.setattr(saa_kernels, "sampled_key_selection_kernel", Failing())
+    monkeypatch.setattr(saa_kernels, "FUSED_SELECTION_FAILURES", set())
+    config = SAAConfig(**SMALL, top_k=1, router="sampled-keys", candidates=2, key_stride=4)
+    geometry = BlockGeometry(93, 93, 16, 16, True)
+    q, k = randn(1, 2, 93, 32, dtype=torch.float16), randn(1, 1, 93, 32, dtype=torch.float16)
+    mean_key_logits = randn(1, 2, geometry.num_m, geometry.num_n)
+
+    def shortlist() -> Selection:
+        return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
+
+    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, 4, shortlist(), interpret=INTERPRET)
+    want = select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            got = sampled_key_selection(q, k, 0.3, geometry, config, shortlist(), interpret=INTERPRET)
+            assert torch.equal(got.exact, want.exact) and torch.equal(got.counts, want.counts)
+    assert len(launches) == 1 and len(saa_kernels.FUSED_SELECTION_FAILURES) == 1
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "routing with two kernels" in caplog.records[0].message
 
 
 def test_fused_sampled_selection_refuses_what_it_does_not_compute():
@@ -291,7 +323,7 @@ def test_the_kernel_path_fuses_the_default_router_and_selection_for_2_byte_input
     fused = saa_kernels.sampled_key_selection
     monkeypatch.setattr(saa_kernels, "sampled_key_selection", lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
     out, selection, _ = saa_triton(q, k, v, 0.125, geometry, config)
-    assert fused_calls == [1]
+    assert fused_calls == [1] and not saa_kernels.FUSED_SELECTION_FAILURES
     monkeypatch.setattr(saa_kernels, "fuses_sampled_selection", lambda q, config: False)
     apart_out, apart, _ = saa_triton(q, k, v, 0.125, geometry, config)
     assert fused_calls == [1]
