@@ -65,7 +65,7 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
         raise ValueError(f'a learned router corrects the "mean-key" estimate; route with router="mean-key", '
                          f'not {config.router!r}, to use it')
     kernels = kernels or RouterKernels()
-    if kernels.sampled_choice is not None and config.router == "sampled-keys" and config.candidates is not None:
+    if kernels.sampled_choice is not None:
         shortlist = sampled_shortlist(q_means, centroids.block_keys, scale, geometry, config, kernels)
         return kernels.sampled_choice(q, k, scale, geometry, config, shortlist)
     logits = training_free_logits(q, q_means, k, centroids.block_keys, scale, geometry, config, kernels)  # [B, H, M, N]

@@ -234,16 +234,12 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
     shortlist of candidates);
     ``kernels`` computes the other forms (PyTorch by default, Triton kernels on the kernel path)."""
     kernels = kernels or RouterKernels()
-
-    def by_mean_key() -> torch.Tensor:
-        return mean_key_logits(q_means, k_means, geometry, scale)
-
     if config.router == "sampled-keys":
         shortlist = None
         if config.candidates is not None:
             shortlist = sampled_shortlist(q_means, k_means, scale, geometry, config, kernels)
         return kernels.sampled_key(q, k, scale, geometry, config.key_stride, shortlist)
-    return by_mean_key()
+    return mean_key_logits(q_means, k_means, geometry, scale)
 
 
 def sampled_shortlist(q_means: torch.Tensor, k_means: torch.Tensor, scale: float, geometry: BlockGeometry,
@@ -305,6 +301,7 @@ class RouterKernels:
 
     sampled_key: Callable[..., torch.Tensor] = sampled_key_logits
     choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks
-    # Where given: the "sampled-keys" router and its top-k in one, from the shortlist (q, k, scale,
-    # geometry, config, shortlist) → Selection, in place of sampled_key and choose.
+    # Given only for an operating point it computes (a shortlisted "sampled-keys" top-k): the router
+    # and its top-k in one, from the shortlist (q, k, scale, geometry, config, shortlist) → Selection,
+    # in place of sampled_key and choose.
     sampled_choice: Callable[..., Selection] | None = None

@@ -25,7 +25,6 @@ For such rows the preprocess also counts ``n`` in the forward's sentinel rate (e
 from __future__ import annotations
 
 import functools
-
 import math
 import textwrap
 

@@ -196,6 +196,30 @@ def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, s
 
 
 @triton.jit
+def _mass_logit(mass):
+    """The log of a block's share of a row's mass; shares below 2**-126, which fp32 cannot tell from 0,
+    read as 2**-126."""
+    return tl.log(tl.maximum(mass, 1.1754943508222875e-38))
+
+
+@triton.jit
+def _query_tile(Q, K, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, H, GROUP, SEQ_Q,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query block (program ids: query block, batch·head): ``(b_q [BM, BD], offs_r
+    [BM] rows, offs_d [BD], row_ok [BM], K_bh)``, K_bh the keys of its key/value head."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM] query rows
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    row_ok = offs_r < SEQ_Q
+    p_q = Q + b * stride_qb + h * stride_qh + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
+    return b_q, offs_r, offs_d, row_ok, K + b * stride_kb + (h // GROUP) * stride_kh
+
+
+@triton.jit
 def _list_blocks(LIST, slots, n_slots, LISTED: tl.constexpr):
     """The key blocks at positions ``slots`` of a query block's list (LIST, or 0, 1, ... when not
     LISTED), and which of them exist."""
@@ -269,8 +293,7 @@ def _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_
                             KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
         member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB] samples' block membership
         mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
-        best = tl.log(tl.maximum(tl.max(mass, 0), 1.1754943508222875e-38))  # [NB]
-        tl.store(p_out + offs_n, best, mask=n_ok & (lanes < BLOCKS))
+        tl.store(p_out + offs_n, _mass_logit(tl.max(mass, 0)), mask=n_ok & (lanes < BLOCKS))
 
 
 @triton.jit
@@ -295,15 +318,8 @@ def sampled_key_logits_kernel(
     form failed on an H200."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    kh = h // GROUP
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM] query rows
-    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
-    row_ok = offs_r < SEQ_Q
-    p_q = Q + b * stride_qb + h * stride_qh + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
-    K_bh = K + b * stride_kb + kh * stride_kh
+    b_q, offs_r, offs_d, row_ok, K_bh = _query_tile(Q, K, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
+                                                    stride_kh, H, GROUP, SEQ_Q, HEAD_D, BLOCK_D, BLOCK_M)
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
     list_row = pid_bh.to(tl.int64) * NUM_M + pid_m
@@ -314,7 +330,7 @@ def sampled_key_logits_kernel(
                                     n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
                                     BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
         blocks, listed = _list_blocks(shortlist_row, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
-        tl.store(p_out + blocks, tl.log(tl.maximum(best, 1.1754943508222875e-38)), mask=listed)
+        tl.store(p_out + blocks, _mass_logit(best), mask=listed)
     elif SHORTLIST:
         _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, shortlist_row,
                                tl.load(CNT + list_row), SEQ_K, qk_scale, KEY_OFFSET, True, CAUSAL, HEAD_D, BLOCK_M,
@@ -350,15 +366,8 @@ def sampled_key_selection_kernel(
     EXACT holds the shortlist's flags (its listed blocks set) and is left holding the kept ones."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM] query rows
-    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
-    row_ok = offs_r < SEQ_Q
-    p_q = Q + b * stride_qb + h * stride_qh + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
-    K_bh = K + b * stride_kb + (h // GROUP) * stride_kh
-
+    b_q, offs_r, offs_d, row_ok, K_bh = _query_tile(Q, K, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
+                                                    stride_kh, H, GROUP, SEQ_Q, HEAD_D, BLOCK_D, BLOCK_M)
     row = pid_bh.to(tl.int64) * NUM_M + pid_m                             # (b, h, query block)
     shortlist_row = LIST + row * LIST_WIDTH
     n_slots = tl.load(LIST_CNT + row)
@@ -370,8 +379,7 @@ def sampled_key_selection_kernel(
     _, forced = _forced_blocks(blocks, pid_m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL, BLOCK_M,
                                BLOCK_N)
     forced = forced & listed
-    logits = tl.log(tl.maximum(best, 1.1754943508222875e-38))
-    priority = tl.where(forced, float("inf"), tl.where(listed, logits, float("-inf")))  # [LP]
+    priority = tl.where(forced, float("inf"), tl.where(listed, _mass_logit(best), float("-inf")))  # [LP]
     keep = _top_k(priority, forced, TOP_K, True)
     _store_in_order(IDX + row * MAX_EXACT, CNT + row, blocks, keep, slots, MAX_EXACT)
     tl.store(EXACT + row * NUM_N + blocks, keep.to(tl.int8), mask=listed)
@@ -645,10 +653,9 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     list_width = listed.shape[-1]
     launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride,
               _pow2_at_least(list_width))
-    if indices.numel() and launch in FUSED_SELECTION_FAILURES:
-        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret)
-        return select_blocks(logits, geometry, config, interpret)
-    if indices.numel():
+    if indices.numel() == 0:
+        return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
+    if launch not in FUSED_SELECTION_FAILURES:
         try:
             sampled_key_selection_kernel[(geometry.num_m, batch * heads)](
                 q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
@@ -663,8 +670,10 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             FUSED_SELECTION_FAILURES.add(launch)
             log.warning("attncompiler: the fused SAA router-and-top-k kernel failed for %s (%s: %s); routing "
                         "with two kernels", launch, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return sampled_key_selection(q, k, scale, geometry, config, shortlist, interpret)
-    return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
+        else:
+            return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
+    logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret)
+    return select_blocks(logits, geometry, config, interpret)
 
 
 # Launch shapes (dtype, head dim, block sizes, causal, key stride, list width) whose fused selection
