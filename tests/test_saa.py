@@ -241,6 +241,19 @@ def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dty
     assert_sampled_logits_close(got, want, dtype)
 
 
+def shortlist_and_two_kernel_selection(q, k, geometry: BlockGeometry, config: SAAConfig):
+    """``(shortlist, selection)``: a maker of fresh copies of one random shortlist (the selection kernel
+    over random logits; the fused kernel takes over its flags), and the selection the router kernel
+    and the selection kernel make over it, scale 0.3."""
+    mean_key_logits = randn(*q.shape[:2], geometry.num_m, geometry.num_n)
+
+    def shortlist() -> Selection:
+        return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
+
+    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, config.key_stride, shortlist(), interpret=INTERPRET)
+    return shortlist, select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+
+
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(40, 93, True, 53), (77, 93, False, 0), (93, 73, True, -20),
                                                         (200, 200, True, 0)])
 @pytest.mark.parametrize("stride, top_k", [(1, 2), (4, 0), (16, 5)])
@@ -252,13 +265,7 @@ def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_kee
                        key_stride=stride)
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32, dtype=torch.float16), randn(2, 2, sk, 32, dtype=torch.float16)
-    mean_key_logits = randn(2, 4, geometry.num_m, geometry.num_n)
-
-    def shortlist() -> Selection:
-        return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
-
-    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist(), interpret=INTERPRET)
-    want = select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+    shortlist, want = shortlist_and_two_kernel_selection(q, k, geometry, config)
     listed = shortlist()
     got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
@@ -283,13 +290,7 @@ def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(
     config = SAAConfig(**SMALL, top_k=1, router="sampled-keys", candidates=2, key_stride=4)
     geometry = BlockGeometry(93, 93, 16, 16, True)
     q, k = randn(1, 2, 93, 32, dtype=torch.float16), randn(1, 1, 93, 32, dtype=torch.float16)
-    mean_key_logits = randn(1, 2, geometry.num_m, geometry.num_n)
-
-    def shortlist() -> Selection:
-        return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
-
-    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, 4, shortlist(), interpret=INTERPRET)
-    want = select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+    shortlist, want = shortlist_and_two_kernel_selection(q, k, geometry, config)
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             got = sampled_key_selection(q, k, 0.3, geometry, config, shortlist(), interpret=INTERPRET)
