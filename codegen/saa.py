@@ -236,15 +236,16 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
                          LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its
     share of the row's sampled probability mass, in one pass: each step's sampled probabilities are
-    summed into the block's column by a product with the samples' list positions, the columns
+    summed per block (BLOCKS <= LIST_PAD blocks a step) into that step's columns, and all columns are
     rescaled as the row maxima grow (as an attention accumulator is)."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
+    STEPS: tl.constexpr = LIST_PAD // BLOCKS
     sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
-    columns = tl.arange(0, LIST_PAD)                                      # [LP]
+    step_of_column = tl.arange(0, STEPS)[None, :, None]                   # [1, ST, 1]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
-    acc = tl.zeros([BLOCK_M, LIST_PAD], tl.float32)                       # [BM, LP] row sums per listed block
+    acc = tl.zeros([BLOCK_M, STEPS, BLOCKS], tl.float32)                  # [BM, ST, BLOCKS] row sums per listed block
     for start in range(0, n_slots, BLOCKS):
         blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
@@ -254,12 +255,13 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
         alpha = tl.exp2(m_i - m_use)                                      # [BM]
         p = tl.exp2(s - m_use[:, None])                                   # [BM, W]
         l_i = l_i * alpha + tl.sum(p, 1)
-        member = ((start + sample_slot)[:, None] == columns[None, :]).to(tl.float32)  # [W, LP]
-        acc = acc * alpha[:, None] + tl.dot(p, member, input_precision=DOT_PRECISION)
+        step_sums = tl.sum(tl.reshape(p, [BLOCK_M, BLOCKS, PER_BLOCK]), 2)  # [BM, BLOCKS]
+        this_step = step_of_column == start // BLOCKS                     # [1, ST, 1]
+        acc = acc * alpha[:, None, None] + tl.where(this_step, step_sums[:, None, :], 0.0)
         m_i = m_new
-    mass = acc / tl.maximum(l_i, 1e-30)[:, None]                          # [BM, LP]
-    mass = tl.where((row_ok & (l_i > 0))[:, None], mass, 0.0)             # rows without keys drop out
-    return tl.max(mass, 0)
+    mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [BM, ST, BLOCKS]
+    mass = tl.where((row_ok & (l_i > 0))[:, None, None], mass, 0.0)       # rows without keys drop out
+    return tl.reshape(tl.max(mass, 0), [LIST_PAD])
 
 
 @triton.jit
@@ -560,9 +562,11 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
     return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys)
 
 
-def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int) -> int:
-    """Key blocks the router visits per step: 128 sampled keys."""
-    return max(1, 128 // (geometry.block_n // stride))
+def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int, list_pad: int | None = None) -> int:
+    """Key blocks the router visits per step: 128 sampled keys, or the ``list_pad`` listed blocks
+    when fewer (the one-pass form's steps tile its list)."""
+    blocks = max(1, 128 // (geometry.block_n // stride))
+    return blocks if list_pad is None else min(blocks, list_pad)
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
@@ -581,15 +585,16 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
         indices, counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
     if out.numel() == 0:
         return out
-    blocks = _sampled_blocks_per_step(geometry, stride)
     list_width = indices.shape[-1] if shortlist is not None else 0
+    one_pass = shortlist is not None and q.element_size() == 2
+    blocks = _sampled_blocks_per_step(geometry, stride, _pow2_at_least(list_width) if one_pass else None)
     sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
         q, k, out, indices, counts, *q.stride(), *k.stride(),
         scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
         geometry.key_offset, list_width,
         SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
         BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
-        LIST_PAD=_pow2_at_least(list_width), ONE_PASS=q.element_size() == 2, STRIDE=stride,
+        LIST_PAD=_pow2_at_least(list_width), ONE_PASS=one_pass, STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         num_stages=1 if interpret else 3,
     )
@@ -663,7 +668,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
                 geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
                 config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
                 BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
-                BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride), LIST_PAD=_pow2_at_least(list_width),
+                BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, _pow2_at_least(list_width)),
+                LIST_PAD=_pow2_at_least(list_width),
                 STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4, num_stages=1 if interpret else 3,
             )
         except Exception as e:  # a kernel that does not compile here: the router and selection kernels still work
