@@ -36,7 +36,7 @@ class SAAConfig:
     tau: float | None = None     # or: the fewest routed blocks whose estimated mass reaches tau
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
-    centroids: int = 2           # centroids per key block that is not computed exactly
+    centroids: int = 1           # centroids per key block that is not computed exactly
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
