@@ -39,7 +39,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per window (default 1024)")
     parser.add_argument("--samples", type=int, default=4, help="windows to train on (default 4)")
     parser.add_argument("--held-out", type=int, default=2, help="windows to measure on (default 2)")
-    parser.add_argument("--block", type=int, default=64, help="SAA block_m and block_n (default 64)")
+    parser.add_argument("--block", type=int, default=SAAConfig().block_m,
+                        help=f"SAA block_m and block_n (default {SAAConfig().block_m}, as SAA's)")
     parser.add_argument("--rank", type=int, default=4, help="rank of the projections (default 4)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per layer (default 200)")
     parser.add_argument("--out", metavar="FILE", help="predictor file (default: the cache's, keyed by model)")

@@ -30,9 +30,9 @@ def _is_pow2(n: int) -> bool:
 
 @dataclass(frozen=True)
 class SAAConfig:
-    block_m: int = 64            # queries per query block (the routing granularity and kernel tile)
-    block_n: int = 64            # keys per key block
-    top_k: int | None = 24       # routed exact blocks per query block, beyond sinks and local blocks
+    block_m: int = 128           # queries per query block (the routing granularity and kernel tile)
+    block_n: int = 128           # keys per key block
+    top_k: int | None = 12       # routed exact blocks per query block, beyond sinks and local blocks
     tau: float | None = None     # or: the fewest routed blocks whose estimated mass reaches tau
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
@@ -40,7 +40,7 @@ class SAAConfig:
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
-    candidates: int | None = 96  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
+    candidates: int | None = 48  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 16384        # calls with fewer keys run dense attention (faster there than SAA's planning)
 

@@ -19,8 +19,9 @@ allowed blocks.
   twice without (a pass for each row's normalizer, a pass for the block masses). With
   ``candidates`` it scores only a shortlist: the forced blocks and the
   ``max(candidates, top_k)`` best by ``"mean-key"``; the others get -inf. Over 8 windows of 8192
-  tokens (GPU, bf16, top 24) that cost +0.02 points of perplexity at 96 candidates (+0.74% against
-  +0.72% with every block sampled) and cut planning at 131072 tokens from 70 to 11 ms.
+  tokens (GPU, bf16, blocks of 64, top 24) that cost +0.02 points of perplexity at 96 candidates
+  (+0.74% against +0.72% with every block sampled) and cut planning at 131072 tokens from 70 to
+  11 ms.
 - ``"mean-key"``: ``scale · q̄_m · k̄_n + log |n|`` from the block's mean query ``q̄_m`` and the key
   block's mean key ``k̄_n``; the cheapest (+3.67% at 8K at top 16, against +1.47% for
   ``"sampled-keys"``).

@@ -91,7 +91,7 @@ def host_functions(fn, calls: int = 20, rows: int = 14) -> str:
 
 def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
     """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel
-    (with ``sweep``, also the attend kernel under other pipeline depths, printed; with
+    (with ``sweep``, also the attend kernel under other warp counts and pipeline depths, printed; with
     ``profile_plan``, planning's kernels, printed)."""
     seq = q.shape[-2]
     geometry = BlockGeometry(seq, seq, config.block_m, config.block_n, True)
@@ -108,11 +108,12 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, pr
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     if sweep:
-        for stages in (1, 2):
-            for centroid_stages in (1, 2, 3, 4):
-                ms = bench(attend(num_stages=stages, centroid_stages=centroid_stages))
-                print(f"  attend S={seq} D={q.shape[-1]}: {stages} stages, {centroid_stages} centroid stages: "
-                      f"{ms:.3f} ms", file=sys.stderr)
+        for warps in (4, 8):
+            for stages in (1, 2):
+                for centroid_stages in (1, 2, 3, 4):
+                    ms = bench(attend(num_warps=warps, num_stages=stages, centroid_stages=centroid_stages))
+                    print(f"  attend S={seq} D={q.shape[-1]}: {warps} warps, {stages} stages, {centroid_stages} "
+                          f"centroid stages: {ms:.3f} ms", file=sys.stderr)
     return {"plan": bench(lambda: saa_plan(q, k, v, scale, geometry, config)), "attend": bench(attend())}
 
 

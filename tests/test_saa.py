@@ -477,7 +477,7 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"min_keys": -1}, "min_keys must be an integer >= 0"),
     ({"router": "every-key"}, r"router must be one of \[.sampled-keys., .mean-key.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
-    ({"key_stride": 128}, "key_stride must be a power of two <= block_n=64"),
+    ({"key_stride": 256}, "key_stride must be a power of two <= block_n=128"),
     ({"router": "sampled-keys", "candidates": 0}, "candidates must be None or an integer >= 1"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
