@@ -395,10 +395,10 @@ def launch_tma_or_pointers(launch, tma: bool | None, tiles: list[torch.Tensor], 
                 if tma:
                     raise
                 _tma_failures.add(key)
-                log.warning("attncompiler: the TMA forward of %s (head dims %d, %d; %s) failed (%s: %s); "
+                log.warning("attncompiler: the TMA form of %s (head dims %d, %d; %s) failed (%s: %s); "
                             "using pointer loads", *key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     return launch(None)
 
 
-# (program, head dim, value head dim, config) whose TMA forward raised: they use pointer loads.
-_tma_failures: set[tuple[str, int, int, FlashConfig]] = set()
+# (program or kernel, head dim, value head dim, config) whose TMA form raised: they use pointer loads.
+_tma_failures: set[tuple[str, int, int, object]] = set()

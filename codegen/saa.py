@@ -12,7 +12,8 @@ shortlist, 2-byte inputs) ``sampled_key_selection_kernel`` does both in one laun
 the logits. ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
 query tile on chip and folds two kinds of entries into one online softmax (base 2): the keys of
 the key blocks routed to this query block, exactly, and then the centroids of every other full key
-block, whose logits carry ``log2 n`` for the ``n`` keys each stands for. The PyTorch oracle is
+block, whose logits carry ``log2 n`` for the ``n`` keys each stands for; the routed blocks move by
+TMA descriptors on Hopper and by pointer loads elsewhere. The PyTorch oracle is
 :func:`attncompiler.saa_reference.attend_reference`.
 """
 
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attncompiler.codegen.flash import launch_tma_or_pointers
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
@@ -433,6 +435,25 @@ def select_blocks_kernel(
 
 
 @triton.jit
+def _key_block(K, V, b, kh, n, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn, stride_kd,
+               stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+    """Key block n of key/value head (b, kh): its keys transposed ``[BD, BN]`` and values ``[BN, BDV]``,
+    zero past SEQ_K and past the head dims; by TMA tensor descriptors (K and V ``[B, Hk, Sk, D]``,
+    tiles ``[1, 1, BN, BD]``, edges zero-filled by the hardware) or by masked pointer loads."""
+    if TMA:
+        b_i32, kh_i32, start = b.to(tl.int32), kh.to(tl.int32), n * BLOCK_N
+        b_kt = tl.trans(K.load([b_i32, kh_i32, start, 0]).reshape(BLOCK_N, BLOCK_D))
+        b_v = V.load([b_i32, kh_i32, start, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        p_k = K + b * stride_kb + kh * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=col_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
+        p_v = V + b * stride_vb + kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        b_v = tl.load(p_v, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    return b_kt, b_v
+
+
+@triton.jit
 def saa_attend_kernel(
     Q, K, V, KC, VC, IDX, CNT, EXACT, O,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -442,7 +463,7 @@ def saa_attend_kernel(
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET,
-    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr,
+    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, TMA: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -473,8 +494,9 @@ def saa_attend_kernel(
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         col_ok = offs_n < SEQ_K
-        p_k = K + b * stride_kb + kh * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        b_kt = tl.load(p_k, mask=col_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BN]
+        b_kt, b_v = _key_block(K, V, b, kh, n, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
+                               stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV, BLOCK_N,
+                               BLOCK_D, BLOCK_DV, TMA)                    # [BD, BN], [BN, BDV]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         visible = col_ok[None, :]
         if CAUSAL:
@@ -485,8 +507,6 @@ def saa_attend_kernel(
         alpha = tl.exp2(m_i - m_use)                                      # [BM]
         p = tl.exp2(s - m_use[:, None])                                   # [BM, BN]
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_v = V + b * stride_vb + kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        b_v = tl.load(p_v, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BN, BDV]
         acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -513,7 +533,7 @@ def saa_attend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p_vc = VC + b * stride_wb + kh * stride_wh + offs_c[:, None] * stride_wn + offs_dv[None, :] * stride_wd
         b_vc = tl.load(p_vc, mask=c_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BC, BDV]
-        b_vc = b_vc.to(V.dtype.element_ty)
+        b_vc = b_vc.to(O.dtype.element_ty)                                # the values' dtype (O is v's)
         acc = acc * alpha[:, None] + tl.dot(p.to(b_vc.dtype), b_vc, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -691,13 +711,15 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
                value_centroids: torch.Tensor, selection: Selection, scale: float, geometry: BlockGeometry,
                config: SAAConfig, interpret: bool = False, out: torch.Tensor | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
-               centroid_stages: int | None = None) -> torch.Tensor:
+               centroid_stages: int | None = None, tma: bool | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``,
     centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` of runs of ``config.sub_block`` keys.
 
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
-    defaults: 4 warps per 64 query rows, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`.
+    defaults: 4 warps per 64 query rows, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`. The exact
+    blocks move by TMA where the GPU and the layouts allow it (``tma``: as in
+    :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
@@ -709,20 +731,26 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     counts = selection.counts.contiguous()
     exact = selection.exact.view(torch.int8).contiguous()
     widest = max(head_d, head_dv)
+    block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
     grid = (geometry.num_m * batch * heads,)
-    saa_attend_kernel[grid](
-        q, k, v, key_centroids, value_centroids, indices, counts, exact, out,
-        *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
-        *out.stride(),
-        scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
-        indices.shape[-1], geometry.key_offset,
-        CAUSAL=geometry.causal, CENTROIDS=config.centroids,
-        HEAD_D=head_d, HEAD_DV=head_dv,
-        BLOCK_D=_pow2_at_least(head_d), BLOCK_DV=_pow2_at_least(head_dv),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
-        CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
-        num_stages=1 if interpret else num_stages or EXACT_STAGES,
-    )
+
+    def launch(descriptors: list | None) -> None:
+        keys, values = descriptors or (k, v)
+        saa_attend_kernel[grid](
+            q, keys, values, key_centroids, value_centroids, indices, counts, exact, out,
+            *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
+            *out.stride(),
+            scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
+            indices.shape[-1], geometry.key_offset,
+            CAUSAL=geometry.causal, CENTROIDS=config.centroids, TMA=descriptors is not None,
+            HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
+            CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
+            num_stages=1 if interpret else num_stages or EXACT_STAGES,
+        )
+
+    launch_tma_or_pointers(launch, tma, [k, v], [[1, 1, config.block_n, block_d], [1, 1, config.block_n, block_dv]],
+                           ("the SAA attend pass", head_d, head_dv, config))
     return out

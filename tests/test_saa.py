@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from attncompiler.codegen import flash
 from attncompiler.codegen import saa as saa_kernels
 from attncompiler.codegen.saa import block_centroids, pool_means, sampled_key_selection
 from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
-from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_program, saa_triton
+from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_plan, saa_program, saa_triton
 from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
@@ -353,6 +354,79 @@ def test_block_centroids_in_the_inputs_dtype_with_fp32_block_means(dtype):
     torch.testing.assert_close(got.block_keys, want.block_keys)
     assert torch.equal(got.counts, want.counts) and got.counts[-3:].tolist() == [1, 0, 0]
     assert not got.keys[:, :, -2:].any() and not got.values[:, :, -2:].any()
+
+
+class AttendLaunches:
+    """Stands in for ``saa_attend_kernel`` and records whether each launch moved its tiles by TMA; with
+    ``fail_tma``, a TMA launch raises as a kernel that does not compile would."""
+
+    def __init__(self, real, fail_tma: bool = False):
+        self.real, self.fail_tma, self.tma = real, fail_tma, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tma.append(kwargs["TMA"])
+            if kwargs["TMA"] and self.fail_tma:
+                raise RuntimeError("TMA lowering failed")
+            return self.real[grid](*args, **kwargs)
+        return launch
+
+
+def attend_once(q, k, v, config, form, tma):
+    """The attend pass alone, over the routing and centroids of the Triton path."""
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
+    out = saa_kernels.saa_attend(q, k, v, centroids.keys, centroids.values, selection, 0.3, geometry, config,
+                                 interpret=INTERPRET, tma=tma)
+    return out, selection, centroids, geometry
+
+
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+@pytest.mark.parametrize("b, h, hk, sq, sk, d, dv", [(1, 2, 2, 37, 37, 64, 64), (2, 4, 2, 45, 61, 80, 64)])
+def test_attend_moves_exact_blocks_by_tma_as_by_pointers(form, b, h, hk, sq, sk, d, dv, monkeypatch):
+    """The TMA form (zero-filled edges: a ragged last key block, head dim 80 in a tile of 128) gives the
+    pointer form's output, as accurate as PyTorch in fp16."""
+    launches = AttendLaunches(saa_kernels.saa_attend_kernel)
+    monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
+    config = SAAConfig(**SMALL, top_k=1, centroids=2)
+    q, k, v = qkv(b, h, hk, sq, sk, d, dv, torch.float16)
+    by_tma, selection, centroids, geometry = attend_once(q, k, v, config, form, tma=True)
+    by_pointers, *_ = attend_once(q, k, v, config, form, tma=False)
+    assert launches.tma == [True, False]
+    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
+                             config, torch.float64)
+    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=torch.float16)
+    assert_as_accurate_as_torch(by_tma, exact, ours_torch.to(torch.float16))
+    torch.testing.assert_close(by_tma, by_pointers, rtol=0, atol=0 if INTERPRET else 1e-3)
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs a Hopper GPU")
+def test_attend_takes_tma_by_default_on_hopper(monkeypatch):
+    launches = AttendLaunches(saa_kernels.saa_attend_kernel)
+    monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
+    monkeypatch.setattr(flash, "_tma_failures", set())
+    q, k, v = qkv(1, 4, 2, 300, 300, 128, 128, torch.bfloat16)
+    attend_once(q, k, v, SAAConfig(**SMALL, top_k=2), "causal", tma=None)
+    assert launches.tma == [True]
+
+
+def test_an_attend_tma_form_that_fails_falls_back_to_pointer_loads(monkeypatch, caplog):
+    """Where the TMA form raises, the call and later ones load by pointers, with one warning."""
+    launches = AttendLaunches(saa_kernels.saa_attend_kernel, fail_tma=True)
+    monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
+    monkeypatch.setattr(flash, "_tma_failures", set())
+    monkeypatch.setattr(flash, "tma_supported", lambda device: True)
+    config = SAAConfig(**SMALL, top_k=1)
+    q, k, v = qkv(1, 2, 1, 40, 40, 64, 64, torch.float16)
+    with caplog.at_level(logging.WARNING, logger="attncompiler"):
+        out, *_ = attend_once(q, k, v, config, "causal", tma=None)
+        again, *_ = attend_once(q, k, v, config, "causal", tma=None)
+    assert launches.tma == [True, False, False]
+    assert caplog.text.count("TMA lowering failed") == 1 and "the SAA attend pass" in caplog.text
+    want, *_ = attend_once(q, k, v, config, "causal", tma=False)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel", ["triton", "reference"])
