@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 from torch.profiler import ProfilerActivity, profile
 
-from attncompiler.codegen.flash import flash_forward
+from attncompiler.codegen.flash import flash_forward, tma_supported
 from attncompiler.codegen.saa import saa_attend
 from attncompiler.saa import saa_forward, saa_plan
 from attncompiler.saa_config import SAAConfig
@@ -91,8 +91,8 @@ def host_functions(fn, calls: int = 20, rows: int = 14) -> str:
 
 def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
     """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel
-    (with ``sweep``, also the attend kernel under other warp counts and pipeline depths, printed; with
-    ``profile_plan``, planning's kernels, printed)."""
+    (with ``sweep``, also the attend kernel under other warp counts and pipeline depths, and with its
+    exact blocks by TMA and by pointers, printed; with ``profile_plan``, planning's kernels, printed)."""
     seq = q.shape[-2]
     geometry = BlockGeometry(seq, seq, config.block_m, config.block_n, True)
     selection, centroids = saa_plan(q, k, v, scale, geometry, config)
@@ -114,6 +114,9 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, pr
                     ms = bench(attend(num_warps=warps, num_stages=stages, centroid_stages=centroid_stages))
                     print(f"  attend S={seq} D={q.shape[-1]}: {warps} warps, {stages} stages, {centroid_stages} "
                           f"centroid stages: {ms:.3f} ms", file=sys.stderr)
+        for tma in (True, False) if tma_supported(q.device) else (False,):  # at the default settings
+            print(f"  attend S={seq} D={q.shape[-1]}: exact blocks by {'TMA' if tma else 'pointers'}: "
+                  f"{bench(attend(tma=tma)):.3f} ms", file=sys.stderr)
     return {"plan": bench(lambda: saa_plan(q, k, v, scale, geometry, config)), "attend": bench(attend())}
 
 
