@@ -32,19 +32,25 @@ def heads(q_shape: Sequence, kv_shape: Sequence) -> tuple[int, int]:
     return hq, hq // hk
 
 
-def _concrete(*shapes: Sequence) -> bool:
-    return all(type(size) is int for shape in shapes for size in shape)
+def _cached_for_concrete_shapes(rule):
+    """``rule(q_shape, k_shape, v_shape)`` answered from a cache when every size is an int (every call
+    of the op), and worked out each time for symbolic shapes; ``.cached`` is the cache, ``.rule`` the
+    uncached rule."""
+    cached = functools.lru_cache(maxsize=1024)(rule)
+
+    @functools.wraps(rule)
+    def answer(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence):
+        if all(type(size) is int for shape in (q_shape, k_shape, v_shape) for size in shape):
+            return cached(tuple(q_shape), tuple(k_shape), tuple(v_shape))
+        return rule(q_shape, k_shape, v_shape)
+
+    answer.cached, answer.rule = cached, rule
+    return answer
 
 
+@_cached_for_concrete_shapes
 def output_shape(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> tuple:
     """Shape of the result: broadcast leading dims, grouped heads, ``[Sq, Dv]``."""
-    if _concrete(q_shape, k_shape, v_shape):  # every call of the op: answered from a cache
-        return _output_shape(tuple(q_shape), tuple(k_shape), tuple(v_shape))
-    return _output_shape.__wrapped__(q_shape, k_shape, v_shape)
-
-
-@functools.lru_cache(maxsize=1024)
-def _output_shape(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> tuple:
     kv = tuple(torch.broadcast_shapes(tuple(k_shape[:-2]), tuple(v_shape[:-2])))
     rank = max(len(q_shape), len(k_shape), len(v_shape))
     if rank < 3:
@@ -56,15 +62,9 @@ def _output_shape(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> tu
     return (*lead, out_heads, q_shape[-2], v_shape[-1])
 
 
+@_cached_for_concrete_shapes
 def group_of(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> int:
     """How many query heads share one key/value head (1 without grouping)."""
-    if _concrete(q_shape, k_shape, v_shape):
-        return _group_of(tuple(q_shape), tuple(k_shape), tuple(v_shape))
-    return _group_of.__wrapped__(q_shape, k_shape, v_shape)
-
-
-@functools.lru_cache(maxsize=1024)
-def _group_of(q_shape: Sequence, k_shape: Sequence, v_shape: Sequence) -> int:
     kv = tuple(torch.broadcast_shapes(tuple(k_shape[:-2]), tuple(v_shape[:-2])))
     return heads(tuple(q_shape[:-2]) + (0, 0), kv + (0, 0))[1] if len(q_shape) >= 3 and kv else 1
 

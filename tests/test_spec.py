@@ -16,13 +16,13 @@ CASES = [  # q, k, v shapes → output shape, group
 
 @pytest.mark.parametrize("q, k, v, shape, group", CASES)
 def test_concrete_shapes_are_answered_from_the_cache_as_the_general_rule_answers(q, k, v, shape, group):
-    spec._output_shape.cache_clear()
+    spec.output_shape.cached.cache_clear()
     for _ in range(2):
         assert spec.output_shape(q, k, v) == shape
         assert spec.group_of(q, k, v) == group
-    assert spec._output_shape.cache_info().hits == 1
-    assert spec._output_shape.__wrapped__(q, k, v) == shape
-    assert spec._group_of.__wrapped__(q, k, v) == group
+    assert spec.output_shape.cached.cache_info().hits == 1
+    assert spec.output_shape.rule(q, k, v) == shape
+    assert spec.group_of.rule(q, k, v) == group
 
 
 def test_heads_that_do_not_group_raise_every_time():
