@@ -606,15 +606,16 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
     if out.numel() == 0:
         return out
     list_width = indices.shape[-1] if shortlist is not None else 0
+    list_pad = _pow2_at_least(list_width)
     one_pass = shortlist is not None and q.element_size() == 2
-    blocks = _sampled_blocks_per_step(geometry, stride, _pow2_at_least(list_width) if one_pass else None)
+    blocks = _sampled_blocks_per_step(geometry, stride, list_pad if one_pass else None)
     sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
         q, k, out, indices, counts, *q.stride(), *k.stride(),
         scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
         geometry.key_offset, list_width,
         SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
         BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
-        LIST_PAD=_pow2_at_least(list_width), ONE_PASS=one_pass, STRIDE=stride,
+        LIST_PAD=list_pad, ONE_PASS=one_pass, STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         num_stages=1 if interpret else 3,
     )
@@ -676,8 +677,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     listed, listed_counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
     exact = shortlist.exact.view(torch.int8)
     list_width = listed.shape[-1]
-    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride,
-              _pow2_at_least(list_width))
+    list_pad = _pow2_at_least(list_width)
+    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride, list_pad)
     if indices.numel() == 0:
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
     if launch not in FUSED_SELECTION_FAILURES:
@@ -688,8 +689,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
                 geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
                 config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
                 BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
-                BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, _pow2_at_least(list_width)),
-                LIST_PAD=_pow2_at_least(list_width),
+                BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
                 STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4, num_stages=1 if interpret else 3,
             )
         except Exception as e:  # a kernel that does not compile here: the router and selection kernels still work
