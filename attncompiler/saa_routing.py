@@ -145,9 +145,9 @@ def _log_block_counts(seq: int, block: int, blocks: int, device: torch.device) -
 class Selection:
     """The key blocks computed exactly, per batch, query head and query block.
 
-    ``indices[..., :counts]`` lists them (the rest is padding: 0), in decreasing priority, or in block
-    order where the selection kernel keeps a top-k alone, with no ``tau``; ``exact`` is
-    the same set as a mask over all key blocks, ``full`` the number of full blocks per query block.
+    ``indices[..., :counts]`` lists them in block order (the rest is padding: 0), so that a causal
+    query block's partly seen key blocks, all forced, come last; ``exact`` is the same set as a mask
+    over all key blocks, ``full`` the number of full blocks per query block.
     """
 
     indices: torch.Tensor    # [B, H, num_m, K] int32
@@ -290,9 +290,10 @@ def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConf
         before = forced_mass + torch.cumsum(routed_mass, -1) - routed_mass             # mass before each entry
         keep &= (ranked == math.inf) | (before < config.tau)
     counts = keep.sum(-1, dtype=torch.int32)
-    indices = torch.where(keep, order, 0).to(torch.int32)
+    listed = torch.sort(torch.where(keep, order, num_n), dim=-1).values                # kept, in block order
     exact = torch.zeros(batch, heads, num_m, num_n + 1, dtype=torch.bool, device=device)
-    exact.scatter_(-1, torch.where(keep, order, num_n), True)
+    exact.scatter_(-1, listed, True)
+    indices = torch.where(listed < num_n, listed, 0).to(torch.int32)
     return Selection(indices, counts, exact[..., :num_n], allowed, full)
 
 

@@ -12,8 +12,8 @@ shortlist, 2-byte inputs) ``sampled_key_selection_kernel`` does both in one laun
 the logits. ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
 query tile on chip and folds two kinds of entries into one online softmax (base 2): the keys of
 the key blocks routed to this query block, exactly, and then the centroids of every other full key
-block, whose logits carry ``log2 n`` for the ``n`` keys each stands for; the routed blocks move by
-TMA descriptors on Hopper and by pointer loads elsewhere. The PyTorch oracle is
+block, whose logits carry ``log2 n`` for the ``n`` keys each stands for; both move by TMA
+descriptors on Hopper and by pointer loads elsewhere. The PyTorch oracle is
 :func:`attncompiler.saa_reference.attend_reference`.
 """
 
@@ -39,6 +39,9 @@ LOG2E = 1.4426950408889634
 # at 128K, against 15.1 with one stage for both (benchmarks/saa.py --sweep).
 EXACT_STAGES = 2
 CENTROID_STAGES = 3
+# Pipeline depth of the fused router-and-top-k: on an H200 at the default operating point (4 warps),
+# 2 stages took 2.11 ms at 128K (D128) against 2.46 with 1 and 2.76 with 3 or 4; 8 warps were slower.
+FUSED_SELECTION_STAGES = 2
 
 
 @triton.jit
@@ -390,57 +393,62 @@ def sampled_key_selection_kernel(
 
 
 @triton.jit
+def _kept_by_mass(priority, logits, is_allowed, forced, offs_n, TOP_K, TAU, USE_TOP_K: tl.constexpr,
+                  N_PAD: tl.constexpr):
+    """How many routed (not forced) blocks ``tau`` keeps: taken by priority, descending (ties to the
+    lower block), while the estimated mass before each (the softmax of the logits over the allowed
+    blocks, the forced ones' included) stays below TAU; at most TOP_K with USE_TOP_K."""
+    # Sort by the priority's order-preserving bits above the block number, in one int64 key.
+    key = (_order_bits(priority).to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
+    key = tl.sort(key, 0, descending=True)                                # [NP]
+    bits = (key >> 32).to(tl.int32)
+    ranked = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # [NP] priority at each rank
+    routed = (ranked < float("inf")) & (ranked > float("-inf"))
+    top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)              # [NP]
+    total = tl.sum(weight, 0)
+    forced_mass = tl.sum(tl.where(forced, weight, 0.0), 0) / total
+    routed_mass = tl.where(routed, tl.exp(ranked - top), 0.0) / total      # [NP] in ranked order
+    before = forced_mass + tl.cumsum(routed_mass, 0) - routed_mass
+    kept = tl.sum((routed & (before < TAU)).to(tl.int32), 0)
+    if USE_TOP_K:
+        kept = tl.minimum(kept, TOP_K)
+    return kept
+
+
+@triton.jit
 def select_blocks_kernel(
     LOGITS, IDX, CNT, EXACT,
     NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
     CAUSAL: tl.constexpr, USE_TOP_K: tl.constexpr, USE_TAU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
 ):
+    """One query block's exact key blocks: the forced ones and the best-ranked others, TOP_K of
+    them and/or those ``tau`` keeps, listed in block order at IDX with their count at CNT and as
+    flags in EXACT."""
     row = tl.program_id(0).to(tl.int64)                                   # (b, h, query block)
     offs_n = tl.arange(0, N_PAD)                                          # [NP] key blocks
     is_allowed, forced = _forced_blocks(offs_n, row % NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL,
                                         CAUSAL, BLOCK_M, BLOCK_N)
     logits = tl.load(LOGITS + row * NUM_N + offs_n, mask=offs_n < NUM_N, other=float("-inf"))  # [NP]
     priority = tl.where(forced, float("inf"), tl.where(is_allowed, logits, float("-inf")))
-
+    budget = TOP_K
     if USE_TAU:
-        # Sort by priority, descending (ties to the lower block): the priority's order-preserving bits
-        # above the block number in one int64 key.
-        key = (_order_bits(priority).to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
-        key = tl.sort(key, 0, descending=True)                            # [NP]
-        order = N_PAD - 1 - (key & 0xFFFFFFFF).to(tl.int32)               # [NP] block at each rank
-        bits = (key >> 32).to(tl.int32)
-        ranked = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # [NP] its priority
-
-        keep = ranked > float("-inf")
-        if USE_TOP_K:
-            keep = keep & (offs_n < tl.sum(forced.to(tl.int32), 0) + TOP_K)
-        # Estimated mass: the softmax of the logits over the allowed blocks.
-        top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)          # [NP]
-        total = tl.sum(weight, 0)
-        forced_mass = tl.sum(tl.where(forced, weight, 0.0), 0) / total
-        routed = (ranked < float("inf")) & (ranked > float("-inf"))
-        routed_mass = tl.where(routed, tl.exp(ranked - top), 0.0) / total  # [NP] in ranked order
-        before = forced_mass + tl.cumsum(routed_mass, 0) - routed_mass
-        keep = keep & ((ranked == float("inf")) | (before < TAU))
-        tl.store(CNT + row, tl.sum(keep.to(tl.int32), 0))
-        tl.store(IDX + row * MAX_EXACT + offs_n, tl.where(keep, order, 0), mask=offs_n < MAX_EXACT)
-        tl.store(EXACT + row * NUM_N + order, keep.to(tl.int8), mask=order < NUM_N)
-    else:
-        keep = _top_k(priority, forced, TOP_K, USE_TOP_K)                # [NP], listed in block order
-        _store_in_order(IDX + row * MAX_EXACT, CNT + row, offs_n, keep, offs_n, MAX_EXACT)
-        tl.store(EXACT + row * NUM_N + offs_n, keep.to(tl.int8), mask=offs_n < NUM_N)
+        budget = _kept_by_mass(priority, logits, is_allowed, forced, offs_n, TOP_K, TAU, USE_TOP_K, N_PAD)
+    keep = _top_k(priority, forced, budget, USE_TOP_K or USE_TAU)         # [NP]
+    _store_in_order(IDX + row * MAX_EXACT, CNT + row, offs_n, keep, offs_n, MAX_EXACT)
+    tl.store(EXACT + row * NUM_N + offs_n, keep.to(tl.int8), mask=offs_n < NUM_N)
 
 
 @triton.jit
 def _key_block(K, V, b, kh, n, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
-    """Key block n of key/value head (b, kh): its keys transposed ``[BD, BN]`` and values ``[BN, BDV]``,
-    zero past SEQ_K and past the head dims; by TMA tensor descriptors (K and V ``[B, Hk, Sk, D]``,
-    tiles ``[1, 1, BN, BD]``, edges zero-filled by the hardware) or by masked pointer loads."""
+    """Block n of BLOCK_N keys (or centroids) of key/value head (b, kh): the keys transposed ``[BD, BN]``
+    and values ``[BN, BDV]``, zero where not col_ok and past the head dims; by TMA tensor descriptors
+    (K and V ``[B, Hk, Sk, D]``, tiles ``[1, 1, BN, BD]``, edges zero-filled by the hardware) or by
+    masked pointer loads."""
     if TMA:
         b_i32, kh_i32, start = b.to(tl.int32), kh.to(tl.int32), n * BLOCK_N
         b_kt = tl.trans(K.load([b_i32, kh_i32, start, 0]).reshape(BLOCK_N, BLOCK_D))
@@ -454,6 +462,19 @@ def _key_block(K, V, b, kh, n, offs_n, col_ok, offs_d, offs_dv, stride_kb, strid
 
 
 @triton.jit
+def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: scores s ``[BM, BN]`` (log2 domain, -inf where hidden) and their values
+    b_v ``[BN, BDV]`` folded into the running row maxima m_i, sums l_i ``[BM]`` and acc ``[BM, BDV]``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))                                 # [BM]
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                  # rows that see nothing yet
+    alpha = tl.exp2(m_i - m_use)                                          # [BM]
+    p = tl.exp2(s - m_use[:, None])                                       # [BM, BN]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def saa_attend_kernel(
     Q, K, V, KC, VC, IDX, CNT, EXACT, O,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -463,7 +484,7 @@ def saa_attend_kernel(
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET,
-    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, TMA: tl.constexpr, EVEN_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -488,9 +509,28 @@ def saa_attend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] running sum
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)                       # [BM, BDV]
 
-    # Exact key blocks, in the routed order.
+    # Exact key blocks, listed in block order: those every row sees whole first, without masks (but
+    # the ragged last block's, when SEQ_K is not a multiple of BLOCK_N), then the last `partial`, the
+    # causal blocks that some row sees only in part (forced, so all listed).
     num_exact = tl.load(CNT + row)
-    for i in range(0, num_exact):
+    full = NUM_N_BLOCKS
+    partial = 0
+    if CAUSAL:
+        first_row = pid_m * BLOCK_M
+        last_row = tl.minimum(first_row + BLOCK_M, SEQ_Q) - 1
+        full = _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
+        partial = tl.minimum(_allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
+    for i in range(0, num_exact - partial):
+        n = tl.load(IDX + row * MAX_EXACT + i)
+        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        b_kt, b_v = _key_block(K, V, b, kh, n, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb, stride_kh,
+                               stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
+        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        if not EVEN_N:
+            s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
+        m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION)
+    for i in range(num_exact - partial, num_exact):
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         col_ok = offs_n < SEQ_K
@@ -498,22 +538,10 @@ def saa_attend_kernel(
                                stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV, BLOCK_N,
                                BLOCK_D, BLOCK_DV, TMA)                    # [BD, BN], [BN, BDV]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                             # [BM]
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)                                      # [BM]
-        p = tl.exp2(s - m_use[:, None])                                   # [BM, BN]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
+        m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION)
 
     # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed exactly.
-    full = NUM_N_BLOCKS
-    if CAUSAL:
-        full = _full_blocks(pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
     num_centroids = full * CENTROIDS
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
     for start_c in tl.range(0, num_centroids, BLOCK_C, num_stages=CENTROID_STAGES):
@@ -522,20 +550,12 @@ def saa_attend_kernel(
         is_exact = tl.load(EXACT + row * NUM_N_BLOCKS + offs_c // CENTROIDS, mask=c_ok, other=1)  # [BC]
         behind = tl.minimum(tl.maximum(SEQ_K - offs_c * SUB, 0), SUB)     # [BC] keys behind each (0 past the end)
         b_lc = tl.log2(tl.maximum(behind, 1).to(tl.float32))              # [BC] (masked where 0)
-        p_kc = KC + b * stride_cb + kh * stride_ch + offs_c[None, :] * stride_cn + offs_d[:, None] * stride_cd
-        b_kct = tl.load(p_kc, mask=c_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, BC]
+        b_kct, b_vc = _key_block(KC, VC, b, kh, start_c // BLOCK_C, offs_c, c_ok, offs_d, offs_dv, stride_cb,
+                                 stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, HEAD_D,
+                                 HEAD_DV, BLOCK_C, BLOCK_D, BLOCK_DV, TMA)  # [BD, BC], [BC, BDV]
         s = tl.dot(b_q, b_kct.to(b_q.dtype), input_precision=DOT_PRECISION) * qk_scale + b_lc[None, :]
         s = tl.where((c_ok & (is_exact == 0) & (behind > 0))[None, :], s, float("-inf"))  # [BM, BC]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])                                   # [BM, BC]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p_vc = VC + b * stride_wb + kh * stride_wh + offs_c[:, None] * stride_wn + offs_dv[None, :] * stride_wd
-        b_vc = tl.load(p_vc, mask=c_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [BC, BDV]
-        b_vc = b_vc.to(O.dtype.element_ty)                                # the values' dtype (O is v's)
-        acc = acc * alpha[:, None] + tl.dot(p.to(b_vc.dtype), b_vc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _fold(s, b_vc.to(O.dtype.element_ty), m_i, l_i, acc, DOT_PRECISION)  # (O is in v's dtype)
 
     b_o = acc / l_i[:, None]                                              # [BM, BDV]
     p_o = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -628,9 +648,10 @@ MAX_SORTED_BLOCKS = 4096  # key blocks one selection program sorts in registers
 def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConfig,
                   interpret: bool = False) -> Selection:
     """The exact key blocks of every query block from estimated logits ``[B, H, num_m, num_n]``
-    (fp32), in one kernel launch; at most :data:`MAX_SORTED_BLOCKS` key blocks. With ``tau`` each
-    program sorts its blocks by priority; a top-k alone takes a threshold found by bisection on the
-    priorities' bits (32 counts instead of a sort) and lists the kept blocks in block order."""
+    (fp32), in one kernel launch; at most :data:`MAX_SORTED_BLOCKS` key blocks, listed in block
+    order. The kept blocks are those above a threshold found by bisection on the priorities' bits
+    (32 counts instead of a sort); with ``tau`` each program first sorts its blocks by priority to
+    count how many the mass rule keeps."""
     batch, heads, num_m, num_n = logits.shape
     if num_n > MAX_SORTED_BLOCKS:
         raise ValueError(f"{num_n} key blocks: the selection kernel sorts at most {MAX_SORTED_BLOCKS}")
@@ -690,7 +711,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
                 config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
                 BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
                 BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
-                STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4, num_stages=1 if interpret else 3,
+                STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
+                num_stages=1 if interpret else FUSED_SELECTION_STAGES,
             )
         except Exception as e:  # a kernel that does not compile here: the router and selection kernels still work
             FUSED_SELECTION_FAILURES.add(launch)
@@ -732,25 +754,29 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     exact = selection.exact.view(torch.int8).contiguous()
     widest = max(head_d, head_dv)
     block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
+    block_c = 16 if interpret else 64                                     # centroids per step
     grid = (geometry.num_m * batch * heads,)
 
     def launch(descriptors: list | None) -> None:
-        keys, values = descriptors or (k, v)
+        keys, values, centroid_keys, centroid_values = descriptors or (k, v, key_centroids, value_centroids)
         saa_attend_kernel[grid](
-            q, keys, values, key_centroids, value_centroids, indices, counts, exact, out,
+            q, keys, values, centroid_keys, centroid_values, indices, counts, exact, out,
             *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
             *out.stride(),
             scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
             indices.shape[-1], geometry.key_offset,
             CAUSAL=geometry.causal, CENTROIDS=config.centroids, TMA=descriptors is not None,
+            EVEN_N=geometry.seq_k % config.block_n == 0,
             HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=16 if interpret else 64,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=block_c,
             CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
             num_stages=1 if interpret else num_stages or EXACT_STAGES,
         )
 
-    launch_tma_or_pointers(launch, tma, [k, v], [[1, 1, config.block_n, block_d], [1, 1, config.block_n, block_dv]],
+    tiles = [[1, 1, config.block_n, block_d], [1, 1, config.block_n, block_dv], [1, 1, block_c, block_d],
+             [1, 1, block_c, block_dv]]
+    launch_tma_or_pointers(launch, tma, [k, v, key_centroids, value_centroids], tiles,
                            ("the SAA attend pass", head_d, head_dv, config))
     return out

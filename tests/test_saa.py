@@ -118,20 +118,19 @@ def test_triton_path_routes_as_the_reference(form, router):
 @pytest.mark.parametrize("knobs", [dict(top_k=2), dict(top_k=None, tau=0.6), dict(top_k=3, tau=0.9),
                                    dict(top_k=0, sinks=0, local_blocks=0), dict(top_k=100)])
 def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, causal, key_offset, knobs):
-    """Forced blocks (sinks, local, partial) first, then the best-ranked others, by top-k and/or
-    estimated mass: the same sets, counts and ranked order as the PyTorch form."""
+    """Forced blocks (sinks, local, partial) and the best-ranked others, by top-k and/or estimated
+    mass: the same sets, counts and block-order lists as the PyTorch form."""
     config = SAAConfig(**{**SMALL, "sinks": 1, "local_blocks": 2, **knobs})
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     logits = randn(2, 3, geometry.num_m, geometry.num_n) * 3
     got = select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
     want = select_blocks(logits, geometry, config)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.exact, want.exact)
-    assert got.indices.shape == want.indices.shape
+    assert torch.equal(got.indices, want.indices)
     listed = torch.arange(want.indices.shape[-1], device=DEVICE) < want.counts[..., None]
-    for selection in (got, want):  # listed: the kept blocks (in a free order among the forced ones), then 0
-        assert torch.equal(torch.where(listed, -1, selection.indices), torch.zeros_like(selection.indices) - listed.int())
-    in_order = torch.sort(torch.where(listed, got.indices, -1), -1).values
-    assert torch.equal(in_order, torch.sort(torch.where(listed, want.indices, -1), -1).values)
+    blocks = torch.arange(geometry.num_n, device=DEVICE).expand_as(want.exact)
+    in_block_order = torch.sort(torch.where(want.exact, blocks, geometry.num_n), -1).values[..., :listed.shape[-1]]
+    assert torch.equal(want.indices, torch.where(listed, in_block_order, 0).int())  # the kept blocks, then 0
     assert (got.counts > 0).any() or knobs.get("top_k") == 0
 
 
@@ -384,9 +383,9 @@ def attend_once(q, k, v, config, form, tma):
 
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 @pytest.mark.parametrize("b, h, hk, sq, sk, d, dv", [(1, 2, 2, 37, 37, 64, 64), (2, 4, 2, 45, 61, 80, 64)])
-def test_attend_moves_exact_blocks_by_tma_as_by_pointers(form, b, h, hk, sq, sk, d, dv, monkeypatch):
-    """The TMA form (zero-filled edges: a ragged last key block, head dim 80 in a tile of 128) gives the
-    pointer form's output, as accurate as PyTorch in fp16."""
+def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, h, hk, sq, sk, d, dv, monkeypatch):
+    """The TMA form (zero-filled edges: a ragged last key block and centroid tile, head dim 80 in a tile
+    of 128) gives the pointer form's output, as accurate as PyTorch in fp16."""
     launches = AttendLaunches(saa_kernels.saa_attend_kernel)
     monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
     config = SAAConfig(**SMALL, top_k=1, centroids=2)
@@ -503,8 +502,8 @@ def test_top_k_and_tau_rank_by_estimated_mass():
     assert chosen(top_k=2) == [0, 2]
     assert chosen(top_k=None, tau=0.5) == [0]
     assert chosen(top_k=None, tau=float(mass[0] + 0.01)) == [0, 2]
-    assert chosen(top_k=None, tau=0.95) == [0, 2, 1]
-    assert chosen(top_k=None, tau=0.97) == [0, 2, 1, 3]
+    assert chosen(top_k=None, tau=0.95) == [0, 1, 2]
+    assert chosen(top_k=None, tau=0.97) == [0, 1, 2, 3]
     assert chosen(top_k=2, tau=0.95) == [0, 2]
     assert chosen(top_k=0) == []
 
