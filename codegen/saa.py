@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 # Pipeline depths of the attend pass: its routed key blocks and its centroid loop (which streams in
-# order). On an H200 at 8K, 32K and 128K tokens (D128), 2 and 3 were fastest of 1-2 and 1-4: 13.0 ms
-# at 128K, against 15.1 with one stage for both (benchmarks/saa.py --sweep).
+# order). On an H200 at 32K and 128K tokens (D128 and D64), 2 and 2 were fastest of 1-2 and 1-4:
+# 7.12 ms at 128K (D128), against 7.21 with 3 centroid stages and 8.96 with one stage for both
+# (benchmarks/saa.py --sweep).
 EXACT_STAGES = 2
-CENTROID_STAGES = 3
+CENTROID_STAGES = 2
 # Pipeline depth of the fused router-and-top-k: on an H200 at the default operating point (4 warps),
 # 2 stages took 2.11 ms at 128K (D128) against 2.46 with 1 and 2.76 with 3 or 4; 8 warps were slower.
 FUSED_SELECTION_STAGES = 2
