@@ -19,19 +19,18 @@ descriptors on Hopper and by pointer loads elsewhere. The PyTorch oracle is
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from attncompiler.codegen.fallback import FormFallback
 from attncompiler.codegen.flash import launch_tma_or_pointers
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
 
-log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 # Pipeline depths of the attend pass: its routed key blocks and its centroid loop (which streams in
@@ -686,7 +685,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
                           config: SAAConfig, shortlist: Selection, interpret: bool = False) -> Selection:
     """The exact key blocks that :func:`select_blocks` picks from :func:`sampled_key_logits` of the
     blocks ``shortlist`` lists, in one launch and without the ``[B, H, num_m, num_n]`` logits, where
-    :func:`fuses_sampled_selection` holds. ``shortlist`` (its blocks in block order, as a top-k
+    :func:`fuses_sampled_selection` holds. ``shortlist`` (its blocks in block order, as every
     selection lists them) gives up its ``exact`` flags to the result. Where the fused kernel does
     not compile for a launch shape, that shape takes the two kernels from then on (logged once)."""
     if not fuses_sampled_selection(q, config):
@@ -703,31 +702,30 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride, list_pad)
     if indices.numel() == 0:
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
-    if launch not in FUSED_SELECTION_FAILURES:
-        try:
-            sampled_key_selection_kernel[(geometry.num_m, batch * heads)](
-                q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
-                scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
-                geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
-                config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
-                BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
-                BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
-                STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
-                num_stages=1 if interpret else FUSED_SELECTION_STAGES,
-            )
-        except Exception as e:  # a kernel that does not compile here: the router and selection kernels still work
-            FUSED_SELECTION_FAILURES.add(launch)
-            log.warning("attncompiler: the fused SAA router-and-top-k kernel failed for %s (%s: %s); routing "
-                        "with two kernels", launch, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        else:
-            return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
-    logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret)
-    return select_blocks(logits, geometry, config, interpret)
+
+    def fused() -> Selection:
+        sampled_key_selection_kernel[(geometry.num_m, batch * heads)](
+            q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
+            scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
+            geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
+            config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
+            BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
+            BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
+            STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
+            num_stages=1 if interpret else FUSED_SELECTION_STAGES,
+        )
+        return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
+
+    def apart() -> Selection:
+        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret)
+        return select_blocks(logits, geometry, config, interpret)
+
+    return FUSED_SELECTION.run(launch, fused, apart, "the fused SAA router-and-top-k kernel for %s", launch)
 
 
 # Launch shapes (dtype, head dim, block sizes, causal, key stride, list width) whose fused selection
-# kernel raised: they route with sampled_key_logits and select_blocks.
-FUSED_SELECTION_FAILURES: set[tuple] = set()
+# kernel raised route with sampled_key_logits and select_blocks.
+FUSED_SELECTION = FormFallback("routing with two kernels")
 
 
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,

@@ -270,7 +270,7 @@ def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_kee
     got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
     assert torch.equal(got.exact, want.exact) and got.exact is listed.exact
-    assert not saa_kernels.FUSED_SELECTION_FAILURES  # the fused kernel ran
+    assert not saa_kernels.FUSED_SELECTION.failed  # the fused kernel ran
     if sk >= 200 and top_k < config.candidates:  # a long list, cut down to the forced blocks and the top-k
         assert (got.counts < listed.counts).any()
 
@@ -286,7 +286,7 @@ def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(
 
     launches = []
     monkeypatch.setattr(saa_kernels, "sampled_key_selection_kernel", Failing())
-    monkeypatch.setattr(saa_kernels, "FUSED_SELECTION_FAILURES", set())
+    monkeypatch.setattr(saa_kernels.FUSED_SELECTION, "failed", set())
     config = SAAConfig(**SMALL, top_k=1, router="sampled-keys", candidates=2, key_stride=4)
     geometry = BlockGeometry(93, 93, 16, 16, True)
     q, k = randn(1, 2, 93, 32, dtype=torch.float16), randn(1, 1, 93, 32, dtype=torch.float16)
@@ -295,7 +295,7 @@ def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(
         for _ in range(2):
             got = sampled_key_selection(q, k, 0.3, geometry, config, shortlist(), interpret=INTERPRET)
             assert torch.equal(got.exact, want.exact) and torch.equal(got.counts, want.counts)
-    assert len(launches) == 1 and len(saa_kernels.FUSED_SELECTION_FAILURES) == 1
+    assert len(launches) == 1 and len(saa_kernels.FUSED_SELECTION.failed) == 1
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "routing with two kernels" in caplog.records[0].message
 
@@ -324,7 +324,7 @@ def test_the_kernel_path_fuses_the_default_router_and_selection_for_2_byte_input
     fused = saa_kernels.sampled_key_selection
     monkeypatch.setattr(saa_kernels, "sampled_key_selection", lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
     out, selection, _ = saa_triton(q, k, v, 0.125, geometry, config)
-    assert fused_calls == [1] and not saa_kernels.FUSED_SELECTION_FAILURES
+    assert fused_calls == [1] and not saa_kernels.FUSED_SELECTION.failed
     monkeypatch.setattr(saa_kernels, "fuses_sampled_selection", lambda q, config: False)
     apart_out, apart, _ = saa_triton(q, k, v, 0.125, geometry, config)
     assert fused_calls == [1]
@@ -404,7 +404,7 @@ def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, 
 def test_attend_takes_tma_by_default_on_hopper(monkeypatch):
     launches = AttendLaunches(saa_kernels.saa_attend_kernel)
     monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
-    monkeypatch.setattr(flash, "_tma_failures", set())
+    monkeypatch.setattr(flash.TMA_FORMS, "failed", set())
     q, k, v = qkv(1, 4, 2, 300, 300, 128, 128, torch.bfloat16)
     attend_once(q, k, v, SAAConfig(**SMALL, top_k=2), "causal", tma=None)
     assert launches.tma == [True]
@@ -414,7 +414,7 @@ def test_an_attend_tma_form_that_fails_falls_back_to_pointer_loads(monkeypatch, 
     """Where the TMA form raises, the call and later ones load by pointers, with one warning."""
     launches = AttendLaunches(saa_kernels.saa_attend_kernel, fail_tma=True)
     monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
-    monkeypatch.setattr(flash, "_tma_failures", set())
+    monkeypatch.setattr(flash.TMA_FORMS, "failed", set())
     monkeypatch.setattr(flash, "tma_supported", lambda device: True)
     config = SAAConfig(**SMALL, top_k=1)
     q, k, v = qkv(1, 2, 1, 40, 40, 64, 64, torch.float16)

@@ -47,7 +47,7 @@ def forms(monkeypatch):
         return real(program, tma)
 
     monkeypatch.setattr(flash, "load_kernel", spy)
-    monkeypatch.setattr(flash, "_tma_failures", set())
+    monkeypatch.setattr(flash.TMA_FORMS, "failed", set())
     return loaded
 
 
@@ -122,7 +122,7 @@ def test_a_tma_form_that_fails_falls_back_to_pointer_loads(monkeypatch, forms, c
         out, _ = flash_forward(q, k, v, [], program, interpret=INTERPRET)
         again, _ = flash_forward(q, k, v, [], program, interpret=INTERPRET)
     assert "TMA lowering failed" in caplog.text and "using pointer loads" in caplog.text
-    (failure,) = flash._tma_failures
+    (failure,) = flash.TMA_FORMS.failed
     assert failure[:3] == (program, 64, 64)
     exact = attention_reference(q.double(), k.double(), v.double(), [], program, compute_dtype=torch.float64)
     assert_as_accurate_as_torch(out, exact, attention_reference(q, k, v, [], program, compute_dtype=q.dtype))
