@@ -39,8 +39,9 @@ LOG2E = 1.4426950408889634
 # (benchmarks/saa.py --sweep).
 EXACT_STAGES = 2
 CENTROID_STAGES = 2
-# Pipeline depth of the fused router-and-top-k: on an H200 at the default operating point (4 warps),
-# 2 stages took 2.11 ms at 128K (D128) against 2.46 with 1 and 2.76 with 3 or 4; 8 warps were slower.
+# Pipeline depth of the fused router-and-top-k (and of the one-pass router kernel, the same loop):
+# on an H200 at the default operating point (4 warps), 2 stages took 2.11 ms at 128K (D128) against
+# 2.46 with 1 and 2.76 with 3 or 4; 8 warps were slower.
 FUSED_SELECTION_STAGES = 2
 
 
@@ -637,7 +638,7 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
         BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
         LIST_PAD=list_pad, ONE_PASS=one_pass, STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
-        num_stages=1 if interpret else 3,
+        num_stages=1 if interpret else FUSED_SELECTION_STAGES if one_pass else 3,
     )
     return out
 
