@@ -178,11 +178,11 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
     q_means = pool_means(q, config.block_m, geometry.num_m)
     interpret = q.device.type == "cpu"
     kernels = RouterKernels(sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
-    if geometry.num_n <= MAX_SORTED_BLOCKS:
+    if geometry.num_n <= MAX_SORTED_BLOCKS:  # (the fused selection falls back to the selection kernel)
         kernels = dataclasses.replace(kernels, choose=functools.partial(select_blocks, interpret=interpret))
-    if fuses_sampled_selection(q, config):
-        kernels = dataclasses.replace(kernels, sampled_choice=functools.partial(sampled_key_selection,
-                                                                               interpret=interpret))
+        if fuses_sampled_selection(q, config):
+            kernels = dataclasses.replace(kernels, sampled_choice=functools.partial(sampled_key_selection,
+                                                                                   interpret=interpret))
     return select(q, q_means, k, centroids, scale, geometry, config, predictor, kernels), centroids
 
 
