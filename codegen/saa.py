@@ -740,7 +740,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
     defaults: 4 warps per 64 query rows, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`. The exact
-    blocks move by TMA where the GPU and the layouts allow it (``tma``: as in
+    blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
     """
     batch, heads, seq_q, head_d = q.shape
