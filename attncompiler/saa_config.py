@@ -3,7 +3,8 @@
 An operating point says how finely queries and keys are blocked, how many key blocks each query
 block computes exactly (``top_k`` routed blocks, or the fewest reaching estimated mass ``tau``,
 on top of the ``sinks`` first blocks and the ``local_blocks`` diagonal blocks, which are always
-exact), how many centroids stand in for each remaining key block, and the error budget
+exact), how many centroids stand in for each remaining key block (and, beyond ``near_blocks`` of
+the diagonal, for each group of ``far_group`` key blocks), and the error budget
 ``max_error``: the largest relative error (Frobenius norm, against dense attention) a site may
 show on its first call before it falls back to dense. ``router`` picks the training-free block
 estimate (:mod:`attncompiler.saa_routing`).
@@ -37,6 +38,8 @@ class SAAConfig:
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 1           # centroids per key block that is not computed exactly
+    far_group: int = 1           # key blocks one centroid stands for beyond near_blocks of the diagonal (1: each its own)
+    near_blocks: int = 64        # key blocks before a query block's diagonal that keep their own centroids
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
@@ -49,7 +52,7 @@ class SAAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not _is_pow2(value) or value < 16:
                 raise SAAConfigError(f"SAA {name} must be a power of two >= 16, got {value!r}")
-        for name in ("sinks", "local_blocks", "min_keys"):
+        for name in ("sinks", "local_blocks", "min_keys", "near_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SAAConfigError(f"SAA {name} must be an integer >= 0, got {value!r}")
@@ -64,6 +67,9 @@ class SAAConfig:
                 or self.block_n % self.centroids):
             raise SAAConfigError(f"SAA centroids must be an integer >= 1 dividing block_n={self.block_n}, "
                                  f"got {self.centroids!r}")
+        if (not isinstance(self.far_group, int) or isinstance(self.far_group, bool) or not _is_pow2(self.far_group)
+                or self.far_group > 32):
+            raise SAAConfigError(f"SAA far_group must be a power of two <= 32, got {self.far_group!r}")
         if (not isinstance(self.key_stride, int) or isinstance(self.key_stride, bool) or not _is_pow2(self.key_stride)
                 or self.key_stride > self.block_n):
             raise SAAConfigError(f"SAA key_stride must be a power of two <= block_n={self.block_n}, "

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .saa_config import SAAConfig
-from .saa_routing import (BlockGeometry, RouterKernels, Selection, group_counts, sampled_shortlist,
+from .saa_routing import (BlockGeometry, RouterKernels, Selection, far_end, group_counts, sampled_shortlist,
                           training_free_logits)
 
 if TYPE_CHECKING:
@@ -77,7 +77,8 @@ def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: C
 def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids,
                      selection: Selection, scale: float, geometry: BlockGeometry, config: SAAConfig,
                      compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One softmax over the exact keys and the centroids of the other full blocks, in ``compute_dtype``."""
+    """One softmax over the exact keys, the centroids of the other full blocks near the diagonal and
+    one centroid per group of far ones, in ``compute_dtype``."""
     group = q.shape[1] // k.shape[1]
     k, v, k_cent, v_cent = (t.to(compute_dtype).repeat_interleave(group, 1)
                             for t in (k, v, centroids.keys, centroids.values))
@@ -85,7 +86,8 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroid
     device = q.device
     rows = torch.arange(geometry.seq_q, device=device)
     cols = torch.arange(geometry.seq_k, device=device)
-    row_exact = selection.exact[:, :, rows // geometry.block_m]                       # [B, H, Sq, N]
+    row_block = rows // geometry.block_m
+    row_exact = selection.exact[:, :, row_block]                                     # [B, H, Sq, N]
 
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale                              # [B, H, Sq, Sk]
     keep = row_exact[..., cols // geometry.block_n]
@@ -94,13 +96,38 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroid
     scores = scores.masked_fill(~keep, float("-inf"))
 
     cent_block = torch.arange(centroids.counts.numel(), device=device) // config.centroids
-    cent_scores = torch.matmul(q, k_cent.transpose(-2, -1)) * scale + centroids.counts.to(compute_dtype).log()
-    full = selection.full[rows // geometry.block_m]                                    # [Sq]
-    cent_keep = ~row_exact[..., cent_block] & (cent_block[None, :] < full[:, None]) & (centroids.counts > 0)
-    cent_scores = cent_scores.masked_fill(~cent_keep, float("-inf"))                   # [B, H, Sq, N·C]
+    counts = centroids.counts.to(compute_dtype)
+    cent_scores = torch.matmul(q, k_cent.transpose(-2, -1)) * scale + counts.log()
+    far = cent_block[None, :] < far_end(geometry, config, selection.full)[row_block][:, None]  # [Sq, N·C]
+    aggregated = (~row_exact[..., cent_block] & (cent_block[None, :] < selection.full[row_block][:, None])
+                  & (centroids.counts > 0))                                            # [B, H, Sq, N·C]
+    cent_scores = cent_scores.masked_fill(~(aggregated & ~far), float("-inf"))
+    logits = torch.cat([scores, cent_scores], -1)
+    value_rows = torch.cat([v, v_cent], -2)
+    if config.far_group == 1:
+        return torch.matmul(torch.softmax(logits, -1), value_rows)
+    group_scores, group_values = _far_groups(q, k_cent, v_cent, counts, aggregated & far, scale, config)
+    probs = torch.softmax(torch.cat([logits, group_scores], -1), -1)
+    split = logits.shape[-1]
+    return (torch.matmul(probs[..., :split], value_rows)
+            + torch.einsum("bhsg,bhsgd->bhsd", probs[..., split:], group_values))
 
-    probs = torch.softmax(torch.cat([scores, cent_scores], -1), -1)
-    return torch.matmul(probs, torch.cat([v, v_cent], -2))
+
+def _far_groups(q: torch.Tensor, k_cent: torch.Tensor, v_cent: torch.Tensor, counts: torch.Tensor,
+                member: torch.Tensor, scale: float, config: SAAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's scores ``[B, H, Sq, G]`` against, and values ``[B, H, Sq, G, Dv]`` of, one centroid per
+    group of ``far_group`` key blocks: the mean key and value of the runs ``member`` ``[B, H, Sq, N·C]``
+    marks in the group, with the log of their keys on the score (-inf for a group with none)."""
+    runs = config.far_group * config.centroids
+    pad = (-counts.numel()) % runs
+    weight = torch.nn.functional.pad(member * counts, (0, pad)).unflatten(-1, (-1, runs))    # [B, H, Sq, G, R]
+    k_runs, v_runs = (torch.nn.functional.pad(t, (0, 0, 0, pad)).unflatten(-2, (-1, runs)) for t in (k_cent, v_cent))
+    keys = weight.sum(-1)                                                              # [B, H, Sq, G]
+    share = weight / keys.clamp(min=1)[..., None]
+    group_keys = torch.einsum("bhsgr,bhgrd->bhsgd", share, k_runs)
+    group_values = torch.einsum("bhsgr,bhgrd->bhsgd", share, v_runs)
+    group_scores = torch.einsum("bhsd,bhsgd->bhsg", q, group_keys) * scale + keys.clamp(min=1).log()
+    return group_scores.masked_fill(keys == 0, float("-inf")), group_values
 
 
 def saa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,

@@ -124,6 +124,18 @@ def _bounds(geometry: BlockGeometry, device: torch.device) -> tuple[torch.Tensor
     return geometry.allowed_blocks(device), geometry.full_blocks(device)
 
 
+def far_end(geometry: BlockGeometry, config: SAAConfig, full: torch.Tensor) -> torch.Tensor:
+    """``[num_m]``: the key blocks before which the full key blocks that are not exact enter by one
+    centroid per group of ``far_group`` (those ending ``near_blocks`` or more blocks before the
+    diagonal; whole groups of full blocks only), given each query block's ``full`` blocks."""
+    diagonal = geometry.diagonal_block(full.device)
+    group = config.far_group
+    if group == 1:
+        return torch.zeros_like(full)
+    end = torch.clamp(diagonal + 1 - config.near_blocks, min=0) // group * group
+    return torch.minimum(end, full // group * group)
+
+
 def group_counts(seq: int, group: int, groups: int, device) -> torch.Tensor:
     """``[groups]``: rows in each run of ``group`` consecutive rows out of ``seq`` (0 past the end).
     Made once per shape and device (shared: do not modify it)."""

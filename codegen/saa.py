@@ -443,15 +443,15 @@ def select_blocks_kernel(
 
 
 @triton.jit
-def _key_block(K, V, b, kh, n, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn, stride_kd,
+def _key_block(K, V, b, kh, start, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
-    """Block n of BLOCK_N keys (or centroids) of key/value head (b, kh): the keys transposed ``[BD, BN]``
-    and values ``[BN, BDV]``, zero where not col_ok and past the head dims; by TMA tensor descriptors
-    (K and V ``[B, Hk, Sk, D]``, tiles ``[1, 1, BN, BD]``, edges zero-filled by the hardware) or by
-    masked pointer loads."""
+    """The BLOCK_N keys (or centroids) from row ``start`` (``offs_n``) of key/value head (b, kh): the keys
+    transposed ``[BD, BN]`` and values ``[BN, BDV]``, zero where not col_ok and past the head dims; by
+    TMA tensor descriptors (K and V ``[B, Hk, Sk, D]``, tiles ``[1, 1, BN, BD]``, edges zero-filled by
+    the hardware) or by masked pointer loads."""
     if TMA:
-        b_i32, kh_i32, start = b.to(tl.int32), kh.to(tl.int32), n * BLOCK_N
+        b_i32, kh_i32 = b.to(tl.int32), kh.to(tl.int32)
         b_kt = tl.trans(K.load([b_i32, kh_i32, start, 0]).reshape(BLOCK_N, BLOCK_D))
         b_v = V.load([b_i32, kh_i32, start, 0]).reshape(BLOCK_N, BLOCK_DV)
     else:
@@ -476,21 +476,50 @@ def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _group_means(KC, VC, EXACT_ROW, offs_g, g_ok, offs_d, offs_dv, stride_cn, stride_cd, stride_wn, stride_wd, SEQ_K,
+                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 CENTROIDS: tl.constexpr, SUB: tl.constexpr, RUNS: tl.constexpr, GROUPS: tl.constexpr):
+    """For groups ``offs_g`` ``[G]`` of RUNS consecutive centroid runs (of one key/value head, at KC and
+    VC): the mean key ``[G, BD]`` and value ``[G, BDV]`` (fp32) of the keys behind the runs of blocks
+    not computed exactly (EXACT_ROW, per key block), and how many keys that is ``[G]``."""
+    key_sum = tl.zeros([GROUPS, BLOCK_D], tl.float32)                     # [G, BD]
+    value_sum = tl.zeros([GROUPS, BLOCK_DV], tl.float32)                  # [G, BDV]
+    keys = tl.zeros([GROUPS], tl.float32)                                 # [G]
+    for j in tl.static_range(RUNS):
+        run = offs_g * RUNS + j                                           # [G] the j-th run of each group
+        is_exact = tl.load(EXACT_ROW + run // CENTROIDS, mask=g_ok, other=1)
+        behind = tl.minimum(tl.maximum(SEQ_K - run * SUB, 0), SUB)        # [G] keys behind it
+        weight = tl.where(is_exact == 0, behind, 0).to(tl.float32)        # [G]
+        b_kc = tl.load(KC + run[:, None] * stride_cn + offs_d[None, :] * stride_cd,
+                       mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [G, BD]
+        b_vc = tl.load(VC + run[:, None] * stride_wn + offs_dv[None, :] * stride_wd,
+                       mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [G, BDV]
+        key_sum += b_kc.to(tl.float32) * weight[:, None]
+        value_sum += b_vc.to(tl.float32) * weight[:, None]
+        keys += weight
+    share = 1.0 / tl.maximum(keys, 1.0)
+    return key_sum * share[:, None], value_sum * share[:, None], keys
+
+
+@triton.jit
 def saa_attend_kernel(
-    Q, K, V, KC, VC, IDX, CNT, EXACT, O,
+    Q, K, V, KC, VC, KCP, VCP, IDX, CNT, EXACT, O,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_cb, stride_ch, stride_cn, stride_cd,
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET,
-    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, TMA: tl.constexpr, EVEN_N: tl.constexpr,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET, NEAR,
+    CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, FAR_GROUP: tl.constexpr, TMA: tl.constexpr,
+    EVEN_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUPS: tl.constexpr,
     CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One query block (BLOCK_M rows) of one head. KC and VC are the centroids as TMA descriptors (or
+    pointers, as KCP and VCP always are); with FAR_GROUP > 1, the full key blocks ending NEAR or more
+    blocks before the diagonal enter by one centroid per FAR_GROUP blocks, GROUPS groups a step."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_M_BLOCKS
     pid_bh = pid // NUM_M_BLOCKS
@@ -524,7 +553,7 @@ def saa_attend_kernel(
     for i in range(0, num_exact - partial):
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        b_kt, b_v = _key_block(K, V, b, kh, n, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb, stride_kh,
+        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb, stride_kh,
                                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
                                BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
@@ -535,23 +564,44 @@ def saa_attend_kernel(
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         col_ok = offs_n < SEQ_K
-        b_kt, b_v = _key_block(K, V, b, kh, n, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
+        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
                                stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV, BLOCK_N,
                                BLOCK_D, BLOCK_DV, TMA)                    # [BD, BN], [BN, BDV]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
         m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION)
 
-    # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed exactly.
-    num_centroids = full * CENTROIDS
+    # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed
+    # exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
-    for start_c in tl.range(0, num_centroids, BLOCK_C, num_stages=CENTROID_STAGES):
+    far_end = 0
+    if FAR_GROUP > 1:
+        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
+        if CAUSAL:
+            diagonal = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - 1
+        else:
+            diagonal = tl.minimum(tl.maximum(last_row + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
+        far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
+        far_end = far_groups * FAR_GROUP
+        kc_head = KCP + b * stride_cb + kh * stride_ch
+        vc_head = VCP + b * stride_wb + kh * stride_wh
+        for start_g in tl.range(0, far_groups, GROUPS, num_stages=CENTROID_STAGES):
+            offs_g = start_g + tl.arange(0, GROUPS)                       # [G] groups of key blocks
+            key_mean, value_mean, keys = _group_means(
+                kc_head, vc_head, EXACT + row * NUM_N_BLOCKS, offs_g, offs_g < far_groups, offs_d, offs_dv,
+                stride_cn, stride_cd, stride_wn, stride_wd, SEQ_K, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CENTROIDS,
+                SUB, FAR_GROUP * CENTROIDS, GROUPS)                      # [G, BD], [G, BDV], [G]
+            s = tl.dot(b_q, tl.trans(key_mean.to(b_q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where((keys > 0)[None, :], s + tl.log2(tl.maximum(keys, 1.0))[None, :], float("-inf"))  # [BM, G]
+            m_i, l_i, acc = _fold(s, value_mean.to(O.dtype.element_ty), m_i, l_i, acc, DOT_PRECISION)
+    num_centroids = full * CENTROIDS
+    for start_c in tl.range(far_end * CENTROIDS, num_centroids, BLOCK_C, num_stages=CENTROID_STAGES):
         offs_c = start_c + tl.arange(0, BLOCK_C)                          # [BC]
         c_ok = offs_c < num_centroids
         is_exact = tl.load(EXACT + row * NUM_N_BLOCKS + offs_c // CENTROIDS, mask=c_ok, other=1)  # [BC]
         behind = tl.minimum(tl.maximum(SEQ_K - offs_c * SUB, 0), SUB)     # [BC] keys behind each (0 past the end)
         b_lc = tl.log2(tl.maximum(behind, 1).to(tl.float32))              # [BC] (masked where 0)
-        b_kct, b_vc = _key_block(KC, VC, b, kh, start_c // BLOCK_C, offs_c, c_ok, offs_d, offs_dv, stride_cb,
+        b_kct, b_vc = _key_block(KC, VC, b, kh, start_c, offs_c, c_ok, offs_d, offs_dv, stride_cb,
                                  stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, HEAD_D,
                                  HEAD_DV, BLOCK_C, BLOCK_D, BLOCK_DV, TMA)  # [BD, BC], [BC, BDV]
         s = tl.dot(b_q, b_kct.to(b_q.dtype), input_precision=DOT_PRECISION) * qk_scale + b_lc[None, :]
@@ -760,15 +810,16 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     def launch(descriptors: list | None) -> None:
         keys, values, centroid_keys, centroid_values = descriptors or (k, v, key_centroids, value_centroids)
         saa_attend_kernel[grid](
-            q, keys, values, centroid_keys, centroid_values, indices, counts, exact, out,
+            q, keys, values, centroid_keys, centroid_values, key_centroids, value_centroids, indices, counts, exact,
+            out,
             *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
             *out.stride(),
             scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
-            indices.shape[-1], geometry.key_offset,
-            CAUSAL=geometry.causal, CENTROIDS=config.centroids, TMA=descriptors is not None,
-            EVEN_N=geometry.seq_k % config.block_n == 0,
+            indices.shape[-1], geometry.key_offset, config.near_blocks,
+            CAUSAL=geometry.causal, CENTROIDS=config.centroids, FAR_GROUP=config.far_group,
+            TMA=descriptors is not None, EVEN_N=geometry.seq_k % config.block_n == 0,
             HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=block_c,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=block_c, GROUPS=16,
             CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),

@@ -72,10 +72,13 @@ def double(centroids: Centroids) -> Centroids:
     (2, 4, 2, 45, 61, 80, 64, SAAConfig(**SMALL, top_k=1, sinks=0, local_blocks=1, centroids=4)),
     (1, 3, 1, 113, 70, 128, 128, SAAConfig(block_m=32, block_n=16, top_k=None, tau=0.5, centroids=2)),
     (1, 2, 1, 1, 50, 64, 32, SAAConfig(**SMALL, top_k=1, local_blocks=0, centroids=2)),
+    (1, 4, 2, 300, 300, 64, 64, SAAConfig(**SMALL, top_k=1, far_group=4, near_blocks=2)),
+    (1, 2, 1, 200, 250, 64, 32, SAAConfig(**SMALL, top_k=None, tau=0.5, centroids=2, far_group=2, near_blocks=0)),
 ])
 def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
     """The attend-and-aggregate kernel against the fp64 reference with the same routing: odd sizes,
-    GQA, Sq != Sk, one query, causal alignments, top-k and tau; as accurate as PyTorch in ``dtype``."""
+    GQA, Sq != Sk, one query, causal alignments, top-k and tau, far blocks by groups; as accurate as
+    PyTorch in ``dtype``."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
     q, k, v = qkv(b, h, hk, sq, sk, d, dv, dtype)
     geometry = geometry_of(q, k, config, causal, bottom_right)
@@ -88,6 +91,29 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
     assert_as_accurate_as_torch(out, exact, ours_torch.to(dtype))
     if not (form == "causal" and sq == 1):  # one query sees one key block
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
+
+
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+def test_far_key_blocks_enter_by_one_centroid_per_group(form):
+    """Beyond near_blocks of the diagonal, the full key blocks not computed exactly enter by the mean
+    key and value of each group of far_group blocks (log of its keys on the logit): the kernel gives
+    the reference's output, which differs from one centroid per block by far more than the kernel's
+    error, and equals it when no block is that far."""
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    config = SAAConfig(**SMALL, top_k=1, far_group=4, near_blocks=3)
+    q, k, v = qkv(1, 2, 1, 300, 300, 64, 64, torch.float16)
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    out, selection, centroids = saa_triton(q, k, v, 0.3, geometry, config)
+
+    def reference(**knobs):
+        return attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
+                                replace(config, **knobs), torch.float64)
+
+    grouped, per_block = reference(), reference(far_group=1)
+    assert (out.double() - grouped).abs().max() * 20 < (grouped - per_block).abs().max()
+    assert_as_accurate_as_torch(out, grouped, attend_reference(q, k, v, centroids, selection, 0.3, geometry, config,
+                                                               compute_dtype=torch.float16).half())
+    assert torch.equal(reference(near_blocks=geometry.num_n), per_block)
 
 
 @pytest.mark.parametrize("router", ["mean-key", "sampled-keys", "sampled-keys shortlist"])
@@ -545,6 +571,9 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"top_k": None}, "needs top_k, tau or both"),
     ({"tau": 1.5}, "tau must be"),
     ({"centroids": 3}, "centroids must be"),
+    ({"far_group": 3}, "far_group must be a power of two <= 32"),
+    ({"far_group": 64}, "far_group must be a power of two <= 32"),
+    ({"near_blocks": -1}, "near_blocks must be an integer >= 0"),
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
     ({"min_keys": -1}, "min_keys must be an integer >= 0"),
