@@ -407,14 +407,17 @@ def attend_once(q, k, v, config, form, tma):
     return out, selection, centroids, geometry
 
 
+@pytest.mark.parametrize("far", [{}, {"far_group": 2, "near_blocks": 1}])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 @pytest.mark.parametrize("b, h, hk, sq, sk, d, dv", [(1, 2, 2, 37, 37, 64, 64), (2, 4, 2, 45, 61, 80, 64)])
-def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, h, hk, sq, sk, d, dv, monkeypatch):
+def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, h, hk, sq, sk, d, dv, far,
+                                                                        monkeypatch):
     """The TMA form (zero-filled edges: a ragged last key block and centroid tile, head dim 80 in a tile
-    of 128) gives the pointer form's output, as accurate as PyTorch in fp16."""
+    of 128; with far centroids, centroid tiles from any run) gives the pointer form's output, as
+    accurate as PyTorch in fp16."""
     launches = AttendLaunches(saa_kernels.saa_attend_kernel)
     monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
-    config = SAAConfig(**SMALL, top_k=1, centroids=2)
+    config = SAAConfig(**SMALL, top_k=1, centroids=2, **far)
     q, k, v = qkv(b, h, hk, sq, sk, d, dv, torch.float16)
     by_tma, selection, centroids, geometry = attend_once(q, k, v, config, form, tma=True)
     by_pointers, *_ = attend_once(q, k, v, config, form, tma=False)
