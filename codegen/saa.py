@@ -125,6 +125,15 @@ def _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key block holding query row last_row's position: its last visible key when causal, else the
+    bottom-right aligned position."""
+    if CAUSAL:
+        return _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - 1
+    return tl.minimum(tl.maximum(last_row + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
+
+
+@triton.jit
 def _forced_blocks(blocks, m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(allowed, forced)`` for key blocks ``blocks`` of query block m: whether some row may see them,
@@ -132,14 +141,12 @@ def _forced_blocks(blocks, m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAU
     blocks that some row sees only in part)."""
     first = m * BLOCK_M
     last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
+    diagonal = _diagonal_block(last, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
+    allowed = NUM_N
+    full = NUM_N
     if CAUSAL:
-        allowed = _allowed_blocks(last, KEY_OFFSET, SEQ_K, BLOCK_N)
+        allowed = diagonal + 1
         full = _full_blocks(first, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N)
-        diagonal = allowed - 1
-    else:
-        allowed = NUM_N
-        full = NUM_N
-        diagonal = tl.minimum(tl.maximum(last + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
     is_allowed = blocks < allowed
     forced = is_allowed & ((blocks < SINKS) | (blocks >= full) | ((blocks <= diagonal) & (blocks > diagonal - LOCAL)))
     return is_allowed, forced
@@ -577,10 +584,7 @@ def saa_attend_kernel(
     far_end = 0
     if FAR_GROUP > 1:
         last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
-        if CAUSAL:
-            diagonal = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - 1
-        else:
-            diagonal = tl.minimum(tl.maximum(last_row + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
+        diagonal = _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
         far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
         far_end = far_groups * FAR_GROUP
         kc_head = KCP + b * stride_cb + kh * stride_ch
