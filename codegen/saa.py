@@ -483,34 +483,34 @@ def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _group_means(KC, VC, EXACT_ROW, offs_g, g_ok, offs_d, offs_dv, stride_cn, stride_cd, stride_wn, stride_wd, SEQ_K,
-                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 CENTROIDS: tl.constexpr, SUB: tl.constexpr, RUNS: tl.constexpr, GROUPS: tl.constexpr):
-    """For groups ``offs_g`` ``[G]`` of RUNS consecutive centroid runs (of one key/value head, at KC and
-    VC): the mean key ``[G, BD]`` and value ``[G, BDV]`` (fp32) of the keys behind the runs of blocks
-    not computed exactly (EXACT_ROW, per key block), and how many keys that is ``[G]``."""
-    key_sum = tl.zeros([GROUPS, BLOCK_D], tl.float32)                     # [G, BD]
-    value_sum = tl.zeros([GROUPS, BLOCK_DV], tl.float32)                  # [G, BDV]
-    keys = tl.zeros([GROUPS], tl.float32)                                 # [G]
-    for j in tl.static_range(RUNS):
-        run = offs_g * RUNS + j                                           # [G] the j-th run of each group
-        is_exact = tl.load(EXACT_ROW + run // CENTROIDS, mask=g_ok, other=1)
-        behind = tl.minimum(tl.maximum(SEQ_K - run * SUB, 0), SUB)        # [G] keys behind it
-        weight = tl.where(is_exact == 0, behind, 0).to(tl.float32)        # [G]
-        b_kc = tl.load(KC + run[:, None] * stride_cn + offs_d[None, :] * stride_cd,
-                       mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [G, BD]
-        b_vc = tl.load(VC + run[:, None] * stride_wn + offs_dv[None, :] * stride_wd,
-                       mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [G, BDV]
-        key_sum += b_kc.to(tl.float32) * weight[:, None]
-        value_sum += b_vc.to(tl.float32) * weight[:, None]
-        keys += weight
+def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, offs_d, offs_dv, SEQ_K,
+                     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, FAR_GROUP: tl.constexpr):
+    """For groups ``offs_g`` ``[G]`` of FAR_GROUP key blocks (of one key/value head): the mean key
+    ``[G, BD]`` and value ``[G, BDV]`` (fp32) of their keys outside the exact blocks, and how many keys
+    that is ``[G]``. Each is the group's sum (FAR_SUMS rows: keys, then values) less the sums
+    (BLOCK_SUMS rows) of the exact blocks among the first ``far_exact`` entries of the list at IDX_ROW."""
+    WIDTH: tl.constexpr = HEAD_D + HEAD_DV
+    p_sums = FAR_SUMS + offs_g[:, None] * WIDTH
+    key_sum = tl.load(p_sums + offs_d[None, :], mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+    value_sum = tl.load(p_sums + HEAD_D + offs_dv[None, :], mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
+                        other=0.0)                                        # [G, BD], [G, BDV]
+    first_keys = offs_g * (FAR_GROUP * BLOCK_N)
+    keys = tl.where(g_ok, tl.minimum(tl.maximum(SEQ_K - first_keys, 0), FAR_GROUP * BLOCK_N), 0).to(tl.float32)  # [G]
+    for e in range(0, far_exact):
+        n = tl.load(IDX_ROW + e)                                          # an exact block in a far group
+        member = offs_g == n // FAR_GROUP                                 # [G]
+        b_k = tl.load(BLOCK_SUMS + n * WIDTH + offs_d, mask=offs_d < HEAD_D, other=0.0)  # [BD]
+        b_v = tl.load(BLOCK_SUMS + n * WIDTH + HEAD_D + offs_dv, mask=offs_dv < HEAD_DV, other=0.0)  # [BDV]
+        key_sum -= tl.where(member[:, None], b_k[None, :], 0.0)
+        value_sum -= tl.where(member[:, None], b_v[None, :], 0.0)
+        keys -= tl.where(member, tl.minimum(tl.maximum(SEQ_K - n * BLOCK_N, 0), BLOCK_N).to(tl.float32), 0.0)
     share = 1.0 / tl.maximum(keys, 1.0)
     return key_sum * share[:, None], value_sum * share[:, None], keys
 
 
 @triton.jit
 def saa_attend_kernel(
-    Q, K, V, KC, VC, KCP, VCP, IDX, CNT, EXACT, O,
+    Q, K, V, KC, VC, FAR_SUMS, BLOCK_SUMS, IDX, CNT, EXACT, O,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -524,9 +524,11 @@ def saa_attend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUPS: tl.constexpr,
     CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block (BLOCK_M rows) of one head. KC and VC are the centroids as TMA descriptors (or
-    pointers, as KCP and VCP always are); with FAR_GROUP > 1, the full key blocks ending NEAR or more
-    blocks before the diagonal enter by one centroid per FAR_GROUP blocks, GROUPS groups a step."""
+    """One query block (BLOCK_M rows) of one head. KC and VC are the centroids, as TMA descriptors or
+    pointers. With FAR_GROUP > 1, the full key blocks ending NEAR or more blocks before the diagonal
+    enter by one centroid per FAR_GROUP blocks, GROUPS groups a step, from the fp32 key and value sums
+    of every group (FAR_SUMS ``[B, Hk, ceil(N / FAR_GROUP), D + Dv]``) and key block (BLOCK_SUMS
+    ``[B, Hk, N, D + Dv]``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_M_BLOCKS
     pid_bh = pid // NUM_M_BLOCKS
@@ -587,14 +589,17 @@ def saa_attend_kernel(
         diagonal = _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
         far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
         far_end = far_groups * FAR_GROUP
-        kc_head = KCP + b * stride_cb + kh * stride_ch
-        vc_head = VCP + b * stride_wb + kh * stride_wh
+        kv_head = b * (H // GROUP) + kh
+        far_sums = FAR_SUMS + kv_head * tl.cdiv(NUM_N_BLOCKS, FAR_GROUP) * (HEAD_D + HEAD_DV)
+        block_sums = BLOCK_SUMS + kv_head * NUM_N_BLOCKS * (HEAD_D + HEAD_DV)
+        far_exact = 0                                                     # exact blocks before far_end: a prefix
+        for i in range(0, num_exact):
+            far_exact += (tl.load(IDX + row * MAX_EXACT + i) < far_end).to(tl.int32)
         for start_g in tl.range(0, far_groups, GROUPS, num_stages=CENTROID_STAGES):
             offs_g = start_g + tl.arange(0, GROUPS)                       # [G] groups of key blocks
-            key_mean, value_mean, keys = _group_means(
-                kc_head, vc_head, EXACT + row * NUM_N_BLOCKS, offs_g, offs_g < far_groups, offs_d, offs_dv,
-                stride_cn, stride_cd, stride_wn, stride_wd, SEQ_K, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CENTROIDS,
-                SUB, FAR_GROUP * CENTROIDS, GROUPS)                      # [G, BD], [G, BDV], [G]
+            key_mean, value_mean, keys = _far_group_means(
+                far_sums, block_sums, IDX + row * MAX_EXACT, far_exact, offs_g, offs_g < far_groups, offs_d,
+                offs_dv, SEQ_K, HEAD_D, HEAD_DV, BLOCK_N, FAR_GROUP)     # [G, BD], [G, BDV], [G]
             s = tl.dot(b_q, tl.trans(key_mean.to(b_q.dtype)), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where((keys > 0)[None, :], s + tl.log2(tl.maximum(keys, 1.0))[None, :], float("-inf"))  # [BM, G]
             m_i, l_i, acc = _fold(s, value_mean.to(O.dtype.element_ty), m_i, l_i, acc, DOT_PRECISION)
@@ -783,6 +788,20 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
 FUSED_SELECTION = FormFallback("routing with two kernels")
 
 
+def far_sums(key_centroids: torch.Tensor, value_centroids: torch.Tensor, geometry: BlockGeometry,
+             config: SAAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 sums of the keys and values (side by side, ``D + Dv`` wide) behind each key block
+    ``[B, Hk, N, D + Dv]`` and each group of ``config.far_group`` key blocks ``[B, Hk, ceil(N / far_group),
+    D + Dv]``, from the centroids (each its run's mean, times the keys behind it)."""
+    runs = key_centroids.shape[-2]
+    counts = group_counts(geometry.seq_k, config.sub_block, runs, key_centroids.device).float()
+    sums = torch.cat([key_centroids, value_centroids], -1).float() * counts[:, None]   # [B, Hk, N·C, D + Dv]
+    blocks = sums.unflatten(-2, (geometry.num_n, config.centroids)).sum(-2)               # [B, Hk, N, D + Dv]
+    pad = -geometry.num_n % config.far_group
+    groups = torch.nn.functional.pad(blocks, (0, 0, 0, pad)).unflatten(-2, (-1, config.far_group)).sum(-2)
+    return blocks.contiguous(), groups.contiguous()
+
+
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,
                value_centroids: torch.Tensor, selection: Selection, scale: float, geometry: BlockGeometry,
                config: SAAConfig, interpret: bool = False, out: torch.Tensor | None = None,
@@ -810,11 +829,13 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
     block_c = 16 if interpret else 64                                     # centroids per step
     grid = (geometry.num_m * batch * heads,)
+    block_sums, group_sums = (far_sums(key_centroids, value_centroids, geometry, config) if config.far_group > 1
+                              else (key_centroids, value_centroids))     # (not read)
 
     def launch(descriptors: list | None) -> None:
         keys, values, centroid_keys, centroid_values = descriptors or (k, v, key_centroids, value_centroids)
         saa_attend_kernel[grid](
-            q, keys, values, centroid_keys, centroid_values, key_centroids, value_centroids, indices, counts, exact,
+            q, keys, values, centroid_keys, centroid_values, group_sums, block_sums, indices, counts, exact,
             out,
             *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
             *out.stride(),
