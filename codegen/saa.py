@@ -13,7 +13,9 @@ the logits. ``saa_attend_kernel`` keeps a ``[BLOCK_M, D]``
 query tile on chip and folds two kinds of entries into one online softmax (base 2): the keys of
 the key blocks routed to this query block, exactly, and then the centroids of every other full key
 block, whose logits carry ``log2 n`` for the ``n`` keys each stands for; both move by TMA
-descriptors on Hopper and by pointer loads elsewhere. The PyTorch oracle is
+descriptors on Hopper and by pointer loads elsewhere. Beyond ``near_blocks`` of the diagonal, one
+centroid per group of ``far_group`` key blocks: the group's key and value sums (:func:`far_sums`,
+once per call) less those of its exact blocks, over its remaining keys. The PyTorch oracle is
 :func:`attncompiler.saa_reference.attend_reference`.
 """
 
@@ -484,26 +486,33 @@ def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, offs_d, offs_dv, SEQ_K,
-                     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, FAR_GROUP: tl.constexpr):
+                     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, FAR_GROUP: tl.constexpr,
+                     LISTED: tl.constexpr):
     """For groups ``offs_g`` ``[G]`` of FAR_GROUP key blocks (of one key/value head): the mean key
     ``[G, BD]`` and value ``[G, BDV]`` (fp32) of their keys outside the exact blocks, and how many keys
     that is ``[G]``. Each is the group's sum (FAR_SUMS rows: keys, then values) less the sums
-    (BLOCK_SUMS rows) of the exact blocks among the first ``far_exact`` entries of the list at IDX_ROW."""
+    (BLOCK_SUMS rows) of the exact blocks among the first ``far_exact`` entries of the list at IDX_ROW,
+    LISTED entries at a time (a one-hot product: each exact block belongs to one group)."""
     WIDTH: tl.constexpr = HEAD_D + HEAD_DV
     p_sums = FAR_SUMS + offs_g[:, None] * WIDTH
     key_sum = tl.load(p_sums + offs_d[None, :], mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
     value_sum = tl.load(p_sums + HEAD_D + offs_dv[None, :], mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
                         other=0.0)                                        # [G, BD], [G, BDV]
-    first_keys = offs_g * (FAR_GROUP * BLOCK_N)
-    keys = tl.where(g_ok, tl.minimum(tl.maximum(SEQ_K - first_keys, 0), FAR_GROUP * BLOCK_N), 0).to(tl.float32)  # [G]
-    for e in range(0, far_exact):
-        n = tl.load(IDX_ROW + e)                                          # an exact block in a far group
-        member = offs_g == n // FAR_GROUP                                 # [G]
-        b_k = tl.load(BLOCK_SUMS + n * WIDTH + offs_d, mask=offs_d < HEAD_D, other=0.0)  # [BD]
-        b_v = tl.load(BLOCK_SUMS + n * WIDTH + HEAD_D + offs_dv, mask=offs_dv < HEAD_DV, other=0.0)  # [BDV]
-        key_sum -= tl.where(member[:, None], b_k[None, :], 0.0)
-        value_sum -= tl.where(member[:, None], b_v[None, :], 0.0)
-        keys -= tl.where(member, tl.minimum(tl.maximum(SEQ_K - n * BLOCK_N, 0), BLOCK_N).to(tl.float32), 0.0)
+    group_keys = tl.minimum(tl.maximum(SEQ_K - offs_g * (FAR_GROUP * BLOCK_N), 0), FAR_GROUP * BLOCK_N)
+    keys = tl.where(g_ok, group_keys, 0).to(tl.float32)                   # [G]
+    for start in range(0, far_exact, LISTED):
+        offs_e = start + tl.arange(0, LISTED)                             # [E] list entries
+        e_ok = offs_e < far_exact
+        n = tl.load(IDX_ROW + offs_e, mask=e_ok, other=0)                 # [E] exact blocks in far groups
+        member = ((offs_g[:, None] == n[None, :] // FAR_GROUP) & e_ok[None, :]).to(tl.float32)  # [G, E]
+        b_k = tl.load(BLOCK_SUMS + n[:, None] * WIDTH + offs_d[None, :],
+                      mask=e_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [E, BD]
+        b_v = tl.load(BLOCK_SUMS + n[:, None] * WIDTH + HEAD_D + offs_dv[None, :],
+                      mask=e_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [E, BDV]
+        key_sum -= tl.dot(member, b_k, input_precision="ieee")
+        value_sum -= tl.dot(member, b_v, input_precision="ieee")
+        block_keys = tl.minimum(tl.maximum(SEQ_K - n * BLOCK_N, 0), BLOCK_N).to(tl.float32)  # [E]
+        keys -= tl.sum(member * block_keys[None, :], 1)
     share = 1.0 / tl.maximum(keys, 1.0)
     return key_sum * share[:, None], value_sum * share[:, None], keys
 
@@ -593,13 +602,15 @@ def saa_attend_kernel(
         far_sums = FAR_SUMS + kv_head * tl.cdiv(NUM_N_BLOCKS, FAR_GROUP) * (HEAD_D + HEAD_DV)
         block_sums = BLOCK_SUMS + kv_head * NUM_N_BLOCKS * (HEAD_D + HEAD_DV)
         far_exact = 0                                                     # exact blocks before far_end: a prefix
-        for i in range(0, num_exact):
-            far_exact += (tl.load(IDX + row * MAX_EXACT + i) < far_end).to(tl.int32)
+        for start_e in range(0, num_exact, GROUPS):
+            offs_e = start_e + tl.arange(0, GROUPS)
+            listed = tl.load(IDX + row * MAX_EXACT + offs_e, mask=offs_e < num_exact, other=far_end)
+            far_exact += tl.sum((listed < far_end).to(tl.int32), 0)
         for start_g in tl.range(0, far_groups, GROUPS, num_stages=CENTROID_STAGES):
             offs_g = start_g + tl.arange(0, GROUPS)                       # [G] groups of key blocks
             key_mean, value_mean, keys = _far_group_means(
                 far_sums, block_sums, IDX + row * MAX_EXACT, far_exact, offs_g, offs_g < far_groups, offs_d,
-                offs_dv, SEQ_K, HEAD_D, HEAD_DV, BLOCK_N, FAR_GROUP)     # [G, BD], [G, BDV], [G]
+                offs_dv, SEQ_K, HEAD_D, HEAD_DV, BLOCK_N, FAR_GROUP, GROUPS)  # [G, BD], [G, BDV], [G]
             s = tl.dot(b_q, tl.trans(key_mean.to(b_q.dtype)), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where((keys > 0)[None, :], s + tl.log2(tl.maximum(keys, 1.0))[None, :], float("-inf"))  # [BM, G]
             m_i, l_i, acc = _fold(s, value_mean.to(O.dtype.element_ty), m_i, l_i, acc, DOT_PRECISION)
