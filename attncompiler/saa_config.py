@@ -38,7 +38,7 @@ class SAAConfig:
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 1           # centroids per key block that is not computed exactly
-    far_group: int = 32          # key blocks one centroid stands for beyond near_blocks of the diagonal (1: each its own)
+    far_group: int = 32          # key blocks one centroid stands for beyond near_blocks of the diagonal (1: no groups)
     near_blocks: int = 16        # key blocks before a query block's diagonal that keep their own centroids
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)

@@ -571,9 +571,9 @@ def saa_attend_kernel(
     for i in range(0, num_exact - partial):
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb, stride_kh,
-                               stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
-                               BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
+        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
+                               stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D,
+                               HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)  # [BD, BN], [BN, BDV]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         if not EVEN_N:
             s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
@@ -582,9 +582,9 @@ def saa_attend_kernel(
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         col_ok = offs_n < SEQ_K
-        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
-                               stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV, BLOCK_N,
-                               BLOCK_D, BLOCK_DV, TMA)                    # [BD, BN], [BN, BDV]
+        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh,
+                               stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
         s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
         m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION)

@@ -24,7 +24,8 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
                                         saa_reference)
-from attncompiler.saa_routing import BlockGeometry, Selection, sampled_key_logits, select_blocks, shortlist_config
+from attncompiler.saa_routing import (BlockGeometry, Selection, far_end, sampled_key_logits, select_blocks,
+                                     shortlist_config)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -93,17 +94,22 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
+@pytest.mark.parametrize("routing", [{"top_k": 1}, {"top_k": None, "tau": 0.8}])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
-def test_far_key_blocks_enter_by_one_centroid_per_group(form):
+def test_far_key_blocks_enter_by_one_centroid_per_group(form, routing):
     """Beyond near_blocks of the diagonal, the full key blocks not computed exactly enter by the mean
     key and value of each group of far_group blocks (log of its keys on the logit): the kernel gives
     the reference's output, which differs from one centroid per block by far more than the kernel's
-    error, and equals it when no block is that far."""
+    error, and equals it when no block is that far. With tau, a query block has more exact blocks in
+    its far groups than the kernel subtracts from the groups' sums in one product (16)."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
-    config = SAAConfig(**SMALL, top_k=1, far_group=4, near_blocks=3)
-    q, k, v = qkv(1, 2, 1, 300, 300, 64, 64, torch.float16)
+    config = SAAConfig(**SMALL, far_group=4, near_blocks=3, **routing)
+    q, k, v = qkv(1, 2, 1, 600, 600, 64, 64, torch.float16)
     geometry = geometry_of(q, k, config, causal, bottom_right)
     out, selection, centroids = saa_triton(q, k, v, 0.3, geometry, config)
+    if config.tau is not None:
+        far = torch.arange(geometry.num_n) < far_end(geometry, config, selection.full)[:, None]  # [M, N]
+        assert (selection.exact & far).sum(-1).max() > 16
 
     def reference(**knobs):
         return attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
