@@ -128,10 +128,10 @@ def far_end(geometry: BlockGeometry, config: SAAConfig, full: torch.Tensor) -> t
     """``[num_m]``: the key blocks before which the full key blocks that are not exact enter by one
     centroid per group of ``far_group`` (those ending ``near_blocks`` or more blocks before the
     diagonal; whole groups of full blocks only), given each query block's ``full`` blocks."""
-    diagonal = geometry.diagonal_block(full.device)
     group = config.far_group
     if group == 1:
         return torch.zeros_like(full)
+    diagonal = geometry.diagonal_block(full.device)
     end = torch.clamp(diagonal + 1 - config.near_blocks, min=0) // group * group
     return torch.minimum(end, full // group * group)
 

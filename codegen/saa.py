@@ -472,6 +472,12 @@ def _key_block(K, V, b, kh, start, offs_n, col_ok, offs_d, offs_dv, stride_kb, s
 
 
 @triton.jit
+def _keys_behind(first_key, SEQ_K, RUN: tl.constexpr):
+    """Keys of the run of RUN keys from first_key that exist (0 past SEQ_K)."""
+    return tl.minimum(tl.maximum(SEQ_K - first_key, 0), RUN)
+
+
+@triton.jit
 def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """One online-softmax step: scores s ``[BM, BN]`` (log2 domain, -inf where hidden) and their values
     b_v ``[BN, BDV]`` folded into the running row maxima m_i, sums l_i ``[BM]`` and acc ``[BM, BDV]``."""
@@ -498,8 +504,8 @@ def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, off
     key_sum = tl.load(p_sums + offs_d[None, :], mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
     value_sum = tl.load(p_sums + HEAD_D + offs_dv[None, :], mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
                         other=0.0)                                        # [G, BD], [G, BDV]
-    group_keys = tl.minimum(tl.maximum(SEQ_K - offs_g * (FAR_GROUP * BLOCK_N), 0), FAR_GROUP * BLOCK_N)
-    keys = tl.where(g_ok, group_keys, 0).to(tl.float32)                   # [G]
+    keys = tl.where(g_ok, _keys_behind(offs_g * (FAR_GROUP * BLOCK_N), SEQ_K, FAR_GROUP * BLOCK_N), 0)
+    keys = keys.to(tl.float32)                                            # [G]
     for start in range(0, far_exact, LISTED):
         offs_e = start + tl.arange(0, LISTED)                             # [E] list entries
         e_ok = offs_e < far_exact
@@ -511,7 +517,7 @@ def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, off
                       mask=e_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [E, BDV]
         key_sum -= tl.dot(member, b_k, input_precision="ieee")
         value_sum -= tl.dot(member, b_v, input_precision="ieee")
-        block_keys = tl.minimum(tl.maximum(SEQ_K - n * BLOCK_N, 0), BLOCK_N).to(tl.float32)  # [E]
+        block_keys = _keys_behind(n * BLOCK_N, SEQ_K, BLOCK_N).to(tl.float32)  # [E]
         keys -= tl.sum(member * block_keys[None, :], 1)
     share = 1.0 / tl.maximum(keys, 1.0)
     return key_sum * share[:, None], value_sum * share[:, None], keys
@@ -561,11 +567,11 @@ def saa_attend_kernel(
     # the ragged last block's, when SEQ_K is not a multiple of BLOCK_N), then the last `partial`, the
     # causal blocks that some row sees only in part (forced, so all listed).
     num_exact = tl.load(CNT + row)
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, SEQ_Q) - 1
     full = NUM_N_BLOCKS
     partial = 0
     if CAUSAL:
-        first_row = pid_m * BLOCK_M
-        last_row = tl.minimum(first_row + BLOCK_M, SEQ_Q) - 1
         full = _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
         partial = tl.minimum(_allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
     for i in range(0, num_exact - partial):
@@ -594,7 +600,6 @@ def saa_attend_kernel(
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
     far_end = 0
     if FAR_GROUP > 1:
-        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
         diagonal = _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
         far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
         far_end = far_groups * FAR_GROUP
@@ -619,7 +624,7 @@ def saa_attend_kernel(
         offs_c = start_c + tl.arange(0, BLOCK_C)                          # [BC]
         c_ok = offs_c < num_centroids
         is_exact = tl.load(EXACT + row * NUM_N_BLOCKS + offs_c // CENTROIDS, mask=c_ok, other=1)  # [BC]
-        behind = tl.minimum(tl.maximum(SEQ_K - offs_c * SUB, 0), SUB)     # [BC] keys behind each (0 past the end)
+        behind = _keys_behind(offs_c * SUB, SEQ_K, SUB)                   # [BC] keys behind each (0 past the end)
         b_lc = tl.log2(tl.maximum(behind, 1).to(tl.float32))              # [BC] (masked where 0)
         b_kct, b_vc = _key_block(KC, VC, b, kh, start_c, offs_c, c_ok, offs_d, offs_dv, stride_cb,
                                  stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, HEAD_D,
