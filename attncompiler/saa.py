@@ -194,7 +194,7 @@ def saa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     from attncompiler.codegen.saa import saa_attend
 
     selection, centroids = saa_plan(q, k, v, scale, geometry, config, predictor)
-    out = saa_attend(q, k, v, centroids.keys, centroids.values, selection, scale, geometry, config,
+    out = saa_attend(q, k, v, centroids, selection, scale, geometry, config,
                      interpret=q.device.type == "cpu", out=out)
     return out, selection, centroids
 

@@ -26,15 +26,27 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class FarSums:
+    """The far groups' terms, fp32, keys then values along the last dim (``D + Dv``): per key block
+    ``[B, Hk, G·F, D + Dv]`` and per group of F key blocks ``[B, Hk, G, D + Dv]``, the sum of its
+    centroids times the keys behind each (rows past the last key block are 0)."""
+
+    blocks: torch.Tensor
+    groups: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Centroids:
     """Mean keys ``[B, Hk, N·C, D]`` and values ``[B, Hk, N·C, Dv]`` of consecutive runs of keys (0 for
-    runs past the last key), ``counts`` ``[N·C]``: keys behind each, and ``block_keys``: the fp32 mean key
-    of each key block ``[B, Hk, N, D]``, for routing (None where only the attend pass reads these)."""
+    runs past the last key), ``counts`` ``[N·C]``: keys behind each, ``block_keys``: the fp32 mean key
+    of each key block ``[B, Hk, N, D]``, for routing (None where only the attend pass reads these), and
+    ``far``: the far groups' sums, where the Triton attend pass groups far blocks."""
 
     keys: torch.Tensor
     values: torch.Tensor
     counts: torch.Tensor
     block_keys: torch.Tensor | None = None
+    far: FarSums | None = None
 
 
 def pool_reference(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
@@ -48,10 +60,23 @@ def pool_reference(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
 
 
 def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, config: SAAConfig) -> Centroids:
+    """The centroids (fp32), the mean key of each key block and, with far groups, their sums (the
+    PyTorch form of :func:`attncompiler.codegen.saa.block_centroids`)."""
     groups = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, groups, k.device)
-    return Centroids(pool_reference(k, config.sub_block, groups), pool_reference(v, config.sub_block, groups),
-                     counts, pool_reference(k, config.block_n, geometry.num_n))
+    keys, values = pool_reference(k, config.sub_block, groups), pool_reference(v, config.sub_block, groups)
+    far = far_sums_reference(keys, values, counts, geometry, config) if config.far_group > 1 else None
+    return Centroids(keys, values, counts, pool_reference(k, config.block_n, geometry.num_n), far)
+
+
+def far_sums_reference(keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, geometry: BlockGeometry,
+                       config: SAAConfig) -> FarSums:
+    """Each key block's and each far group's centroids ``[B, Hk, N·C, D|Dv]`` times the keys behind each
+    (``counts`` ``[N·C]``), summed in fp32."""
+    terms = torch.cat([keys, values], -1).float() * counts.float()[:, None]         # [B, Hk, N·C, D + Dv]
+    blocks = terms.unflatten(-2, (geometry.num_n, config.centroids)).sum(-2)        # [B, Hk, N, D + Dv]
+    blocks = torch.nn.functional.pad(blocks, (0, 0, 0, -geometry.num_n % config.far_group))
+    return FarSums(blocks, blocks.unflatten(-2, (-1, config.far_group)).sum(-2))
 
 
 def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float,

@@ -102,7 +102,7 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, pr
               f"{plan_profile(q, k, v, scale, geometry, config)}", file=sys.stderr)
 
     def attend(**launch):
-        return lambda: saa_attend(q, k, v, centroids.keys, centroids.values, selection, scale, geometry, config,
+        return lambda: saa_attend(q, k, v, centroids, selection, scale, geometry, config,
                                   **launch)
 
     def bench(fn):

@@ -14,8 +14,8 @@ query tile on chip and folds two kinds of entries into one online softmax (base 
 the key blocks routed to this query block, exactly, and then the centroids of every other full key
 block, whose logits carry ``log2 n`` for the ``n`` keys each stands for; both move by TMA
 descriptors on Hopper and by pointer loads elsewhere. Beyond ``near_blocks`` of the diagonal, one
-centroid per group of ``far_group`` key blocks: the group's key and value sums (:func:`far_sums`,
-once per call) less those of its exact blocks, over its remaining keys. The PyTorch oracle is
+centroid per group of ``far_group`` key blocks: the group's key and value sums (from the centroid
+kernel, once per call) less those of its exact blocks, over its remaining keys. The PyTorch oracle is
 :func:`attncompiler.saa_reference.attend_reference`.
 """
 
@@ -30,7 +30,7 @@ import triton.language as tl
 from attncompiler.codegen.fallback import FormFallback
 from attncompiler.codegen.flash import launch_tma_or_pointers
 from attncompiler.saa_config import SAAConfig
-from attncompiler.saa_reference import Centroids
+from attncompiler.saa_reference import Centroids, FarSums
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
 
 
@@ -45,6 +45,10 @@ CENTROID_STAGES = 2
 # on an H200 at the default operating point (4 warps), 2 stages took 2.11 ms at 128K (D128) against
 # 2.46 with 1 and 2.76 with 3 or 4; 8 warps were slower.
 FUSED_SELECTION_STAGES = 2
+# The fused router-and-top-k ranks lists of at most this many entries by one [N, N] comparison, longer
+# ones by _top_k's bisection: on an H200 at 128K (48 candidates, a list of 64), ranking took the
+# kernel from 2.10 to 1.96 ms (D128) and from 3.65 to 3.32 (D64).
+RANKED_LIST = tl.constexpr(128)
 
 
 @triton.jit
@@ -72,17 +76,20 @@ def saa_pool_kernel(
 
 @triton.jit
 def saa_centroid_kernel(
-    K, V, KC, VC, KM,
+    K, V, KC, VC, KM, SUMS,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_cb, stride_ch, stride_cn, stride_cd,
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_mb, stride_mh, stride_mn, stride_md,
-    H, SEQ, HEAD_D, HEAD_DV,
+    H, SEQ, HEAD_D, HEAD_DV, SUM_ROWS,
     CENTROIDS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    WITH_SUMS: tl.constexpr,
 ):
     """One key block: the mean key and value of each of its CENTROIDS runs of SUB keys (in KC's and
-    VC's dtype; 0 for a run past SEQ) and the block's mean key in fp32 (KM, for routing)."""
+    VC's dtype; 0 for a run past SEQ) and the block's mean key in fp32 (KM, for routing). WITH_SUMS,
+    also the fp32 sums of its centroids times the keys behind each, keys then values (SUMS
+    ``[B·H, SUM_ROWS, D + Dv]``, the far groups' terms)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -92,6 +99,8 @@ def saa_centroid_kernel(
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
     key_sum = tl.zeros([BLOCK_D], tl.float32)                             # [BD]
+    key_terms = tl.zeros([BLOCK_D], tl.float32)                           # [BD] centroid keys times counts
+    value_terms = tl.zeros([BLOCK_DV], tl.float32)                        # [BDV]
     for c in tl.static_range(CENTROIDS):
         run = pid_n * CENTROIDS + c
         offs_s = run * SUB + tl.arange(0, SUB)                            # [SUB] keys of this run
@@ -103,13 +112,22 @@ def saa_centroid_kernel(
         count = tl.maximum(tl.minimum(SEQ - run * SUB, SUB), 1)
         run_keys = tl.sum(b_k.to(tl.float32), 0)                          # [BD]
         key_sum += run_keys
-        tl.store(KC + b * stride_cb + h * stride_ch + run * stride_cn + offs_d * stride_cd,
-                 (run_keys / count).to(KC.dtype.element_ty), mask=offs_d < HEAD_D)
-        tl.store(VC + b * stride_wb + h * stride_wh + run * stride_wn + offs_dv * stride_wd,
-                 (tl.sum(b_v.to(tl.float32), 0) / count).to(VC.dtype.element_ty), mask=offs_dv < HEAD_DV)
+        key_mean = (run_keys / count).to(KC.dtype.element_ty)             # [BD]
+        value_mean = (tl.sum(b_v.to(tl.float32), 0) / count).to(VC.dtype.element_ty)  # [BDV]
+        tl.store(KC + b * stride_cb + h * stride_ch + run * stride_cn + offs_d * stride_cd, key_mean,
+                 mask=offs_d < HEAD_D)
+        tl.store(VC + b * stride_wb + h * stride_wh + run * stride_wn + offs_dv * stride_wd, value_mean,
+                 mask=offs_dv < HEAD_DV)
+        if WITH_SUMS:  # (a run past SEQ has mean 0)
+            key_terms += key_mean.to(tl.float32) * count
+            value_terms += value_mean.to(tl.float32) * count
     block_count = tl.maximum(tl.minimum(SEQ - pid_n * CENTROIDS * SUB, CENTROIDS * SUB), 1)
     tl.store(KM + b * stride_mb + h * stride_mh + pid_n * stride_mn + offs_d * stride_md, key_sum / block_count,
              mask=offs_d < HEAD_D)
+    if WITH_SUMS:
+        p_sums = SUMS + (pid_bh.to(tl.int64) * SUM_ROWS + pid_n) * (HEAD_D + HEAD_DV)
+        tl.store(p_sums + offs_d, key_terms, mask=offs_d < HEAD_D)
+        tl.store(p_sums + HEAD_D + offs_dv, value_terms, mask=offs_dv < HEAD_DV)
 
 
 @triton.jit
@@ -178,6 +196,21 @@ def _top_k(priority, forced, TOP_K, USE_TOP_K: tl.constexpr):
     above = candidate & (ordinal > threshold)
     tie = candidate & (ordinal == threshold)
     return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
+
+
+@triton.jit
+def _top_k_by_rank(priority, forced, TOP_K, N: tl.constexpr):
+    """What :func:`_top_k` keeps (with a top-k), for a short list of N entries: an entry is kept when fewer
+    than the wanted count rank before it (a larger priority, or an equal one earlier), counted in one
+    ``[N, N]`` comparison instead of 32 dependent counts."""
+    ordinal = _order_bits(priority)                                       # [N]
+    candidate = priority > float("-inf")
+    want = tl.minimum(tl.sum(candidate.to(tl.int32), 0), tl.sum(forced.to(tl.int32), 0) + TOP_K)
+    entry = tl.arange(0, N)
+    ahead = (ordinal[None, :] > ordinal[:, None]) | ((ordinal[None, :] == ordinal[:, None])
+                                                     & (entry[None, :] < entry[:, None]))  # [N, N]: j before i
+    rank = tl.sum((ahead & candidate[None, :]).to(tl.int32), 1)           # [N]
+    return candidate & (rank < want)
 
 
 @triton.jit
@@ -397,7 +430,10 @@ def sampled_key_selection_kernel(
                                BLOCK_N)
     forced = forced & listed
     priority = tl.where(forced, float("inf"), tl.where(listed, _mass_logit(best), float("-inf")))  # [LP]
-    keep = _top_k(priority, forced, TOP_K, True)
+    if LIST_PAD <= RANKED_LIST:
+        keep = _top_k_by_rank(priority, forced, TOP_K, LIST_PAD)
+    else:
+        keep = _top_k(priority, forced, TOP_K, True)
     _store_in_order(IDX + row * MAX_EXACT, CNT + row, blocks, keep, slots, MAX_EXACT)
     tl.store(EXACT + row * NUM_N + blocks, keep.to(tl.int8), mask=listed)
 
@@ -478,13 +514,14 @@ def _keys_behind(first_key, SEQ_K, RUN: tl.constexpr):
 
 
 @triton.jit
-def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step: scores s ``[BM, BN]`` (log2 domain, -inf where hidden) and their values
-    b_v ``[BN, BDV]`` folded into the running row maxima m_i, sums l_i ``[BM]`` and acc ``[BM, BDV]``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))                                 # [BM]
+def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, rate=1.0):
+    """One online-softmax step: scores ``rate · s`` ``[BM, BN]`` (log2 domain, -inf where hidden; rate > 0)
+    and their values b_v ``[BN, BDV]`` folded into the running row maxima m_i, sums l_i ``[BM]`` and acc
+    ``[BM, BDV]``. A rate (the scale) folds into the exponent: one FMA per score."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * rate)                          # [BM]
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                  # rows that see nothing yet
     alpha = tl.exp2(m_i - m_use)                                          # [BM]
-    p = tl.exp2(s - m_use[:, None])                                       # [BM, BN]
+    p = tl.exp2(s * rate - m_use[:, None])                                # [BM, BN]
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -534,7 +571,7 @@ def saa_attend_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET, NEAR,
     CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, FAR_GROUP: tl.constexpr, TMA: tl.constexpr,
-    EVEN_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    EVEN_N: tl.constexpr, FOLD_SCALE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUPS: tl.constexpr,
     CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -542,8 +579,8 @@ def saa_attend_kernel(
     """One query block (BLOCK_M rows) of one head. KC and VC are the centroids, as TMA descriptors or
     pointers. With FAR_GROUP > 1, the full key blocks ending NEAR or more blocks before the diagonal
     enter by one centroid per FAR_GROUP blocks, GROUPS groups a step, from the fp32 key and value sums
-    of every group (FAR_SUMS ``[B, Hk, ceil(N / FAR_GROUP), D + Dv]``) and key block (BLOCK_SUMS
-    ``[B, Hk, N, D + Dv]``)."""
+    of every group (FAR_SUMS ``[B, Hk, G, D + Dv]``, G = ceil(N / FAR_GROUP)) and key block (BLOCK_SUMS
+    ``[B, Hk, G·FAR_GROUP, D + Dv]``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_M_BLOCKS
     pid_bh = pid // NUM_M_BLOCKS
@@ -566,6 +603,7 @@ def saa_attend_kernel(
     # Exact key blocks, listed in block order: those every row sees whole first, without masks (but
     # the ragged last block's, when SEQ_K is not a multiple of BLOCK_N), then the last `partial`, the
     # causal blocks that some row sees only in part (forced, so all listed).
+    exact_rate = qk_scale if FOLD_SCALE else 1.0
     num_exact = tl.load(CNT + row)
     first_row = pid_m * BLOCK_M
     last_row = tl.minimum(first_row + BLOCK_M, SEQ_Q) - 1
@@ -580,10 +618,13 @@ def saa_attend_kernel(
         b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
                                stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D,
                                HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)  # [BD, BN], [BN, BDV]
-        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        if FOLD_SCALE:
+            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)          # [BM, BN] scaled in _fold
+        else:
+            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
         if not EVEN_N:
             s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
-        m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION)
+        m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
     for i in range(num_exact - partial, num_exact):
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
@@ -591,9 +632,12 @@ def saa_attend_kernel(
         b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh,
                                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
                                BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
-        s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        if FOLD_SCALE:
+            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)          # [BM, BN] scaled in _fold
+        else:
+            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
-        m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION)
+        m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
 
     # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed
     # exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
@@ -605,7 +649,7 @@ def saa_attend_kernel(
         far_end = far_groups * FAR_GROUP
         kv_head = b * (H // GROUP) + kh
         far_sums = FAR_SUMS + kv_head * tl.cdiv(NUM_N_BLOCKS, FAR_GROUP) * (HEAD_D + HEAD_DV)
-        block_sums = BLOCK_SUMS + kv_head * NUM_N_BLOCKS * (HEAD_D + HEAD_DV)
+        block_sums = BLOCK_SUMS + kv_head * tl.cdiv(NUM_N_BLOCKS, FAR_GROUP) * FAR_GROUP * (HEAD_D + HEAD_DV)
         far_exact = 0                                                     # exact blocks before far_end: a prefix
         for start_e in range(0, num_exact, GROUPS):
             offs_e = start_e + tl.arange(0, GROUPS)
@@ -660,7 +704,8 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
 
 def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, config: SAAConfig) -> Centroids:
     """The centroids of keys ``[B, Hk, Sk, D]`` and values ``[B, Hk, Sk, Dv]``: ``config.centroids`` per key
-    block, in k's and v's dtype, and each key block's fp32 mean key, in one launch. PyTorch form:
+    block, in k's and v's dtype, and each key block's fp32 mean key, in one launch; with far groups
+    (``config.far_group > 1``), also their sums (:class:`FarSums`). PyTorch form:
     :func:`attncompiler.saa_reference.centroids_reference`."""
     batch, kv_heads, seq_k, head_d = k.shape
     head_dv = v.shape[-1]
@@ -668,14 +713,23 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
     keys = torch.empty(batch, kv_heads, runs, head_d, dtype=k.dtype, device=k.device)
     values = torch.empty(batch, kv_heads, runs, head_dv, dtype=v.dtype, device=v.device)
     block_keys = torch.empty(batch, kv_heads, geometry.num_n, head_d, dtype=torch.float32, device=k.device)
+    grouped = config.far_group > 1
+    sum_rows = math.ceil(geometry.num_n / config.far_group) * config.far_group if grouped else 0
+    # (rows past the last key block stay 0: whole far groups sum without a pad)
+    block_sums = (torch.empty if sum_rows == geometry.num_n else torch.zeros)(
+        batch, kv_heads, sum_rows, head_d + head_dv, dtype=torch.float32, device=k.device)
     if keys.numel() or values.numel():
         saa_centroid_kernel[(geometry.num_n, batch * kv_heads)](
-            k, v, keys, values, block_keys, *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
-            *block_keys.stride(), kv_heads, seq_k, head_d, head_dv,
+            k, v, keys, values, block_keys, block_sums, *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
+            *block_keys.stride(), kv_heads, seq_k, head_d, head_dv, sum_rows,
             CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=_pow2_at_least(head_d, floor=1),
-            BLOCK_DV=_pow2_at_least(head_dv, floor=1),
+            BLOCK_DV=_pow2_at_least(head_dv, floor=1), WITH_SUMS=grouped,
         )
-    return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys)
+    far = None
+    if grouped:
+        group_sums = block_sums.unflatten(-2, (-1, config.far_group)).sum(-2)
+        far = FarSums(block_sums, group_sums)
+    return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
 
 
 def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int, list_pad: int | None = None) -> int:
@@ -804,27 +858,13 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
 FUSED_SELECTION = FormFallback("routing with two kernels")
 
 
-def far_sums(key_centroids: torch.Tensor, value_centroids: torch.Tensor, geometry: BlockGeometry,
-             config: SAAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 sums of the keys and values (side by side, ``D + Dv`` wide) behind each key block
-    ``[B, Hk, N, D + Dv]`` and each group of ``config.far_group`` key blocks ``[B, Hk, ceil(N / far_group),
-    D + Dv]``, from the centroids (each its run's mean, times the keys behind it)."""
-    runs = key_centroids.shape[-2]
-    counts = group_counts(geometry.seq_k, config.sub_block, runs, key_centroids.device).float()
-    sums = torch.cat([key_centroids, value_centroids], -1).float() * counts[:, None]   # [B, Hk, N·C, D + Dv]
-    blocks = sums.unflatten(-2, (geometry.num_n, config.centroids)).sum(-2)               # [B, Hk, N, D + Dv]
-    pad = -geometry.num_n % config.far_group
-    groups = torch.nn.functional.pad(blocks, (0, 0, 0, pad)).unflatten(-2, (-1, config.far_group)).sum(-2)
-    return blocks.contiguous(), groups.contiguous()
-
-
-def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids: torch.Tensor,
-               value_centroids: torch.Tensor, selection: Selection, scale: float, geometry: BlockGeometry,
-               config: SAAConfig, interpret: bool = False, out: torch.Tensor | None = None,
-               num_warps: int | None = None, num_stages: int | None = None,
+def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids, selection: Selection,
+               scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
+               out: torch.Tensor | None = None, num_warps: int | None = None, num_stages: int | None = None,
                centroid_stages: int | None = None, tma: bool | None = None) -> torch.Tensor:
-    """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``,
-    centroids ``[B, Hk, N·C, D]`` / ``[B, Hk, N·C, Dv]`` of runs of ``config.sub_block`` keys.
+    """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``, and
+    the centroids of runs of ``config.sub_block`` keys from :func:`block_centroids` (with the far
+    groups' sums when ``config.far_group > 1``).
 
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
@@ -845,13 +885,16 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
     block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
     block_c = 16 if interpret else 64                                     # centroids per step
     grid = (geometry.num_m * batch * heads,)
-    block_sums, group_sums = (far_sums(key_centroids, value_centroids, geometry, config) if config.far_group > 1
-                              else (key_centroids, value_centroids))     # (not read)
+    key_centroids, value_centroids = centroids.keys, centroids.values
+    if config.far_group > 1 and centroids.far is None:
+        raise ValueError(f"far groups of {config.far_group} key blocks need their sums: make the centroids "
+                         "with block_centroids under the same operating point")
+    far = centroids.far or FarSums(key_centroids, value_centroids)       # (not read without far groups)
 
     def launch(descriptors: list | None) -> None:
         keys, values, centroid_keys, centroid_values = descriptors or (k, v, key_centroids, value_centroids)
         saa_attend_kernel[grid](
-            q, keys, values, centroid_keys, centroid_values, group_sums, block_sums, indices, counts, exact,
+            q, keys, values, centroid_keys, centroid_values, far.groups, far.blocks, indices, counts, exact,
             out,
             *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
             *out.stride(),
@@ -859,6 +902,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_centroids:
             indices.shape[-1], geometry.key_offset, config.near_blocks,
             CAUSAL=geometry.causal, CENTROIDS=config.centroids, FAR_GROUP=config.far_group,
             TMA=descriptors is not None, EVEN_N=geometry.seq_k % config.block_n == 0,
+            FOLD_SCALE=scale > 0,
             HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=block_c, GROUPS=16,
             CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,

@@ -113,10 +113,7 @@ def pytorch_parts(parts):
     def dropping_interpret(fn):
         return lambda *args, interpret=False, **kwargs: fn(*args, **kwargs)
 
-    def attend(q, k, v, key_centroids, value_centroids, selection, scale, geometry, config, interpret=False,
-               out=None):
-        counts = saa_routing.group_counts(geometry.seq_k, config.sub_block, key_centroids.shape[-2], q.device)
-        centroids = saa_reference.Centroids(key_centroids, value_centroids, counts)
+    def attend(q, k, v, centroids, selection, scale, geometry, config, interpret=False, out=None):
         result = saa_reference.attend_reference(q, k, v, centroids, selection, scale, geometry, config).to(v.dtype)
         return result if out is None else out.copy_(result)
 

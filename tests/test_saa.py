@@ -22,8 +22,8 @@ from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_plan, saa_program, saa_triton
 from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
-from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, pool_reference,
-                                        saa_reference)
+from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, far_sums_reference,
+                                        pool_reference, saa_reference)
 from attncompiler.saa_routing import (BlockGeometry, Selection, far_end, sampled_key_logits, select_blocks,
                                      shortlist_config)
 from tolerance import assert_as_accurate_as_torch
@@ -94,6 +94,21 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_kernel_scales_exact_scores_in_the_exponent_only_when_the_scale_is_positive(scale):
+    """A positive scale folds into the exponent (the row maximum of raw scores times the scale); a
+    negative one, whose maximum is the scaled minimum, scales the scores first: both as accurate as PyTorch."""
+    config = SAAConfig(**SMALL, top_k=2, far_group=2, near_blocks=1)
+    q, k, v = qkv(1, 2, 1, 90, 90, 64, 64, torch.float16)
+    geometry = geometry_of(q, k, config, True, False)
+    out, selection, centroids = saa_triton(q, k, v, scale, geometry, config)
+    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, scale, geometry,
+                             config, torch.float64)
+    ours_torch = attend_reference(q, k, v, centroids, selection, scale, geometry, config, compute_dtype=torch.float16)
+    assert_as_accurate_as_torch(out, exact, ours_torch.to(torch.float16))
+    assert selection.counts.sum() < geometry.allowed_total(2)
+
+
 @pytest.mark.parametrize("routing", [{"top_k": 1}, {"top_k": None, "tau": 0.8}])
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 def test_far_key_blocks_enter_by_one_centroid_per_group(form, routing):
@@ -108,7 +123,7 @@ def test_far_key_blocks_enter_by_one_centroid_per_group(form, routing):
     geometry = geometry_of(q, k, config, causal, bottom_right)
     out, selection, centroids = saa_triton(q, k, v, 0.3, geometry, config)
     if config.tau is not None:
-        far = torch.arange(geometry.num_n) < far_end(geometry, config, selection.full)[:, None]  # [M, N]
+        far = torch.arange(geometry.num_n, device=DEVICE) < far_end(geometry, config, selection.full)[:, None]
         assert (selection.exact & far).sum(-1).max() > 16
 
     def reference(**knobs):
@@ -307,6 +322,23 @@ def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_kee
         assert (got.counts < listed.counts).any()
 
 
+@pytest.mark.parametrize("candidates", [40, 130])
+def test_fused_sampled_selection_ranks_a_short_list_and_bisects_a_long_one(candidates):
+    """Lists of up to 128 entries (here 64 wide) keep their top-k by rank, longer ones (256 wide) by
+    bisection on the priorities' bits: both keep what the selection kernel keeps."""
+    config = SAAConfig(**SMALL, sinks=1, local_blocks=2, top_k=6, router="sampled-keys", candidates=candidates,
+                       key_stride=4)
+    geometry = BlockGeometry(40, 2300, 16, 16, True, 2260)  # 144 key blocks, all allowed
+    q, k = randn(1, 2, 40, 32, dtype=torch.float16), randn(1, 1, 2300, 32, dtype=torch.float16)
+    shortlist, want = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    listed = shortlist()
+    assert saa_kernels._pow2_at_least(listed.indices.shape[-1]) == (64 if candidates == 40 else 256)
+    got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+    assert torch.equal(got.exact, want.exact) and (got.counts < listed.counts).all()
+    assert not saa_kernels.FUSED_SELECTION.failed
+
+
 def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(monkeypatch, caplog):
     """Logged once per launch shape; the selection is the two kernels' (and later calls skip the fused one)."""
     class Failing:
@@ -387,6 +419,34 @@ def test_block_centroids_in_the_inputs_dtype_with_fp32_block_means(dtype):
     assert not got.keys[:, :, -2:].any() and not got.values[:, :, -2:].any()
 
 
+@pytest.mark.parametrize("centroids, far_group", [(1, 2), (4, 4)])
+def test_block_centroids_sum_each_key_block_and_far_group(centroids, far_group):
+    """With far groups, the same launch sums each key block's centroids times the keys behind each
+    (fp32, keys then values), and the groups sum their blocks; rows past the last block are 0."""
+    config = SAAConfig(**SMALL, centroids=centroids, far_group=far_group)
+    k, v = randn(2, 3, 37, 80, dtype=torch.float16), randn(2, 3, 37, 48, dtype=torch.float16)
+    geometry = BlockGeometry(37, 37, 16, 16, True)  # 3 key blocks, the last of 5 keys
+    got = block_centroids(k, v, geometry, config)
+    want = far_sums_reference(got.keys, got.values, got.counts, geometry, config)
+    assert got.far.blocks.shape == (2, 3, 4, 128) and got.far.groups.shape == (2, 3, 4 // far_group, 128)
+    torch.testing.assert_close(got.far.blocks, want.blocks)
+    torch.testing.assert_close(got.far.groups, want.groups)
+    assert not got.far.blocks[:, :, 3].any()
+    exact_sums = torch.cat([k, v], -1).float().unflatten(-2, (-1, 37)).sum(-2)       # [2, 3, 1, 128]
+    torch.testing.assert_close(got.far.blocks.sum(-2, keepdim=True), exact_sums, atol=0.05, rtol=1e-3)
+    assert block_centroids(k, v, geometry, replace(config, far_group=1)).far is None
+
+
+def test_attend_pass_with_far_groups_refuses_centroids_without_their_sums():
+    config = SAAConfig(**SMALL, top_k=1, far_group=2)
+    q, k, v = qkv(1, 2, 1, 64, 64, 32, 32, torch.float16)
+    geometry = geometry_of(q, k, config, True, False)
+    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
+    with pytest.raises(ValueError, match="far groups of 2 key blocks need their sums"):
+        saa_kernels.saa_attend(q, k, v, replace(centroids, far=None), selection, 0.3, geometry, config,
+                               interpret=INTERPRET)
+
+
 class AttendLaunches:
     """Stands in for ``saa_attend_kernel`` and records whether each launch moved its tiles by TMA; with
     ``fail_tma``, a TMA launch raises as a kernel that does not compile would."""
@@ -408,7 +468,7 @@ def attend_once(q, k, v, config, form, tma):
     causal, bottom_right, _ = CAUSAL_FORMS[form]
     geometry = geometry_of(q, k, config, causal, bottom_right)
     selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
-    out = saa_kernels.saa_attend(q, k, v, centroids.keys, centroids.values, selection, 0.3, geometry, config,
+    out = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config,
                                  interpret=INTERPRET, tma=tma)
     return out, selection, centroids, geometry
 
