@@ -40,7 +40,7 @@ class Centroids:
     """Mean keys ``[B, Hk, N·C, D]`` and values ``[B, Hk, N·C, Dv]`` of consecutive runs of keys (0 for
     runs past the last key), ``counts`` ``[N·C]``: keys behind each, ``block_keys``: the fp32 mean key
     of each key block ``[B, Hk, N, D]``, for routing (None where only the attend pass reads these), and
-    ``far``: the far groups' sums, where the Triton attend pass groups far blocks."""
+    ``far``: the far groups' sums, which the Triton attend pass reads (None without far groups)."""
 
     keys: torch.Tensor
     values: torch.Tensor
