@@ -34,6 +34,11 @@ class FarSums:
     blocks: torch.Tensor
     groups: torch.Tensor
 
+    @classmethod
+    def of_blocks(cls, blocks: torch.Tensor, far_group: int) -> "FarSums":
+        """The per-block sums ``[B, Hk, G·F, D + Dv]`` with their groups' (F = ``far_group``)."""
+        return cls(blocks, blocks.unflatten(-2, (-1, far_group)).sum(-2))
+
 
 @dataclass(frozen=True)
 class Centroids:
@@ -76,7 +81,7 @@ def far_sums_reference(keys: torch.Tensor, values: torch.Tensor, counts: torch.T
     terms = torch.cat([keys, values], -1).float() * counts.float()[:, None]         # [B, Hk, N·C, D + Dv]
     blocks = terms.unflatten(-2, (geometry.num_n, config.centroids)).sum(-2)        # [B, Hk, N, D + Dv]
     blocks = torch.nn.functional.pad(blocks, (0, 0, 0, -geometry.num_n % config.far_group))
-    return FarSums(blocks, blocks.unflatten(-2, (-1, config.far_group)).sum(-2))
+    return FarSums.of_blocks(blocks, config.far_group)
 
 
 def select(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor, centroids: Centroids, scale: float,

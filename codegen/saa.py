@@ -528,6 +528,16 @@ def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, rate=1.0):
 
 
 @triton.jit
+def _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores ``[BM, BN]`` of queries b_q against keys b_kt, times qk_scale unless FOLD_SCALE leaves the
+    scale to :func:`_fold`'s exponent."""
+    s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
+    if not FOLD_SCALE:
+        s = s * qk_scale
+    return s
+
+
+@triton.jit
 def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, offs_d, offs_dv, SEQ_K,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, FAR_GROUP: tl.constexpr,
                      LISTED: tl.constexpr):
@@ -618,10 +628,7 @@ def saa_attend_kernel(
         b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
                                stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D,
                                HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)  # [BD, BN], [BN, BDV]
-        if FOLD_SCALE:
-            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)          # [BM, BN] scaled in _fold
-        else:
-            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
+        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, BN]
         if not EVEN_N:
             s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
         m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
@@ -632,10 +639,7 @@ def saa_attend_kernel(
         b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh,
                                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
                                BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
-        if FOLD_SCALE:
-            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)          # [BM, BN] scaled in _fold
-        else:
-            s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
+        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, BN]
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
         m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
 
@@ -725,10 +729,7 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
             CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=_pow2_at_least(head_d, floor=1),
             BLOCK_DV=_pow2_at_least(head_dv, floor=1), WITH_SUMS=grouped,
         )
-    far = None
-    if grouped:
-        group_sums = block_sums.unflatten(-2, (-1, config.far_group)).sum(-2)
-        far = FarSums(block_sums, group_sums)
+    far = FarSums.of_blocks(block_sums, config.far_group) if grouped else None
     return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
 
 
