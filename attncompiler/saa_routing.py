@@ -252,7 +252,7 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
         if config.candidates is not None:
             shortlist = sampled_shortlist(q_means, k_means, scale, geometry, config, kernels)
         return kernels.sampled_key(q, k, scale, geometry, config.key_stride, shortlist)
-    return mean_key_logits(q_means, k_means, geometry, scale)
+    return kernels.mean_key(q_means, k_means, geometry, scale)
 
 
 def sampled_shortlist(q_means: torch.Tensor, k_means: torch.Tensor, scale: float, geometry: BlockGeometry,
@@ -260,11 +260,12 @@ def sampled_shortlist(q_means: torch.Tensor, k_means: torch.Tensor, scale: float
     """The key blocks the ``"sampled-keys"`` router scores when it has ``candidates``: the forced ones
     and the best by ``"mean-key"`` (queries' block means ``[B, H, num_m, D]``, mean keys ``[B, Hk, num_n, D]``)."""
     kernels = kernels or RouterKernels()
-    return kernels.choose(mean_key_logits(q_means, k_means, geometry, scale), geometry, shortlist_config(config))
+    return kernels.choose(kernels.mean_key(q_means, k_means, geometry, scale), geometry, shortlist_config(config))
 
 
 def shortlist_config(config: SAAConfig) -> SAAConfig:
-    """The selection that shortlists ``max(candidates, top_k)`` key blocks by ``"mean-key"`` (besides the forced ones)."""
+    """The selection that shortlists ``max(candidates, top_k)`` key blocks by ``"mean-key"`` (besides the forced
+    ones)."""
     return dataclasses.replace(config, router="mean-key", top_k=max(config.candidates, config.top_k or 0), tau=None,
                                candidates=None)
 
@@ -313,6 +314,7 @@ def select_blocks(logits: torch.Tensor, geometry: BlockGeometry, config: SAAConf
 class RouterKernels:
     """What computes the routers' logits and picks the blocks: PyTorch here, Triton kernels on the kernel path."""
 
+    mean_key: Callable[[torch.Tensor, torch.Tensor, BlockGeometry, float], torch.Tensor] = mean_key_logits
     sampled_key: Callable[..., torch.Tensor] = sampled_key_logits
     choose: Callable[[torch.Tensor, BlockGeometry, SAAConfig], Selection] = select_blocks
     # Given only for an operating point it computes (a shortlisted "sampled-keys" top-k): the router

@@ -24,8 +24,8 @@ from attncompiler.saa_config import SAAConfig, SAAConfigError
 from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, far_sums_reference,
                                         pool_reference, saa_reference)
-from attncompiler.saa_routing import (BlockGeometry, Selection, far_end, sampled_key_logits, select_blocks,
-                                     shortlist_config)
+from attncompiler.saa_routing import (BlockGeometry, Selection, far_end, mean_key_logits, sampled_key_logits,
+                                     select_blocks, shortlist_config)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -179,6 +179,34 @@ def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, caus
     in_block_order = torch.sort(torch.where(want.exact, blocks, geometry.num_n), -1).values[..., :listed.shape[-1]]
     assert torch.equal(want.indices, torch.where(listed, in_block_order, 0).int())  # the kept blocks, then 0
     assert (got.counts > 0).any() or knobs.get("top_k") == 0
+
+
+def test_selection_kernel_reads_no_logit_of_a_block_that_no_row_sees():
+    """The kernel's mean-key logits leave such blocks unwritten: NaN there selects as -inf does."""
+    config = SAAConfig(**{**SMALL, "top_k": 3})
+    geometry = BlockGeometry(300, 300, 16, 16, True, 0)
+    logits = randn(2, 3, geometry.num_m, geometry.num_n)
+    unseen = torch.arange(geometry.num_n, device=DEVICE) >= geometry.allowed_blocks(DEVICE)[:, None]  # [M, N]
+    got = select_blocks_kernel(logits.masked_fill(unseen, math.nan), geometry, config, interpret=INTERPRET)
+    want = select_blocks(logits.masked_fill(unseen, -math.inf), geometry, config)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+    assert torch.equal(got.exact, want.exact)
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 93, False, 0), (77, 93, True, 0), (93, 40, True, -53),
+                                                        (1500, 1500, True, 0), (1200, 1500, True, 300),
+                                                        (16, 1500, False, 0)])
+@pytest.mark.parametrize("h, hk, d", [(4, 2, 80), (2, 2, 16)])
+def test_mean_key_logits_kernel_matches_pytorch_where_some_row_sees_the_block(sq, sk, causal, key_offset, h, hk, d):
+    """``scale · q̄·k̄ + log n`` in fp32, in tiles of 64 × 64 blocks (several here, some past the diagonal,
+    which causal calls skip), GQA, head dims in chunks of 32 and a ragged last key block."""
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q_means, k_means = randn(2, h, geometry.num_m, d), randn(2, hk, geometry.num_n, d)
+    got = saa_kernels.mean_key_logits(q_means, k_means, geometry, 0.3)
+    want = mean_key_logits(q_means, k_means, geometry, 0.3)
+    seen = torch.arange(geometry.num_n, device=DEVICE) < geometry.allowed_blocks(DEVICE)[:, None]  # [M, N]
+    assert got.shape == want.shape and seen.all() != causal  # causal calls here have blocks no row sees
+    torch.testing.assert_close(got[..., seen], want[..., seen], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("stride", [1, 4, 16])
