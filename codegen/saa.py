@@ -2,7 +2,9 @@
 
 ``saa_pool_kernel`` averages runs of consecutive rows (the mean query of each query block, for
 routing); ``saa_centroid_kernel`` gives each key block's key and value centroids and its mean key
-in one pass over the keys and values. ``sampled_key_logits_kernel`` gives the ``"sampled-keys"``
+in one pass over the keys and values. ``mean_key_logits_kernel`` gives the ``"mean-key"`` logits (each
+mean query against each mean key) tile by tile, skipping the tiles no row sees (PyTorch form:
+:func:`attncompiler.saa_routing.mean_key_logits`). ``sampled_key_logits_kernel`` gives the ``"sampled-keys"``
 router's logits: for each query row, its scores against every ``key_stride``-th key of each
 (shortlisted) key block, normalized per row and maximized over the query block (PyTorch form:
 :func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
@@ -745,7 +747,9 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
-# Tile of the "mean-key" logits kernel (query blocks × key blocks) and its head-dim chunk.
+# Tile of the "mean-key" logits kernel (query blocks × key blocks), its head-dim chunk and its
+# products' precision: on an H200 at 128K, tf32x3 took 0.10 ms (D128) and 0.07 (D64) against 0.24
+# and 0.19 in fp32 ("ieee") and baddbmm's 0.18 and 0.27, within 4.8e-7 of baddbmm's logits.
 MEAN_KEY_TILE = 64
 MEAN_KEY_CHUNK_D = 32
 MEAN_KEY_PRECISION = "tf32x3"
