@@ -267,16 +267,20 @@ def _store_in_order(IDX_ROW, CNT_ROW, blocks, keep, slots, MAX_EXACT):
 @triton.jit
 def _sampled_scores(q, K, stride_kn, stride_kd, offs_r, offs_d, sample_blocks, sample_ok, SEQ_K, qk_scale,
                     KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    WIDTH: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    WIDTH: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WHOLE: tl.constexpr = False):
     """``[BM, W]``: each row's scores (log2 domain) against W samples, sample s being key
     ``(s % spb) · STRIDE`` of key block ``sample_blocks[s]`` (spb = BLOCK_N / STRIDE samples per block);
-    -inf where not visible or not ``sample_ok``."""
+    -inf where not visible or not ``sample_ok``. WHOLE: every sample exists and every row sees it (no masks)."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     offs_s = tl.arange(0, WIDTH)                                          # [W] samples
     keys = sample_blocks * BLOCK_N + (offs_s % PER_BLOCK) * STRIDE        # [W] their keys
+    p_kt = K + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd    # [BD, W]
+    if WHOLE:
+        b_kt = tl.load(p_kt, mask=offs_d[:, None] < HEAD_D, other=0.0)
+        return tl.dot(q, b_kt, input_precision=DOT_PRECISION) * qk_scale
     key_ok = (keys < SEQ_K) & sample_ok
-    b_kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                   mask=key_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # [BD, W]
+    b_kt = tl.load(p_kt, mask=key_ok[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
     scores = tl.dot(q, b_kt, input_precision=DOT_PRECISION) * qk_scale   # [BM, W]
     visible = key_ok[None, :]
     if CAUSAL:
@@ -319,35 +323,65 @@ def _list_blocks(LIST, slots, n_slots, LISTED: tl.constexpr):
 
 
 @triton.jit
-def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, LIST, n_slots,
+def _whole_entries(LIST, n_slots, first_row, KEY_OFFSET, SEQ_K, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   LIST_PAD: tl.constexpr):
+    """How many of a query block's listed key blocks (in block order) every one of its rows sees whole:
+    a prefix of the list (row first_row sees the fewest keys; the keys' end cuts the last block)."""
+    blocks, listed = _list_blocks(LIST, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
+    seen = SEQ_K
+    if CAUSAL:
+        seen = tl.minimum(tl.maximum(first_row + KEY_OFFSET + 1, 0), SEQ_K)
+    return tl.sum((listed & ((blocks + 1) * BLOCK_N <= seen)).to(tl.int32), 0)
+
+
+@triton.jit
+def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, qk_scale,
+               KEY_OFFSET, m_i, l_i, acc, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STEPS: tl.constexpr, STRIDE: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+    """One step of :func:`_listed_block_masses`: the BLOCKS listed key blocks from position start."""
+    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+    SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
+    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
+    blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
+    s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+                        KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION, WHOLE)  # [BM, W]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)                                          # [BM]
+    p = tl.exp2(s - m_use[:, None])                                       # [BM, W]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    step_sums = tl.sum(tl.reshape(p, [BLOCK_M, BLOCKS, PER_BLOCK]), 2)    # [BM, BLOCKS]
+    this_step = tl.arange(0, STEPS)[None, :, None] == start // BLOCKS     # [1, ST, 1]
+    acc = acc * alpha[:, None, None] + tl.where(this_step, step_sums[:, None, :], 0.0)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, LIST, n_slots, n_whole,
                          SEQ_K, qk_scale, KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                          LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its
     share of the row's sampled probability mass, in one pass: each step's sampled probabilities are
     summed per block (BLOCKS <= LIST_PAD blocks a step) into that step's columns, and all columns are
-    rescaled as the row maxima grow (as an attention accumulator is)."""
-    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
-    SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
+    rescaled as the row maxima grow (as an attention accumulator is). The steps within the first
+    n_whole entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
+    router-and-top-k took 1.85 ms against 1.98 with every step masked for D128, 3.08 against 3.35
+    for D64)."""
     STEPS: tl.constexpr = LIST_PAD // BLOCKS
-    sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
-    step_of_column = tl.arange(0, STEPS)[None, :, None]                   # [1, ST, 1]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     acc = tl.zeros([BLOCK_M, STEPS, BLOCKS], tl.float32)                  # [BM, ST, BLOCKS] row sums per listed block
-    for start in range(0, n_slots, BLOCKS):
-        blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
-        s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)                                      # [BM]
-        p = tl.exp2(s - m_use[:, None])                                   # [BM, W]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        step_sums = tl.sum(tl.reshape(p, [BLOCK_M, BLOCKS, PER_BLOCK]), 2)  # [BM, BLOCKS]
-        this_step = step_of_column == start // BLOCKS                     # [1, ST, 1]
-        acc = acc * alpha[:, None, None] + tl.where(this_step, step_sums[:, None, :], 0.0)
-        m_i = m_new
+    whole_end = n_whole // BLOCKS * BLOCKS
+    for start in range(0, whole_end, BLOCKS):
+        m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
+                                   qk_scale, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS,
+                                   STEPS, STRIDE, DOT_PRECISION, True)
+    for start in range(whole_end, n_slots, BLOCKS):
+        m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
+                                   qk_scale, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS,
+                                   STEPS, STRIDE, DOT_PRECISION, False)
     mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [BM, ST, BLOCKS]
     mass = tl.where((row_ok & (l_i > 0))[:, None, None], mass, 0.0)       # rows without keys drop out
     return tl.reshape(tl.max(mass, 0), [LIST_PAD])
@@ -417,8 +451,10 @@ def sampled_key_logits_kernel(
     shortlist_row = IDX + list_row * LIST_WIDTH                           # this query block's list
     if SHORTLIST and ONE_PASS:
         n_slots = tl.load(CNT + list_row)
+        n_whole = _whole_entries(shortlist_row, n_slots, pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, CAUSAL, BLOCK_N,
+                                 LIST_PAD)
         best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
-                                    n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                    n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
                                     BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
         blocks, listed = _list_blocks(shortlist_row, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
         tl.store(p_out + blocks, _mass_logit(best), mask=listed)
@@ -462,8 +498,9 @@ def sampled_key_selection_kernel(
     row = pid_bh.to(tl.int64) * NUM_M + pid_m                             # (b, h, query block)
     shortlist_row = LIST + row * LIST_WIDTH
     n_slots = tl.load(LIST_CNT + row)
+    n_whole = _whole_entries(shortlist_row, n_slots, pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, CAUSAL, BLOCK_N, LIST_PAD)
     best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
-                                n_slots, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
                                 BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
     slots = tl.arange(0, LIST_PAD)
     blocks, listed = _list_blocks(shortlist_row, slots, n_slots, True)   # [LP] in block order

@@ -181,9 +181,11 @@ def test_selection_kernel_picks_the_blocks_of_the_pytorch_selection(sq, sk, caus
     assert (got.counts > 0).any() or knobs.get("top_k") == 0
 
 
-def test_selection_kernel_reads_no_logit_of_a_block_that_no_row_sees():
-    """The kernel's mean-key logits leave such blocks unwritten: NaN there selects as -inf does."""
-    config = SAAConfig(**{**SMALL, "top_k": 3})
+@pytest.mark.parametrize("knobs", [dict(top_k=3), dict(top_k=None, tau=0.6)])
+def test_selection_kernel_reads_no_logit_of_a_block_that_no_row_sees(knobs):
+    """The kernel's mean-key logits leave such blocks unwritten: NaN there selects as -inf does (by top-k,
+    and by estimated mass, whose softmax spans the blocks some row sees)."""
+    config = SAAConfig(**{**SMALL, **knobs})
     geometry = BlockGeometry(300, 300, 16, 16, True, 0)
     logits = randn(2, 3, geometry.num_m, geometry.num_n)
     unseen = torch.arange(geometry.num_n, device=DEVICE) >= geometry.allowed_blocks(DEVICE)[:, None]  # [M, N]
@@ -314,6 +316,20 @@ def test_sampled_key_kernel_matches_pytorch_over_many_key_steps(shortlisted, dty
     got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
     assert_sampled_logits_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(900, 1100, True, 200), (1100, 1030, False, 0),
+                                                        (1030, 1030, True, 0)])
+def test_one_pass_router_scores_the_blocks_every_row_sees_whole_without_masks_as_with(sq, sk, causal, key_offset):
+    """Forty listed key blocks (fp16, the one-pass form): a late query block's first steps cover blocks
+    that every row sees whole and take no masks, its later ones do; bottom-right aligned, not causal,
+    and a ragged last key block (which the unmasked steps must not take)."""
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(1, 4, sq, 64, dtype=torch.float16), randn(1, 2, sk, 64, dtype=torch.float16)
+    shortlist = random_shortlist(geometry, 1, 4, listed=40)
+    got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
+    assert_sampled_logits_close(got, want, torch.float16)
 
 
 def shortlist_and_two_kernel_selection(q, k, geometry: BlockGeometry, config: SAAConfig):
