@@ -110,7 +110,7 @@ def mean_key_logits_kernel(
             b_k = tl.load(p_k + offs_d[:, None] * stride_kd, mask=(offs_n[None, :] < NUM_N)
                           & (offs_d[:, None] < HEAD_D), other=0.0)        # [CD, TN]
             acc = tl.dot(b_q, b_k, acc, input_precision=DOT_PRECISION)
-        keys = tl.maximum(tl.minimum(SEQ_K - offs_n * BLOCK_N, BLOCK_N), 1).to(tl.float32)  # [TN] keys per block
+        keys = _keys_behind(offs_n * BLOCK_N, SEQ_K, BLOCK_N).to(tl.float32)  # [TN] (0 past the last block: not stored)
         p_o = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(p_o, acc * scale + tl.log(keys)[None, :], mask=(offs_m[:, None] < NUM_M) & (offs_n[None, :] < NUM_N))
 
@@ -172,16 +172,22 @@ def saa_centroid_kernel(
 
 
 @triton.jit
+def _keys_seen(row, KEY_OFFSET, SEQ_K):
+    """Causal: how many keys query row ``row`` sees (key j sees i when j <= i + KEY_OFFSET), the first ones."""
+    return tl.minimum(tl.maximum(row + KEY_OFFSET + 1, 0), SEQ_K)
+
+
+@triton.jit
 def _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N: tl.constexpr):
-    """Causal: key blocks holding a key visible to query row last_row (key j sees i when j <= i + KEY_OFFSET)."""
-    return (tl.minimum(tl.maximum(last_row + KEY_OFFSET + 1, 0), SEQ_K) + BLOCK_N - 1) // BLOCK_N
+    """Causal: key blocks holding a key visible to query row last_row."""
+    return (_keys_seen(last_row, KEY_OFFSET, SEQ_K) + BLOCK_N - 1) // BLOCK_N
 
 
 @triton.jit
 def _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N: tl.constexpr):
     """Causal: key blocks whose keys are all visible to query row first_row (and so to every later row);
     all NUM_N when it sees every key, the ragged last block included."""
-    visible = tl.minimum(tl.maximum(first_row + KEY_OFFSET + 1, 0), SEQ_K)
+    visible = _keys_seen(first_row, KEY_OFFSET, SEQ_K)
     return tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
 
 
@@ -330,7 +336,7 @@ def _whole_entries(LIST, n_slots, first_row, KEY_OFFSET, SEQ_K, CAUSAL: tl.const
     blocks, listed = _list_blocks(LIST, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
     seen = SEQ_K
     if CAUSAL:
-        seen = tl.minimum(tl.maximum(first_row + KEY_OFFSET + 1, 0), SEQ_K)
+        seen = _keys_seen(first_row, KEY_OFFSET, SEQ_K)
     return tl.sum((listed & ((blocks + 1) * BLOCK_N <= seen)).to(tl.int32), 0)
 
 
@@ -555,7 +561,7 @@ def select_blocks_kernel(
     offs_n = tl.arange(0, N_PAD)                                          # [NP] key blocks
     is_allowed, forced = _forced_blocks(offs_n, row % NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL,
                                         CAUSAL, BLOCK_M, BLOCK_N)
-    logits = tl.load(LOGITS + row * NUM_N + offs_n, mask=is_allowed & (offs_n < NUM_N), other=float("-inf"))  # [NP]
+    logits = tl.load(LOGITS + row * NUM_N + offs_n, mask=is_allowed, other=float("-inf"))  # [NP] (allowed < NUM_N)
     priority = tl.where(forced, float("inf"), tl.where(is_allowed, logits, float("-inf")))
     budget = TOP_K
     if USE_TAU:
