@@ -110,7 +110,7 @@ def mean_key_logits_kernel(
             b_k = tl.load(p_k + offs_d[:, None] * stride_kd, mask=(offs_n[None, :] < NUM_N)
                           & (offs_d[:, None] < HEAD_D), other=0.0)        # [CD, TN]
             acc = tl.dot(b_q, b_k, acc, input_precision=DOT_PRECISION)
-        keys = _keys_behind(offs_n * BLOCK_N, SEQ_K, BLOCK_N).to(tl.float32)  # [TN] (0 past the last block: not stored)
+        keys = tl.maximum(_keys_behind(offs_n * BLOCK_N, SEQ_K, BLOCK_N), 1).to(tl.float32)  # [TN] (1 past the end)
         p_o = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(p_o, acc * scale + tl.log(keys)[None, :], mask=(offs_m[:, None] < NUM_M) & (offs_n[None, :] < NUM_N))
 
