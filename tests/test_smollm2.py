@@ -38,15 +38,15 @@ def test_greedy_generation_identical(smollm2, kernel_calls):
     tokenizer, model = smollm2
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
-        eager_text = greedy(model, tokenizer, inputs, 8)
+        eager_text = greedy(model, tokenizer, inputs, 4)
         model.forward = torch.compile(model.forward, backend="attncompiler", options={"inner": "eager"})
         try:
-            compiled_text = greedy(model, tokenizer, inputs, 8)
+            compiled_text = greedy(model, tokenizer, inputs, 4)
         finally:
             del model.forward
     assert compiled_text == eager_text
     assert "Paris" in compiled_text
-    assert kernel_calls["triton"] >= 30 * 8
+    assert kernel_calls["triton"] >= 30 * 4
 
 
 def test_padded_batch_logits_and_cached_generation_match_eager(smollm2, kernel_calls):
@@ -70,7 +70,7 @@ def test_padded_batch_logits_and_cached_generation_match_eager(smollm2, kernel_c
         assert error < 1e-3 * expected[real].abs().max().item(), error
 
         def generate():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
         eager_texts = generate()
@@ -80,4 +80,4 @@ def test_padded_batch_logits_and_cached_generation_match_eager(smollm2, kernel_c
         finally:
             del model.forward
     assert compiled_texts == eager_texts
-    assert kernel_calls["triton"] >= 30 * 6
+    assert kernel_calls["triton"] >= 30 * 3
