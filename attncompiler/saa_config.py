@@ -1,13 +1,13 @@
 """SAA operating points: the knobs of sparse-aggregate attention, validated in one place.
 
 An operating point says how finely queries and keys are blocked, how many key blocks each query
-block computes exactly (``top_k`` routed blocks, or the fewest reaching estimated mass ``tau``,
-on top of the ``sinks`` first blocks and the ``local_blocks`` diagonal blocks, which are always
-exact), how many centroids stand in for each remaining key block (and, beyond ``near_blocks`` of
-the diagonal, for each group of ``far_group`` key blocks), and the error budget
-``max_error``: the largest relative error (Frobenius norm, against dense attention) a site may
-show on its first call before it falls back to dense. ``router`` picks the training-free block
-estimate (:mod:`attncompiler.saa_routing`).
+block computes exactly (the fewest routed blocks whose estimated mass reaches ``tau``, at most
+``top_k``; either alone when the other is None; on top of the ``sinks`` first blocks and the
+``local_blocks`` diagonal blocks, which are always exact), how many centroids stand in for each
+remaining key block (and, beyond ``near_blocks`` of the diagonal, for each group of ``far_group``
+key blocks), and the error budget ``max_error``: the largest relative error (Frobenius norm,
+against dense attention) a site may show on its first call before it falls back to dense.
+``router`` picks the training-free block estimate (:mod:`attncompiler.saa_routing`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _is_pow2(n: int) -> bool:
 class SAAConfig:
     block_m: int = 128           # queries per query block (the routing granularity and kernel tile)
     block_n: int = 128           # keys per key block
-    top_k: int | None = 12       # routed exact blocks per query block, beyond sinks and local blocks
-    tau: float | None = None     # or: the fewest routed blocks whose estimated mass reaches tau
+    top_k: int | None = 12       # at most this many routed exact blocks per query block, beyond sinks and local blocks
+    tau: float | None = 0.96     # the fewest routed blocks whose estimated mass reaches tau (None: top_k alone)
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 1           # centroids per key block that is not computed exactly

@@ -487,14 +487,15 @@ def sampled_key_selection_kernel(
     Q, K, LIST, LIST_CNT, IDX, CNT, EXACT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH, MAX_EXACT, SINKS, LOCAL, TOP_K,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LIST_PAD: tl.constexpr, STRIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
+    CAUSAL: tl.constexpr, USE_TAU: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LIST_PAD: tl.constexpr,
+    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block's ``"sampled-keys"`` top-k, straight from its shortlist (2-byte inputs): the
-    one-pass logits of the listed key blocks, then the forced blocks and the TOP_K best of the rest,
-    listed in block order at IDX with their count at CNT. The same selection as
+    one-pass logits of the listed key blocks, then the forced blocks and the TOP_K best of the rest
+    (with USE_TAU, at most the TOP_K best that bring the estimated mass to TAU), listed in block order
+    at IDX with their count at CNT. The same selection as
     ``select_blocks_kernel`` makes of ``sampled_key_logits_kernel``'s logits, without writing them.
     EXACT holds the shortlist's flags (its listed blocks set) and is left holding the kept ones."""
     pid_m = tl.program_id(0)
@@ -513,35 +514,35 @@ def sampled_key_selection_kernel(
     _, forced = _forced_blocks(blocks, pid_m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL, BLOCK_M,
                                BLOCK_N)
     forced = forced & listed
-    priority = tl.where(forced, float("inf"), tl.where(listed, _mass_logit(best), float("-inf")))  # [LP]
+    logits = tl.where(listed, _mass_logit(best), float("-inf"))           # [LP] (unlisted blocks: no mass)
+    priority = tl.where(forced, float("inf"), logits)
+    budget = TOP_K
+    if USE_TAU:
+        budget = _kept_by_mass(priority, logits, listed, forced, TOP_K, TAU, True, LIST_PAD)
     if LIST_PAD <= RANKED_LIST:
-        keep = _top_k_by_rank(priority, forced, TOP_K, LIST_PAD)
+        keep = _top_k_by_rank(priority, forced, budget, LIST_PAD)
     else:
-        keep = _top_k(priority, forced, TOP_K, True)
+        keep = _top_k(priority, forced, budget, True)
     _store_in_order(IDX + row * MAX_EXACT, CNT + row, blocks, keep, slots, MAX_EXACT)
     tl.store(EXACT + row * NUM_N + blocks, keep.to(tl.int8), mask=listed)
 
 
 @triton.jit
-def _kept_by_mass(priority, logits, is_allowed, forced, offs_n, TOP_K, TAU, USE_TOP_K: tl.constexpr,
-                  N_PAD: tl.constexpr):
-    """How many routed (not forced) blocks ``tau`` keeps: taken by priority, descending (ties to the
-    lower block), while the estimated mass before each (the softmax of the logits over the allowed
-    blocks, the forced ones' included) stays below TAU; at most TOP_K with USE_TOP_K."""
-    # Sort by the priority's order-preserving bits above the block number, in one int64 key.
-    key = (_order_bits(priority).to(tl.int64) << 32) | (N_PAD - 1 - offs_n).to(tl.int64)
-    key = tl.sort(key, 0, descending=True)                                # [NP]
-    bits = (key >> 32).to(tl.int32)
-    ranked = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # [NP] priority at each rank
-    routed = (ranked < float("inf")) & (ranked > float("-inf"))
+def _kept_by_mass(priority, logits, is_allowed, forced, TOP_K, TAU, USE_TOP_K: tl.constexpr, N_PAD: tl.constexpr):
+    """How many routed (not forced) blocks ``tau`` keeps: taken by priority, descending, while the
+    estimated mass before each (the softmax of the logits over the allowed blocks, the forced ones'
+    included) stays below TAU; at most TOP_K with USE_TOP_K. Blocks of equal priority have equal
+    masses, so sorting the routed masses alone gives the count."""
+    routed = (priority < float("inf")) & (priority > float("-inf"))
     top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)              # [NP]
     total = tl.sum(weight, 0)
     forced_mass = tl.sum(tl.where(forced, weight, 0.0), 0) / total
-    routed_mass = tl.where(routed, tl.exp(ranked - top), 0.0) / total      # [NP] in ranked order
+    routed_mass = tl.sort(tl.where(routed, weight, 0.0) / total, 0, descending=True)  # [NP] largest first
     before = forced_mass + tl.cumsum(routed_mass, 0) - routed_mass
-    kept = tl.sum((routed & (before < TAU)).to(tl.int32), 0)
+    rank = tl.arange(0, N_PAD)
+    kept = tl.sum(((rank < tl.sum(routed.to(tl.int32), 0)) & (before < TAU)).to(tl.int32), 0)
     if USE_TOP_K:
         kept = tl.minimum(kept, TOP_K)
     return kept
@@ -565,7 +566,7 @@ def select_blocks_kernel(
     priority = tl.where(forced, float("inf"), tl.where(is_allowed, logits, float("-inf")))
     budget = TOP_K
     if USE_TAU:
-        budget = _kept_by_mass(priority, logits, is_allowed, forced, offs_n, TOP_K, TAU, USE_TOP_K, N_PAD)
+        budget = _kept_by_mass(priority, logits, is_allowed, forced, TOP_K, TAU, USE_TOP_K, N_PAD)
     keep = _top_k(priority, forced, budget, USE_TOP_K or USE_TAU)         # [NP]
     _store_in_order(IDX + row * MAX_EXACT, CNT + row, offs_n, keep, offs_n, MAX_EXACT)
     tl.store(EXACT + row * NUM_N + offs_n, keep.to(tl.int8), mask=offs_n < NUM_N)
@@ -928,9 +929,10 @@ def _selection_warps(n_pad: int, config: SAAConfig) -> int:
 
 def fuses_sampled_selection(q: torch.Tensor, config: SAAConfig) -> bool:
     """Whether :func:`sampled_key_selection` computes this operating point's selection: a
-    ``"sampled-keys"`` top-k (no ``tau``) over a shortlist, with 2-byte inputs (the one-pass router)."""
+    ``"sampled-keys"`` top-k (with or without ``tau``) over a shortlist, with 2-byte inputs (the
+    one-pass router)."""
     return (config.router == "sampled-keys" and config.candidates is not None and config.top_k is not None
-            and config.tau is None and q.element_size() == 2)
+            and q.element_size() == 2)
 
 
 def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
@@ -941,8 +943,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     selection lists them) gives up its ``exact`` flags to the result. Where the fused kernel does
     not compile for a launch shape, that shape takes the two kernels from then on (logged once)."""
     if not fuses_sampled_selection(q, config):
-        raise ValueError("the fused sampled-keys selection takes a top-k without tau over a shortlist "
-                         "of fp16 or bf16 inputs")
+        raise ValueError("the fused sampled-keys selection takes a top-k over a shortlist of fp16 or bf16 inputs")
     batch, heads, _, dim = q.shape
     width = selection_width(geometry, config)
     indices = torch.empty(batch, heads, geometry.num_m, width, dtype=torch.int32, device=q.device)
@@ -951,7 +952,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     exact = shortlist.exact.view(torch.int8)
     list_width = listed.shape[-1]
     list_pad = _pow2_at_least(list_width)
-    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride, list_pad)
+    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride, list_pad,
+              config.tau is not None)
     if indices.numel() == 0:
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
@@ -960,7 +962,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             q, k, listed, listed_counts, indices, counts, exact, *q.stride(), *k.stride(),
             scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
             geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
-            config.top_k, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
+            config.top_k, config.tau or 0.0, CAUSAL=geometry.causal, USE_TAU=config.tau is not None, HEAD_D=dim,
+            BLOCK_D=_pow2_at_least(dim),
             BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
             BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
             STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
@@ -975,7 +978,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     return FUSED_SELECTION.run(launch, fused, apart, "the fused SAA router-and-top-k kernel for %s", launch)
 
 
-# Launch shapes (dtype, head dim, block sizes, causal, key stride, list width) whose fused selection
+# Launch shapes (dtype, head dim, block sizes, causal, key stride, list width, tau or not) whose fused selection
 # kernel raised route with sampled_key_logits and select_blocks.
 FUSED_SELECTION = FormFallback("routing with two kernels")
 

@@ -36,7 +36,7 @@ if not INTERPRET and not torch.cuda.is_available():
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")]  # log2(0) = -inf
 
-SMALL = dict(block_m=16, block_n=16, min_keys=0)  # SAA at every length
+SMALL = dict(block_m=16, block_n=16, min_keys=0, tau=None)  # SAA at every length; top_k alone unless a test sets tau
 CAUSAL_FORMS = {  # name: (causal, bottom_right, score program)
     "full": (False, False, "(mul s {scale})"),
     "causal": (True, False, "(where (le k q) (mul s {scale}) -inf)"),
@@ -74,7 +74,8 @@ def double(centroids: Centroids) -> Centroids:
     (1, 3, 1, 113, 70, 128, 128, SAAConfig(block_m=32, block_n=16, top_k=None, tau=0.5, centroids=2)),
     (1, 2, 1, 1, 50, 64, 32, SAAConfig(**SMALL, top_k=1, local_blocks=0, centroids=2)),
     (1, 4, 2, 300, 300, 64, 64, SAAConfig(**SMALL, top_k=1, far_group=4, near_blocks=2)),
-    (1, 2, 1, 200, 250, 64, 32, SAAConfig(**SMALL, top_k=None, tau=0.5, centroids=2, far_group=2, near_blocks=0)),
+    (1, 2, 1, 200, 250, 64, 32, SAAConfig(**{**SMALL, "tau": 0.5}, top_k=None, centroids=2, far_group=2,
+                                          near_blocks=0)),
 ])
 def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
     """The attend-and-aggregate kernel against the fp64 reference with the same routing: odd sizes,
@@ -118,10 +119,10 @@ def test_far_key_blocks_enter_by_one_centroid_per_group(form, routing, keys):
     error, and equals it when no block is that far. With tau, a query block has more exact blocks in
     its far groups than the kernel subtracts from the groups' sums in one product (16)."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
-    config = SAAConfig(**SMALL, far_group=4, near_blocks=3, **routing)
+    config = SAAConfig(**{**SMALL, **routing}, far_group=4, near_blocks=3)
     # (top-left causal needs every query; otherwise the last 96 see all but the diagonal's key blocks)
-    queries, heads = (keys, 1 if config.tau else 2) if form == "causal" else (96, 2)
-    q, k, v = qkv(1, heads, 1, queries, keys, 64, 64, torch.float16)
+    queries = keys if form == "causal" else 96
+    q, k, v = qkv(1, 2, 1, queries, keys, 64, 64, torch.float16)
     geometry = geometry_of(q, k, config, causal, bottom_right)
     out, selection, centroids = saa_triton(q, k, v, 0.3, geometry, config)
     if config.tau is not None:
@@ -335,30 +336,31 @@ def test_one_pass_router_scores_the_blocks_every_row_sees_whole_without_masks_as
 
 
 def shortlist_and_two_kernel_selection(q, k, geometry: BlockGeometry, config: SAAConfig):
-    """``(shortlist, selection)``: a maker of fresh copies of one random shortlist (the selection kernel
-    over random logits; the fused kernel takes over its flags), and the selection the router kernel
-    and the selection kernel make over it, scale 0.3."""
+    """``(shortlist, selection, logits)``: a maker of fresh copies of one random shortlist (the selection
+    kernel over random logits; the fused kernel takes over its flags), the selection the router kernel
+    and the selection kernel make over it, and the router kernel's logits; scale 0.3."""
     mean_key_logits = randn(*q.shape[:2], geometry.num_m, geometry.num_n)
 
     def shortlist() -> Selection:
         return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
 
     logits = sampled_key_logits_kernel(q, k, 0.3, geometry, config.key_stride, shortlist(), interpret=INTERPRET)
-    return shortlist, select_blocks_kernel(logits, geometry, config, interpret=INTERPRET)
+    return shortlist, select_blocks_kernel(logits, geometry, config, interpret=INTERPRET), logits
 
 
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(40, 93, True, 53), (77, 93, False, 0), (93, 73, True, -20),
                                                         (160, 160, True, 0)])
-@pytest.mark.parametrize("stride, top_k", [(1, 2), (4, 0), (16, 5)])
+@pytest.mark.parametrize("stride, top_k, tau", [(1, 2, None), (4, 0, None), (16, 5, None), (4, 3, 0.5)])
 def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_keep(sq, sk, causal, key_offset,
-                                                                                  stride, top_k):
-    """The router and its top-k in one launch (fp16): the same counts, block-order lists and exact
-    flags as the selection kernel makes of the router kernel's logits over the same shortlist."""
-    config = SAAConfig(**SMALL, sinks=1, local_blocks=2, top_k=top_k, router="sampled-keys", candidates=3,
-                       key_stride=stride)
+                                                                                  stride, top_k, tau):
+    """The router and its top-k (with or without tau) in one launch (fp16): the same counts, block-order
+    lists and exact flags as the selection kernel makes of the router kernel's logits over the same
+    shortlist."""
+    config = SAAConfig(**{**SMALL, "tau": tau}, sinks=1, local_blocks=2, top_k=top_k, router="sampled-keys",
+                       candidates=3, key_stride=stride)
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32, dtype=torch.float16), randn(2, 2, sk, 32, dtype=torch.float16)
-    shortlist, want = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    shortlist, want, _ = shortlist_and_two_kernel_selection(q, k, geometry, config)
     listed = shortlist()
     got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
@@ -368,15 +370,19 @@ def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_kee
         assert (got.counts < listed.counts).any()
 
 
-@pytest.mark.parametrize("candidates", [40, 130])
-def test_fused_sampled_selection_ranks_a_short_list_and_bisects_a_long_one(candidates):
+@pytest.mark.parametrize("candidates, tau", [(40, None), (130, None), (40, 0.15), (130, 0.05)])
+def test_fused_sampled_selection_ranks_a_short_list_and_bisects_a_long_one(candidates, tau):
     """Lists of up to 128 entries (here 64 wide) keep their top-k by rank, longer ones (256 wide) by
-    bisection on the priorities' bits: both keep what the selection kernel keeps."""
-    config = SAAConfig(**SMALL, sinks=1, local_blocks=2, top_k=6, router="sampled-keys", candidates=candidates,
-                       key_stride=4)
+    bisection on the priorities' bits: both keep what the selection kernel keeps, with tau too (which
+    keeps fewer than the top-k somewhere)."""
+    config = SAAConfig(**{**SMALL, "tau": tau}, sinks=1, local_blocks=2, top_k=6, router="sampled-keys",
+                       candidates=candidates, key_stride=4)
     geometry = BlockGeometry(40, 2300, 16, 16, True, 2260)  # 144 key blocks, all allowed
     q, k = randn(1, 2, 40, 32, dtype=torch.float16), randn(1, 1, 2300, 32, dtype=torch.float16)
-    shortlist, want = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    shortlist, want, logits = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    if tau is not None:
+        top_k_only = select_blocks_kernel(logits, geometry, replace(config, tau=None), interpret=INTERPRET)
+        assert (want.counts < top_k_only.counts).any()
     listed = shortlist()
     assert saa_kernels._pow2_at_least(listed.indices.shape[-1]) == (64 if candidates == 40 else 256)
     got = sampled_key_selection(q, k, 0.3, geometry, config, listed, interpret=INTERPRET)
@@ -400,7 +406,7 @@ def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(
     config = SAAConfig(**SMALL, top_k=1, router="sampled-keys", candidates=2, key_stride=4)
     geometry = BlockGeometry(93, 93, 16, 16, True)
     q, k = randn(1, 2, 93, 32, dtype=torch.float16), randn(1, 1, 93, 32, dtype=torch.float16)
-    shortlist, want = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    shortlist, want, _ = shortlist_and_two_kernel_selection(q, k, geometry, config)
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             got = sampled_key_selection(q, k, 0.3, geometry, config, shortlist(), interpret=INTERPRET)
@@ -417,8 +423,8 @@ def test_fused_sampled_selection_refuses_what_it_does_not_compute():
     shortlist = select_blocks_kernel(randn(1, 1, 2, 2), geometry, shortlist_config(config), interpret=INTERPRET)
     with pytest.raises(ValueError, match="fp16 or bf16"):
         sampled_key_selection(q, k, 0.3, geometry, config, shortlist, interpret=INTERPRET)
-    with pytest.raises(ValueError, match="without tau"):
-        sampled_key_selection(q.half(), k.half(), 0.3, geometry, replace(config, tau=0.5), shortlist,
+    with pytest.raises(ValueError, match="takes a top-k"):
+        sampled_key_selection(q.half(), k.half(), 0.3, geometry, replace(config, top_k=None, tau=0.5), shortlist,
                               interpret=INTERPRET)
 
 
@@ -636,7 +642,7 @@ def test_top_k_and_tau_rank_by_estimated_mass():
     mass = torch.softmax(logits, 0)                                           # 0.636, 0.086, 0.234, 0.032, 0.012
 
     def chosen(**knobs):
-        config = SAAConfig(**SMALL, sinks=0, local_blocks=0, **knobs)
+        config = SAAConfig(**{**SMALL, **knobs}, sinks=0, local_blocks=0)
         selection = select_blocks(logits.view(1, 1, 1, 5), geometry, config)
         return selection.indices[0, 0, 0, :selection.counts[0, 0, 0]].tolist()
 
@@ -683,7 +689,7 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
 
 @pytest.mark.parametrize("values, message", [
     ({"block_n": 48}, "block_n must be a power of two"),
-    ({"top_k": None}, "needs top_k, tau or both"),
+    ({"top_k": None, "tau": None}, "needs top_k, tau or both"),
     ({"tau": 1.5}, "tau must be"),
     ({"centroids": 3}, "centroids must be"),
     ({"far_group": 3}, "far_group must be a power of two <= 32"),
