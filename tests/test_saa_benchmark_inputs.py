@@ -25,6 +25,7 @@ def test_smollm2_inputs_are_every_layers_grouped_queries_keys_and_values():
     assert all(t.isfinite().all() for t in (q, k, v))
     assert not torch.equal(q[0], q[1]) and not torch.equal(k[0], k[29])          # one layer per batch entry
     shorter = inputs(16)[0]  # the last layer's queries of a prefix: the same, as the model attends causally
-    assert shorter.shape[2] == 16 and torch.allclose(shorter[29], q[29, :, :16], atol=1e-3)
+    tolerance = 1e-3 if q.dtype == torch.float32 else 5e-2  # (bf16 on a GPU)
+    assert shorter.shape[2] == 16 and torch.allclose(shorter[29], q[29, :, :16], atol=tolerance, rtol=tolerance)
     with pytest.raises(ValueError, match="up to 8192 tokens"):
         inputs(8193)
