@@ -55,7 +55,7 @@ class Site:
 
     @property
     def saa(self) -> Any:
-        """The SAA gate's :class:`~attncompiler.saa_ops.SiteRecord` (density, error, fallback) once
+        """The SAA gate's :class:`~attncompiler.saa_ops.SiteRecord` (density, error, fallback, speedup) once
         the site has run, else None."""
         if self.saa_site is None:
             return None
@@ -78,6 +78,8 @@ class Site:
             return f"saa (not run yet: {calls} below min_keys ran dense)" if short else "saa (not run yet)"
         measured = ", ".join(f"{name} {value:.3g}" for name, value in
                              (("density", record.density), ("error", record.error)) if value is not None)
+        if record.speedup is not None:
+            measured += f", speedup {record.speedup:.2f}x"
         if record.fallback is not None:
             return f"dense after fallback: {record.fallback}" + (f" ({measured})" if measured else "")
         return f"saa: {measured}"

@@ -8,7 +8,9 @@ no key (:meth:`attncompiler.saa.SAAProgram.averages_empty_rows`) run dense atten
 calls with fewer than the operating point's ``min_keys`` keys (decoding steps, short prompts). The first
 call for a ``site`` also computes dense attention and measures SAA's relative error against it
 (Frobenius norm); above the budget ``max_error``, or if SAA fails, the site runs dense attention
-from then on and the reason is logged once. Per-site
+from then on and the reason is logged once. On a GPU the first call also times one more SAA call
+and one more dense call (host included, as a model runs them) for the report's speedup, and warns
+where SAA was the slower. Per-site
 measurements are kept in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is
 counted in :data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
 """
@@ -19,6 +21,7 @@ import functools
 import logging
 import math
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -32,6 +35,9 @@ from .spec import output_shape
 log = logging.getLogger("attncompiler")
 
 SAA_CALLS: Counter = Counter()
+# Devices on which a site's first call times SAA against dense attention (on CPU the kernels are
+# interpreted or in PyTorch: their speed says nothing).
+TIMED_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -41,6 +47,13 @@ class SiteRecord:
     density: float | None = None
     error: float | None = None
     fallback: str | None = None
+    saa_ms: float | None = None    # one warm SAA call, host included (on TIMED_DEVICES)
+    dense_ms: float | None = None  # one warm dense call, the same way
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense attention's time over SAA's, as the first call measured them (None: not timed)."""
+        return self.dense_ms / self.saa_ms if self.saa_ms and self.dense_ms else None
 
 
 SAA_SITES: dict[str, SiteRecord] = {}
@@ -70,6 +83,26 @@ def _dense(q, k, v, program: str, kernel: str, zero_empty_rows: bool) -> torch.T
     return out
 
 
+def _milliseconds(call, device: torch.device) -> float:
+    """Wall-clock milliseconds of one ``call()``, from an idle device to its end (host included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _time_against_dense(site: str, record: SiteRecord, run_saa, run_dense, device: torch.device) -> None:
+    """Times one (warm) call of each into ``record``; warns where SAA was the slower."""
+    record.saa_ms, record.dense_ms = _milliseconds(run_saa, device), _milliseconds(run_dense, device)
+    if record.speedup < 1:
+        log.warning("attncompiler: SAA site %s took %.3g ms against dense attention's %.3g on its first call "
+                    "(%.2fx): at this length its launches cost more than it saves; raise min_keys or leave "
+                    "SAA off here", site, record.saa_ms, record.dense_ms, record.speedup)
+
+
 def _fall_back(site: str, record: SiteRecord, reason: str) -> None:
     record.fallback = reason
     log.warning("attncompiler: SAA site %s runs dense attention: %s", site, reason)
@@ -97,10 +130,12 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
     if form is None:
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
+    def run_saa():
+        return saa_forward(q, k, v, form.scale, form.causal, operating_point, bottom_right=form.bottom_right,
+                           zero_empty_rows=zero_empty_rows, kernel=kernel)
+
     try:
-        out, stats = saa_forward(q, k, v, form.scale, form.causal, operating_point,
-                                 bottom_right=form.bottom_right, zero_empty_rows=zero_empty_rows,
-                                 kernel=kernel)
+        out, stats = run_saa()
     except Exception as e:  # a kernel that cannot compile or launch: keep the model running
         _fall_back(site, record, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
@@ -111,8 +146,11 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
             _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
                                      f"{operating_point.max_error:.3g} (density {record.density:.2f})")
             return exact
-        log.info("attncompiler: SAA site %s: density %.3f, relative error %.3g", site, record.density,
-                 record.error)
+        if q.device.type in TIMED_DEVICES:
+            _time_against_dense(site, record, run_saa, lambda: torch.ops.attncompiler.attention(
+                q, k, v, [], program, kernel, zero_empty_rows), q.device)
+        log.info("attncompiler: SAA site %s: density %.3f, relative error %.3g, %s", site, record.density,
+                 record.error, f"speedup {record.speedup:.2f}x over dense" if record.speedup else "not timed")
     SAA_CALLS["saa"] += 1
     return out
 

@@ -78,7 +78,8 @@ def saa_gate_summary() -> str:
     from attncompiler.saa_ops import SAA_CALLS, SAA_SITES
 
     sites = [f"{site}: dense ({record.fallback})" if record.fallback else
-             f"{site}: SAA (density {record.density:.3f}, error {record.error:.3f})"
+             f"{site}: SAA (density {record.density:.3f}, error {record.error:.3f}"
+             + (f", speedup {record.speedup:.2f}x)" if record.speedup else ")")
              for site, record in sorted(SAA_SITES.items())]
     summary = f"SAA gate: {'; '.join(sites) or 'no site'}; calls {dict(SAA_CALLS)}"
     SAA_SITES.clear()

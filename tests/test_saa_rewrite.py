@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attncompiler
-from attncompiler import hf_zoo
+from attncompiler import hf_zoo, saa_ops
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_program
 from attncompiler.saa_config import SAAConfig
@@ -71,6 +71,33 @@ def test_dense_equivalent_operating_point_equals_eager():
     assert site.saa.density == 1.0 and site.saa.fallback is None and site.saa.error < 1e-5
     assert "saa: density 1, error" in report.table()
     torch.testing.assert_close(out, causal_sdpa(q, k, v))
+
+
+def test_first_call_on_a_timed_device_reports_the_speedup_over_dense(monkeypatch):
+    """Where the first call is timed (GPUs; here the CPU too), one more SAA call and one more dense
+    call are timed, outside the call counts, and the report shows dense's time over SAA's."""
+    monkeypatch.setattr(saa_ops, "TIMED_DEVICES", ("cpu",))
+    q, k, v = qkv()
+    out, report = compile_and_run(causal_sdpa, q, k, v, saa=DENSE_EQUIVALENT)
+    (site,) = report.sites
+    assert site.saa.saa_ms > 0 and site.saa.dense_ms > 0
+    assert site.saa.speedup == pytest.approx(site.saa.dense_ms / site.saa.saa_ms)
+    assert f"speedup {site.saa.speedup:.2f}x" in site.describe_saa()
+    assert SAA_CALLS["saa"] == 1 and SAA_CALLS["dense"] == 1
+    torch.testing.assert_close(out, causal_sdpa(q, k, v))
+
+
+def test_a_site_slower_than_dense_warns_and_keeps_running_saa(monkeypatch, caplog):
+    times = iter([2.0, 0.5])  # SAA's call, then dense's
+    monkeypatch.setattr(saa_ops, "TIMED_DEVICES", ("cpu",))
+    monkeypatch.setattr(saa_ops, "_milliseconds", lambda call, device: next(times))
+    q, k, v = qkv()
+    with caplog.at_level("WARNING", logger="attncompiler"):
+        _, report = compile_and_run(causal_sdpa, q, k, v, saa=DENSE_EQUIVALENT)
+    (site,) = report.sites
+    assert site.saa.speedup == 0.25 and site.saa.fallback is None
+    assert "took 2 ms against dense attention's 0.5" in caplog.text and "raise min_keys" in caplog.text
+    assert site.describe_saa().endswith("speedup 0.25x")
 
 
 def test_sites_without_saa_option_stay_on_the_dense_op():
