@@ -130,6 +130,7 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
     if form is None:
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
+
     def run_saa():
         return saa_forward(q, k, v, form.scale, form.causal, operating_point, bottom_right=form.bottom_right,
                            zero_empty_rows=zero_empty_rows, kernel=kernel)
