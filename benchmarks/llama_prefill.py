@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -89,14 +88,11 @@ def saa_gate_summary() -> str:
 
 def text_ids(gguf: str | None) -> torch.Tensor:
     """``pydoc_data.topics`` in SmolLM2's tokens."""
-    from transformers import AutoTokenizer
-
     sys.path.insert(0, str(EXAMPLES))
-    from quickstart import GGUF_FILE, model_dir
+    from quickstart import load_smollm2_tokenizer
     from saa_quality import corpus_ids
 
-    directory, filename = os.path.split(os.path.abspath(gguf)) if gguf else (model_dir(), GGUF_FILE)
-    return corpus_ids(AutoTokenizer.from_pretrained(directory, gguf_file=filename))
+    return corpus_ids(load_smollm2_tokenizer(gguf))
 
 
 def time_prefill(model, forward, seq: int, train: bool, text: torch.Tensor | None = None) -> float:
@@ -141,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = {k: v for k, v in variants(saa).items() if not args.only or k in args.only}
     text = None if args.smollm2 is None else text_ids(args.smollm2 or None)
-    heads = 9 if args.smollm2 is not None else CONFIG["num_attention_heads"]
     times: dict[tuple[str, int], float | None] = {}
     for name, (impl, compile_with) in chosen.items():
         model = build(impl, smollm2=args.smollm2)
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         forward = compile_with(model) if compile_with else model
         for seq in args.seqs:
             materializes_scores = impl == "eager" and not name.startswith("attncompiler")
-            too_big = materializes_scores and 4 * heads * seq * seq > EAGER_SCORE_BYTES
+            too_big = materializes_scores and 4 * model.config.num_attention_heads * seq * seq > EAGER_SCORE_BYTES
             try:
                 times[name, seq] = None if too_big else time_prefill(model, forward, seq, args.train, text)
             except torch.cuda.OutOfMemoryError:

