@@ -341,21 +341,23 @@ def _whole_entries(LIST, n_slots, first_row, KEY_OFFSET, SEQ_K, CAUSAL: tl.const
 
 
 @triton.jit
-def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, qk_scale,
+def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale, rate,
                KEY_OFFSET, m_i, l_i, acc, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STEPS: tl.constexpr, STRIDE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, WHOLE: tl.constexpr):
-    """One step of :func:`_listed_block_masses`: the BLOCKS listed key blocks from position start."""
+    """One step of :func:`_listed_block_masses`: the BLOCKS listed key blocks from position start, scored
+    ``score_scale · q·k``; the row maxima m_i are in those units, and ``rate`` (> 0) turns them into log2
+    units in the exponent (one FMA a score)."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
     sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
     blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
-    s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
+    s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, score_scale,
                         KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION, WHOLE)  # [BM, W]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)                                          # [BM]
-    p = tl.exp2(s - m_use[:, None])                                       # [BM, W]
+    alpha = tl.exp2((m_i - m_use) * rate)                                 # [BM]
+    p = tl.exp2(s * rate - (m_use * rate)[:, None])                       # [BM, W]
     l_i = l_i * alpha + tl.sum(p, 1)
     step_sums = tl.sum(tl.reshape(p, [BLOCK_M, BLOCKS, PER_BLOCK]), 2)    # [BM, BLOCKS]
     this_step = tl.arange(0, STEPS)[None, :, None] == start // BLOCKS     # [1, ST, 1]
@@ -367,27 +369,33 @@ def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_s
 def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, LIST, n_slots, n_whole,
                          SEQ_K, qk_scale, KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                         LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         FOLD_SCALE: tl.constexpr):
     """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its
     share of the row's sampled probability mass, in one pass: each step's sampled probabilities are
     summed per block (BLOCKS <= LIST_PAD blocks a step) into that step's columns, and all columns are
     rescaled as the row maxima grow (as an attention accumulator is). The steps within the first
     n_whole entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
     router-and-top-k took 1.85 ms against 1.98 with every step masked for D128, 3.08 against 3.35
-    for D64)."""
+    for D64). FOLD_SCALE (qk_scale > 0) applies qk_scale in the exponent rather than to the scores."""
     STEPS: tl.constexpr = LIST_PAD // BLOCKS
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
+    score_scale = qk_scale
+    rate = 1.0
+    if FOLD_SCALE:
+        score_scale = 1.0
+        rate = qk_scale
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (score_scale units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
     acc = tl.zeros([BLOCK_M, STEPS, BLOCKS], tl.float32)                  # [BM, ST, BLOCKS] row sums per listed block
     whole_end = n_whole // BLOCKS * BLOCKS
     for start in range(0, whole_end, BLOCKS):
         m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
-                                   qk_scale, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS,
-                                   STEPS, STRIDE, DOT_PRECISION, True)
+                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                   BLOCKS, STEPS, STRIDE, DOT_PRECISION, True)
     for start in range(whole_end, n_slots, BLOCKS):
         m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
-                                   qk_scale, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS,
-                                   STEPS, STRIDE, DOT_PRECISION, False)
+                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                   BLOCKS, STEPS, STRIDE, DOT_PRECISION, False)
     mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [BM, ST, BLOCKS]
     mass = tl.where((row_ok & (l_i > 0))[:, None, None], mass, 0.0)       # rows without keys drop out
     return tl.reshape(tl.max(mass, 0), [LIST_PAD])
@@ -436,6 +444,7 @@ def sampled_key_logits_kernel(
     SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
     LIST_PAD: tl.constexpr, ONE_PASS: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     """One query block's ``"sampled-keys"`` logits, BLOCKS key blocks per step: the log of the largest
     share of a row's sampled probability mass that falls in each key block (shares below 2**-126,
@@ -461,7 +470,7 @@ def sampled_key_logits_kernel(
                                  LIST_PAD)
         best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
                                     n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
-                                    BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
+                                    BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION, FOLD_SCALE)  # [LP]
         blocks, listed = _list_blocks(shortlist_row, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
         tl.store(p_out + blocks, _mass_logit(best), mask=listed)
     elif SHORTLIST:
@@ -490,7 +499,7 @@ def sampled_key_selection_kernel(
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
     CAUSAL: tl.constexpr, USE_TAU: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LIST_PAD: tl.constexpr,
-    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     """One query block's ``"sampled-keys"`` top-k, straight from its shortlist (2-byte inputs): the
     one-pass logits of the listed key blocks, then the forced blocks and the TOP_K best of the rest
@@ -508,7 +517,7 @@ def sampled_key_selection_kernel(
     n_whole = _whole_entries(shortlist_row, n_slots, pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, CAUSAL, BLOCK_N, LIST_PAD)
     best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
                                 n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
-                                BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION)  # [LP]
+                                BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION, FOLD_SCALE)  # [LP]
     slots = tl.arange(0, LIST_PAD)
     blocks, listed = _list_blocks(shortlist_row, slots, n_slots, True)   # [LP] in block order
     _, forced = _forced_blocks(blocks, pid_m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL, BLOCK_M,
@@ -880,7 +889,7 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
         SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
         BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
         LIST_PAD=list_pad, ONE_PASS=one_pass, STRIDE=stride,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FOLD_SCALE=scale > 0, num_warps=4,
         num_stages=1 if interpret else FUSED_SELECTION_STAGES if one_pass else 3,
     )
     return out
@@ -965,7 +974,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             config.top_k, config.tau or 0.0, CAUSAL=geometry.causal, USE_TAU=config.tau is not None, HEAD_D=dim,
             BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
             BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
-            STRIDE=config.key_stride, DOT_PRECISION="tf32", num_warps=4,
+            STRIDE=config.key_stride, DOT_PRECISION="tf32", FOLD_SCALE=scale > 0, num_warps=4,
             num_stages=1 if interpret else FUSED_SELECTION_STAGES,
         )
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
