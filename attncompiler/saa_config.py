@@ -7,7 +7,8 @@ block computes exactly (the fewest routed blocks whose estimated mass reaches ``
 remaining key block (and, beyond ``near_blocks`` of the diagonal, for each group of ``far_group``
 key blocks), and the error budget ``max_error``: the largest relative error (Frobenius norm,
 against dense attention) a site may show on its first call before it falls back to dense.
-``router`` picks the training-free block estimate (:mod:`attncompiler.saa_routing`).
+``router`` picks the training-free block estimate (:mod:`attncompiler.saa_routing`); ``graphs``
+replays a GPU's calls from CUDA graphs (:mod:`attncompiler.saa_graphs`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class SAAConfig:
     candidates: int | None = 48  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 16384        # calls with fewer keys run dense attention (faster there than SAA's planning)
+    graphs: bool = True          # on a GPU, replay each input layout's calls from a CUDA graph (saa_graphs)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -77,6 +79,8 @@ class SAAConfig:
         if self.candidates is not None and (not isinstance(self.candidates, int) or isinstance(self.candidates, bool)
                                             or self.candidates < 1):
             raise SAAConfigError(f"SAA candidates must be None or an integer >= 1, got {self.candidates!r}")
+        if not isinstance(self.graphs, bool):
+            raise SAAConfigError(f"SAA graphs must be True or False, got {self.graphs!r}")
         if self.router not in ROUTERS:
             raise SAAConfigError(f"SAA router must be one of {list(ROUTERS)}, got {self.router!r}")
         if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error > 0):

@@ -10,9 +10,13 @@ call for a ``site`` also computes dense attention and measures SAA's relative er
 (Frobenius norm); above the budget ``max_error``, or if SAA fails, the site runs dense attention
 from then on and the reason is logged once. On a GPU the first call also times one more SAA call
 and one more dense call (host included, as a model runs them) for the report's speedup, and warns
-where SAA was the slower. Per-site
-measurements are kept in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is
-counted in :data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
+where SAA was the slower. Later calls on a GPU replay, per input layout, a CUDA graph of the whole
+SAA call (:data:`GRAPHED`; the operating point's ``graphs``), so that a short call costs the host one
+launch rather than a dozen; where the first call's replay took longer than the host took to issue the
+call without a graph (the GPU bounds the call, and the graph's input copies add to it), that layout
+runs without one. Per-site measurements are kept
+in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is counted in
+:data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from . import ops  # noqa: F401  (registers attncompiler::attention, the dense path)
 from .saa import saa_forward, saa_program
 from .saa_config import SAAConfig
+from .saa_graphs import GraphedCalls
 from .spec import output_shape
 
 log = logging.getLogger("attncompiler")
@@ -58,6 +63,7 @@ class SiteRecord:
 
 SAA_SITES: dict[str, SiteRecord] = {}
 SHORT_CALLS: Counter = Counter()  # per site: calls with fewer than min_keys keys, run dense before the gate
+GRAPHED = GraphedCalls()  # CUDA graphs of SAA calls after each site's first, shared by sites of one layout
 _sites_lock = threading.Lock()
 
 
@@ -98,9 +104,35 @@ def _milliseconds(call, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _time_against_dense(site: str, record: SiteRecord, run_saa, run_dense, device: torch.device) -> None:
-    """Times one (warm) call of each into ``record``; warns where SAA was the slower."""
-    record.saa_ms, record.dense_ms = _milliseconds(run_saa, device), _milliseconds(run_dense, device)
+def _issue_milliseconds(call, device: torch.device) -> tuple[float, float]:
+    """Milliseconds of one ``call()`` from an idle device: until the host has issued it, and until its end."""
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    issued = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return (issued - start) * 1e3, (time.perf_counter() - start) * 1e3
+
+
+def _saa_milliseconds(run_saa, graph: tuple | None, device: torch.device) -> float:
+    """One warm SAA call, host included, as later calls will run it. With ``graph``, ``(layout key, inputs,
+    output of inputs)`` on a GPU: from the layout's CUDA graph where its replay (input copies included)
+    ends before the host has even issued the call without it; else the layout runs without a graph (the
+    GPU bounds it, and in a model the host issues the next calls meanwhile)."""
+    if graph is None:
+        return _milliseconds(run_saa, device)
+    issue, eager = _issue_milliseconds(run_saa, device)
+    GRAPHED.prepare(*graph)
+    replayed = _milliseconds(lambda: GRAPHED(*graph), device)
+    if replayed < issue:
+        return replayed
+    GRAPHED.drop(*graph[:2])
+    return eager
+
+
+def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense, device: torch.device) -> None:
+    """Records SAA's and one (warm) dense call's times in ``record``; warns where SAA was the slower."""
+    record.saa_ms, record.dense_ms = saa_ms, _milliseconds(run_dense, device)
     if record.speedup < 1:
         log.warning("attncompiler: SAA site %s took %.3g ms against dense attention's %.3g on its first call "
                     "(%.2fx): at this length its launches cost more than it saves; raise min_keys or leave "
@@ -135,12 +167,21 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
 
-    def run_saa():
+    graphed = q.device.type == "cuda" and operating_point.graphs and kernel != "reference"
+    layout_key = (program, config, kernel, zero_empty_rows)
+
+    def run_saa(q=q, k=k, v=v):
         return saa_forward(q, k, v, form.scale, form.causal, operating_point, bottom_right=form.bottom_right,
                            zero_empty_rows=zero_empty_rows, kernel=kernel)
 
+    def saa_output(q, k, v):
+        return run_saa(q, k, v)[0]
+
     try:
-        out, stats = run_saa()
+        if first or not graphed:
+            out, stats = run_saa()
+        else:
+            out = GRAPHED(layout_key, (q, k, v), saa_output)
     except Exception as e:  # a kernel that cannot compile or launch: keep the model running
         _fall_back(site, record, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
@@ -152,7 +193,8 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
                                      f"{operating_point.max_error:.3g} (density {record.density:.2f})")
             return exact
         if q.device.type in TIMED_DEVICES:
-            _time_against_dense(site, record, run_saa,
+            saa_ms = _saa_milliseconds(run_saa, (layout_key, (q, k, v), saa_output) if graphed else None, q.device)
+            _time_against_dense(site, record, saa_ms,
                                 lambda: _dense_attention(q, k, v, program, kernel, zero_empty_rows), q.device)
         log.info("attncompiler: SAA site %s: density %.3f, relative error %.3g, %s", site, record.density,
                  record.error, f"speedup {record.speedup:.2f}x over dense" if record.speedup else "not timed")

@@ -21,7 +21,7 @@ from attncompiler.options import OptionError, Options, triton_interpret
 from attncompiler.reference import attention_reference
 from attncompiler.saa import SAAProgram, saa_applicable, saa_forward, saa_plan, saa_program, saa_triton
 from attncompiler.saa_config import SAAConfig, SAAConfigError
-from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
+from attncompiler.saa_ops import GRAPHED, SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, far_sums_reference,
                                         pool_reference, saa_reference)
 from attncompiler.saa_routing import (BlockGeometry, Selection, far_end, mean_key_logits, sampled_key_logits,
@@ -698,6 +698,7 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
     ({"min_keys": -1}, "min_keys must be an integer >= 0"),
+    ({"graphs": 1}, "graphs must be True or False"),
     ({"router": "every-key"}, r"router must be one of \[.sampled-keys., .mean-key.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 256}, "key_stride must be a power of two <= block_n=128"),
@@ -722,8 +723,10 @@ def gate():
     SAA_SITES.clear()
     SAA_CALLS.clear()
     SHORT_CALLS.clear()
+    GRAPHED.clear()
     yield SAA_SITES
     SAA_SITES.clear()
+    GRAPHED.clear()
 
 
 def test_gate_keeps_saa_within_budget(gate):
