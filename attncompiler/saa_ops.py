@@ -14,9 +14,9 @@ where SAA was the slower. Later calls on a GPU replay, per input layout, a CUDA 
 SAA call (:data:`GRAPHED`; the operating point's ``graphs``), so that a short call costs the host one
 launch rather than a dozen; where the first call's replay took longer than the host took to issue the
 call without a graph (the GPU bounds the call, and the graph's input copies add to it), that layout
-runs without one. Per-site measurements are kept
-in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is counted in
-:data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
+runs without one. Per-site measurements are kept in :data:`SAA_SITES` (short calls in
+:data:`SHORT_CALLS`), and every call is counted in :data:`SAA_CALLS` as "saa" or "dense". Forward
+only: SAA sites are for inference.
 """
 
 from __future__ import annotations

@@ -377,7 +377,8 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
     rescaled as the row maxima grow (as an attention accumulator is). The steps within the first
     n_whole entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
     router-and-top-k took 1.85 ms against 1.98 with every step masked for D128, 3.08 against 3.35
-    for D64). FOLD_SCALE (qk_scale > 0) applies qk_scale in the exponent rather than to the scores."""
+    for D64). FOLD_SCALE (qk_scale > 0) applies qk_scale in the exponent rather than to the scores (the
+    fused router-and-top-k on an H200: 2.03 → 1.97 ms at 128K, D128; 1.37 → 1.33 at 8K, SmolLM2's shape)."""
     STEPS: tl.constexpr = LIST_PAD // BLOCKS
     score_scale = qk_scale
     rate = 1.0
