@@ -14,8 +14,8 @@
 #   sweep   launch-config sweep of the dense kernels at one shape (SWEEP_ARGS, e.g. "--causal --passes bwd")
 #   anatomy where the dense forward's time goes: probes, ceilings, SASS, host against GPU time (D128, S=4096,
 #           causal and not; D64 and D128 at S=1024, causal, where the forward is slow)
-#   saa     SAA tests, quality on SmolLM2 (SAA_QUALITY_ARGS), SAA benchmark (SAA_ARGS), and on SmolLM2's own
-#           inputs when the model is there
+#   saa     SAA tests, quality on SmolLM2 (SAA_QUALITY_ARGS), SAA benchmark (SAA_ARGS), the op site after site
+#           (with and without CUDA graphs), and on SmolLM2's own inputs when the model is there
 # The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
 # found; a copy lands in $OUT/cache.
 set -uo pipefail
@@ -75,9 +75,10 @@ for phase in $phases; do
       python3 benchmarks/kernel_sweep.py ${SWEEP_ARGS:-} 2>&1 | grep -v "^  " | tee -a "$OUT/sweep.md" | tail -30 || status=1
       ;;
     saa)
-      python3 -m pytest tests/test_saa.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
+      python3 -m pytest tests/test_saa.py tests/test_saa_graphs.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
       python3 examples/saa_quality.py "${gguf[@]}" ${SAA_QUALITY_ARGS:-} --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
       python3 benchmarks/saa.py --no-record ${SAA_ARGS:-} 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
+      python3 benchmarks/saa_sites.py --no-record 2>&1 | tee "$OUT/saa_sites.md" | tail -6 || status=1
       if [ -f ~/smol/m.gguf ]; then  # and on SmolLM2's own queries, keys and values
         python3 benchmarks/saa.py --no-record --smollm2 ~/smol/m.gguf --seqs 4096 8192 2>&1 \
           | tee "$OUT/saa_bench_smollm2.md" | tail -8 || status=1
