@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attncompiler import saa_ops
 from attncompiler.saa import saa_forward
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_graphs import GraphedCalls, layout
@@ -37,6 +38,20 @@ def test_cpu_calls_run_as_they_are():
     for _ in range(3):
         assert torch.equal(graphs("add", (a, b), run), a + b)
     assert run.calls == 3 and graphs.replays == 0 and len(graphs) == 0
+
+
+@pytest.mark.parametrize("replay_ms, kept", [(0.2, True), (1.25, False)])
+def test_the_gate_keeps_a_graph_where_its_replay_beats_issuing_the_call(monkeypatch, replay_ms, kept):
+    """Issuing the call without a graph takes the host 0.6 ms (1.3 to its end): a replay of 0.2 ms keeps the
+    layout's graph and is the site's time; one of 1.25 (the GPU bounds the call) drops it."""
+    dropped = []
+    monkeypatch.setattr(saa_ops, "_issue_milliseconds", lambda call, device: (0.6, 1.3))
+    monkeypatch.setattr(saa_ops, "_milliseconds", lambda call, device: replay_ms)
+    monkeypatch.setattr(saa_ops.GRAPHED, "prepare", lambda key, inputs, run: None)
+    monkeypatch.setattr(saa_ops.GRAPHED, "drop", lambda key, inputs: dropped.append(key))
+    graph = ("layout", (torch.zeros(1),), lambda x: x)
+    assert saa_ops._saa_milliseconds(lambda: None, graph, torch.device("cuda")) == (0.2 if kept else 1.3)
+    assert dropped == ([] if kept else ["layout"])
 
 
 def test_graphs_are_an_operating_point_field():
