@@ -80,9 +80,10 @@ class GraphedCalls:
             graphed = self._capture(key, inputs, run)
         if graphed is None:
             return run(*inputs)
-        for own, given in zip(graphed.inputs, inputs):
-            own.copy_(given)
-        graphed.graph.replay()
+        with torch.cuda.device(device):  # (the graph's device, whichever is current)
+            for own, given in zip(graphed.inputs, inputs):
+                own.copy_(given)
+            graphed.graph.replay()
         with self._lock:
             self.replays += 1
         return graphed.out.clone()
@@ -110,18 +111,19 @@ class GraphedCalls:
         """The graph of ``run`` on copies of ``inputs`` (after one warm-up call on a side stream), kept
         under ``key``; None, logged and remembered, where capturing raised."""
         try:
-            own = tuple(torch.empty_like(t) for t in inputs)
-            for o, t in zip(own, inputs):
-                o.copy_(t)
-            current = torch.cuda.current_stream(own[0].device)
-            side = torch.cuda.Stream(own[0].device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                run(*own)  # compiles and settles whatever a first call does lazily
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = run(*own)
+            with torch.cuda.device(inputs[0].device):
+                own = tuple(torch.empty_like(t) for t in inputs)
+                for o, t in zip(own, inputs):
+                    o.copy_(t)
+                current = torch.cuda.current_stream()
+                side = torch.cuda.Stream()
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    run(*own)  # compiles and settles whatever a first call does lazily
+                current.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = run(*own)
         except Exception as e:  # a call a graph cannot hold: it runs as it is from now on
             with self._lock:
                 self._eager.add(key)
