@@ -225,6 +225,14 @@ def record(table: str, command: str) -> None:
     RESULTS.write_text(text)
 
 
+def print_and_record(lines: list[str], script: str, argv: list[str] | None, no_record: bool) -> None:
+    """Prints the table ``lines`` and, unless ``no_record``, records it with the command that made it."""
+    table = "\n".join(lines)
+    print("\n" + table)
+    if not no_record:
+        record(table, f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
@@ -266,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                   for n, p in [*(("saa", p) for p in peers), ("saa-graph", "sdpa-cudnn")]]
         lines.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print("\n" + table)
-    if not args.no_record:
-        record(table, "python benchmarks/saa.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print_and_record(lines, "saa.py", argv, args.no_record)
     return 0
 
 

@@ -25,7 +25,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_ops import GRAPHED, SAA_CALLS, SAA_SITES, _dense_attention
-from saa import record
+from saa import print_and_record
 
 
 def site_inputs(layers: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, ...]]:
@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {seq} | " + " | ".join(cells) + " |")
         print(lines[-1], f"(calls replayed: {replays['SAA, graphs']}; {dict(SAA_CALLS)})", flush=True)
         del inputs
-    table = "\n".join(lines)
-    print("\n" + table)
-    if not args.no_record:
-        record(table, "python benchmarks/saa_sites.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print_and_record(lines, "saa_sites.py", argv, args.no_record)
     return 0
 
 
