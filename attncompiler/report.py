@@ -79,7 +79,7 @@ class Site:
         measured = ", ".join(f"{name} {value:.3g}" for name, value in
                              (("density", record.density), ("error", record.error)) if value is not None)
         if record.speedup is not None:
-            measured += f", speedup {record.speedup:.2f}x"
+            measured += f", speedup {record.speedup:.2f}x" + (" (CUDA graph)" if record.graphed else "")
         if record.fallback is not None:
             return f"dense after fallback: {record.fallback}" + (f" ({measured})" if measured else "")
         return f"saa: {measured}"

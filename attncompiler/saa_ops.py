@@ -54,6 +54,7 @@ class SiteRecord:
     fallback: str | None = None
     saa_ms: float | None = None    # one warm SAA call, host included (on TIMED_DEVICES)
     dense_ms: float | None = None  # one warm dense call, the same way
+    graphed: bool | None = None    # whether later calls replay a CUDA graph (None: not for this device or config)
 
     @property
     def speedup(self) -> float | None:
@@ -114,20 +115,21 @@ def _issue_milliseconds(call, device: torch.device) -> tuple[float, float]:
     return (issued - start) * 1e3, (time.perf_counter() - start) * 1e3
 
 
-def _saa_milliseconds(run_saa, graph: tuple | None, device: torch.device) -> float:
-    """One warm SAA call, host included, as later calls will run it. With ``graph``, ``(layout key, inputs,
-    output of inputs)`` on a GPU: from the layout's CUDA graph where its replay (input copies included)
-    ends before the host has even issued the call without it; else the layout runs without a graph (the
-    GPU bounds it, and in a model the host issues the next calls meanwhile)."""
+def _saa_milliseconds(run_saa, graph: tuple | None, device: torch.device) -> tuple[float, bool | None]:
+    """One warm SAA call, host included, as later calls will run it, and whether they replay a graph. With
+    ``graph``, ``(layout key, inputs, output of inputs)`` on a GPU: from the layout's CUDA graph where its
+    replay (input copies included) ends before the host has even issued the call without it; else the
+    layout runs without a graph (the GPU bounds it, and in a model the host issues the next calls
+    meanwhile)."""
     if graph is None:
-        return _milliseconds(run_saa, device)
+        return _milliseconds(run_saa, device), None
     issue, eager = _issue_milliseconds(run_saa, device)
     GRAPHED.prepare(*graph)
     replayed = _milliseconds(lambda: GRAPHED(*graph), device)
     if replayed < issue:
-        return replayed
+        return replayed, True
     GRAPHED.drop(*graph[:2])
-    return eager
+    return eager, False
 
 
 def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense, device: torch.device) -> None:
@@ -193,7 +195,8 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
                                      f"{operating_point.max_error:.3g} (density {record.density:.2f})")
             return exact
         if q.device.type in TIMED_DEVICES:
-            saa_ms = _saa_milliseconds(run_saa, (layout_key, (q, k, v), saa_output) if graphed else None, q.device)
+            saa_ms, record.graphed = _saa_milliseconds(run_saa, (layout_key, (q, k, v), saa_output) if graphed
+                                                       else None, q.device)
             _time_against_dense(site, record, saa_ms,
                                 lambda: _dense_attention(q, k, v, program, kernel, zero_empty_rows), q.device)
         log.info("attncompiler: SAA site %s: density %.3f, relative error %.3g, %s", site, record.density,

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from attncompiler import saa_ops
+from attncompiler.report import Site
 from attncompiler.saa import saa_forward
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_graphs import GraphedCalls, layout
-from attncompiler.saa_ops import GRAPHED, SAA_CALLS, SAA_SITES, SHORT_CALLS
+from attncompiler.saa_ops import GRAPHED, SAA_CALLS, SAA_SITES, SHORT_CALLS, SiteRecord
 
 PROGRAM = "(where (le k q) (mul s 0.125) -inf)"
 SMALL = dict(block_m=16, block_n=16, min_keys=0, top_k=2, tau=None, max_error=1.0)
@@ -50,8 +51,19 @@ def test_the_gate_keeps_a_graph_where_its_replay_beats_issuing_the_call(monkeypa
     monkeypatch.setattr(saa_ops.GRAPHED, "prepare", lambda key, inputs, run: None)
     monkeypatch.setattr(saa_ops.GRAPHED, "drop", lambda key, inputs: dropped.append(key))
     graph = ("layout", (torch.zeros(1),), lambda x: x)
-    assert saa_ops._saa_milliseconds(lambda: None, graph, torch.device("cuda")) == (0.2 if kept else 1.3)
+    assert saa_ops._saa_milliseconds(lambda: None, graph, torch.device("cuda")) == (0.2 if kept else 1.3, kept)
     assert dropped == ([] if kept else ["layout"])
+
+
+def test_the_report_says_where_a_site_replays_a_graph():
+    site = Site(0, "attention", True, saa_site="graph0:site")
+    SAA_SITES["graph0:site"] = SiteRecord(density=0.3, error=0.05, saa_ms=0.25, dense_ms=0.5, graphed=True)
+    try:
+        assert site.describe_saa() == "saa: density 0.3, error 0.05, speedup 2.00x (CUDA graph)"
+        SAA_SITES["graph0:site"].graphed = False
+        assert site.describe_saa() == "saa: density 0.3, error 0.05, speedup 2.00x"
+    finally:
+        SAA_SITES.clear()
 
 
 def test_graphs_are_an_operating_point_field():
