@@ -39,6 +39,22 @@ def layout(*tensors: torch.Tensor) -> tuple:
     return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 
+def capture_graph(fn: Callable[[], torch.Tensor], warmups: int = 1) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn()`` (CUDA work on the current device) captured in a CUDA graph after ``warmups`` calls on a side
+    stream (which compile and settle whatever a first call does lazily): the graph and its output."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class GraphedCalls:
     """Calls ``run(*inputs)`` by layout key: the first as it is, the second captured into a CUDA graph,
     later ones replayed from it. ``replays`` counts the replayed calls."""
@@ -66,10 +82,9 @@ class GraphedCalls:
                  run: Callable[..., torch.Tensor]) -> torch.Tensor:
         """``run(*inputs)`` (a function of its inputs alone, issuing only CUDA work that a graph can
         hold), replayed from the graph of ``(key, layout(*inputs))`` where there is one."""
-        device = inputs[0].device
-        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        key = _graph_key(key, inputs)
+        if key is None:
             return run(*inputs)
-        key = (key, layout(*inputs))
         with self._lock:
             graphed = self._graphs.get(key)
             if graphed is not None:
@@ -80,7 +95,7 @@ class GraphedCalls:
             graphed = self._capture(key, inputs, run)
         if graphed is None:
             return run(*inputs)
-        with torch.cuda.device(device):  # (the graph's device, whichever is current)
+        with torch.cuda.device(inputs[0].device):  # (the graph's device, whichever is current)
             for own, given in zip(graphed.inputs, inputs):
                 own.copy_(given)
             graphed.graph.replay()
@@ -91,9 +106,9 @@ class GraphedCalls:
     def prepare(self, key: Hashable, inputs: tuple[torch.Tensor, ...], run: Callable[..., torch.Tensor]) -> None:
         """Captures the graph of ``(key, layout(*inputs))`` now, where it has none (on a GPU, outside a capture),
         so that the next call replays."""
-        if inputs[0].device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        key = _graph_key(key, inputs)
+        if key is None:
             return
-        key = (key, layout(*inputs))
         with self._lock:
             known = key in self._graphs or key in self._eager
             self._seen.add(key)
@@ -115,15 +130,7 @@ class GraphedCalls:
                 own = tuple(torch.empty_like(t) for t in inputs)
                 for o, t in zip(own, inputs):
                     o.copy_(t)
-                current = torch.cuda.current_stream()
-                side = torch.cuda.Stream()
-                side.wait_stream(current)
-                with torch.cuda.stream(side):
-                    run(*own)  # compiles and settles whatever a first call does lazily
-                current.wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = run(*own)
+                graph, out = capture_graph(lambda: run(*own))
         except Exception as e:  # a call a graph cannot hold: it runs as it is from now on
             with self._lock:
                 self._eager.add(key)
@@ -136,3 +143,11 @@ class GraphedCalls:
             while len(self._graphs) > self.capacity:
                 self._graphs.popitem(last=False)
         return graphed
+
+
+def _graph_key(key: Hashable, inputs: tuple[torch.Tensor, ...]) -> Hashable | None:
+    """``(key, layout(*inputs))``, or None where a call on ``inputs`` cannot have a graph (not on a GPU, or
+    inside a capture)."""
+    if inputs[0].device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return key, layout(*inputs)

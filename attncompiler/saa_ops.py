@@ -94,25 +94,22 @@ def _dense(q, k, v, program: str, kernel: str, zero_empty_rows: bool) -> torch.T
     return _dense_attention(q, k, v, program, kernel, zero_empty_rows)
 
 
-def _milliseconds(call, device: torch.device) -> float:
-    """Wall-clock milliseconds of one ``call()``, from an idle device to its end (host included)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def _issue_milliseconds(call, device: torch.device) -> tuple[float, float]:
-    """Milliseconds of one ``call()`` from an idle device: until the host has issued it, and until its end."""
-    torch.cuda.synchronize(device)
+    """Wall-clock milliseconds of one ``call()`` from an idle device: until the host has issued it, and
+    until its end (host included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     call()
     issued = time.perf_counter()
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (issued - start) * 1e3, (time.perf_counter() - start) * 1e3
+
+
+def _milliseconds(call, device: torch.device) -> float:
+    """Wall-clock milliseconds of one ``call()``, from an idle device to its end (host included)."""
+    return _issue_milliseconds(call, device)[1]
 
 
 def _saa_milliseconds(run_saa, graph: tuple | None, device: torch.device) -> tuple[float, bool | None]:

@@ -42,6 +42,7 @@ from attncompiler.codegen.flash import flash_forward, tma_supported
 from attncompiler.codegen.saa import saa_attend
 from attncompiler.saa import saa_forward, saa_plan
 from attncompiler.saa_config import SAAConfig
+from attncompiler.saa_graphs import capture_graph
 from attncompiler.saa_ops import relative_error
 from attncompiler.saa_routing import BlockGeometry
 
@@ -70,16 +71,7 @@ def implementations(scale: float, config: SAAConfig) -> dict:
 
 def graph_replay(fn):
     """``fn`` captured in a CUDA graph (after warm-up calls that compile its kernels): its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture_graph(fn, warmups=3)[0].replay
 
 
 def smollm2_inputs(gguf: str | None):
