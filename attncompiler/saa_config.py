@@ -46,7 +46,7 @@ class SAAConfig:
     key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
     candidates: int | None = 48  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
-    min_keys: int = 16384        # calls with fewer keys run dense attention (faster there than SAA's planning)
+    min_keys: int = 8192         # calls with fewer keys run dense attention (faster there than SAA's planning)
     graphs: bool = True          # on a GPU, replay each input layout's calls from a CUDA graph (saa_graphs)
 
     def __post_init__(self) -> None:
