@@ -15,7 +15,8 @@
 #   anatomy where the dense forward's time goes: probes, ceilings, SASS, host against GPU time (D128, S=4096,
 #           causal and not; D64 and D128 at S=1024, causal, where the forward is slow)
 #   saa     SAA tests, quality on SmolLM2 (SAA_QUALITY_ARGS), SAA benchmark (SAA_ARGS), the op site after site
-#           (with and without CUDA graphs), and on SmolLM2's own inputs when the model is there
+#           (with and without CUDA graphs), and when the model is there on SmolLM2's own inputs and its
+#           prefill through the backend with and without SAA
 # The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
 # found; a copy lands in $OUT/cache.
 set -uo pipefail
@@ -82,6 +83,8 @@ for phase in $phases; do
       if [ -f ~/smol/m.gguf ]; then  # and on SmolLM2's own queries, keys and values
         python3 benchmarks/saa.py --no-record --smollm2 ~/smol/m.gguf --seqs 4096 8192 2>&1 \
           | tee "$OUT/saa_bench_smollm2.md" | tail -8 || status=1
+        python3 benchmarks/llama_prefill.py --smollm2 ~/smol/m.gguf --seqs 4096 8192 --saa '{}' \
+          --only attncompiler "attncompiler + SAA" sdpa --out "$OUT/saa_prefill_smollm2.md" 2>&1 | tail -6 || status=1
       fi
       ;;
     *) echo "unknown phase $phase (tests, model, tune, attention, llama, bench, sweep, anatomy or saa)"; exit 2 ;;
