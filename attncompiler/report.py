@@ -76,13 +76,7 @@ class Site:
             short = SHORT_CALLS[self.saa_site]
             calls = f"{short} call" + ("s" if short != 1 else "")
             return f"saa (not run yet: {calls} below min_keys ran dense)" if short else "saa (not run yet)"
-        measured = ", ".join(f"{name} {value:.3g}" for name, value in
-                             (("density", record.density), ("error", record.error)) if value is not None)
-        if record.speedup is not None:
-            measured += f", speedup {record.speedup:.2f}x" + (" (CUDA graph)" if record.graphed else "")
-        if record.fallback is not None:
-            return f"dense after fallback: {record.fallback}" + (f" ({measured})" if measured else "")
-        return f"saa: {measured}"
+        return record.describe()
 
 
 @dataclass

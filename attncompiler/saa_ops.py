@@ -61,6 +61,17 @@ class SiteRecord:
         """Dense attention's time over SAA's, as the first call measured them (None: not timed)."""
         return self.dense_ms / self.saa_ms if self.saa_ms and self.dense_ms else None
 
+    def describe(self) -> str:
+        """What the gate measured and decided: "saa: density …, error …[, speedup …x (CUDA graph)]", or
+        "dense after fallback: reason (what was measured)"."""
+        measured = ", ".join(f"{name} {value:.3g}" for name, value in
+                             (("density", self.density), ("error", self.error)) if value is not None)
+        if self.speedup is not None:
+            measured += f", speedup {self.speedup:.2f}x" + (" (CUDA graph)" if self.graphed else "")
+        if self.fallback is not None:
+            return f"dense after fallback: {self.fallback}" + (f" ({measured})" if measured else "")
+        return f"saa: {measured}"
+
 
 SAA_SITES: dict[str, SiteRecord] = {}
 SHORT_CALLS: Counter = Counter()  # per site: calls with fewer than min_keys keys, run dense before the gate

@@ -80,11 +80,7 @@ def saa_gate_summary() -> str:
     """What the SAA gate decided per site since the last summary, and how the calls ran (then forgotten)."""
     from attncompiler.saa_ops import SAA_CALLS, SAA_SITES
 
-    sites = [f"{site}: dense ({record.fallback})" if record.fallback else
-             f"{site}: SAA (density {record.density:.3f}, error {record.error:.3f}"
-             + (f", speedup {record.speedup:.2f}x{' (CUDA graph)' if record.graphed else ''})" if record.speedup
-                else ")")
-             for site, record in sorted(SAA_SITES.items())]
+    sites = [f"{site}: {record.describe()}" for site, record in sorted(SAA_SITES.items())]
     summary = f"SAA gate: {'; '.join(sites) or 'no site'}; calls {dict(SAA_CALLS)}"
     SAA_SITES.clear()
     SAA_CALLS.clear()
