@@ -674,65 +674,56 @@ def saa_attend_kernel(
     stride_cb, stride_ch, stride_cn, stride_cd,
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_TILES, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET, NEAR,
+    qk_scale, H, GROUP, SEQ_Q, SEQ_K, NUM_M_BLOCKS, NUM_N_BLOCKS, MAX_EXACT, KEY_OFFSET, NEAR,
     CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, FAR_GROUP: tl.constexpr, TMA: tl.constexpr,
     EVEN_N: tl.constexpr, FOLD_SCALE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    GROUPS: tl.constexpr, CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUPS: tl.constexpr,
+    CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """TILE_M rows of one head (a query block of BLOCK_M rows, or a part of one: the key blocks its
-    query block routed to that some row of the tile sees; NUM_TILES tiles a head). KC and VC are the
-    centroids, as TMA descriptors or pointers. With FAR_GROUP > 1, the full key blocks ending NEAR or
-    more blocks before the diagonal enter by one centroid per FAR_GROUP blocks, GROUPS groups a step,
-    from the fp32 key and value sums of every group (FAR_SUMS ``[B, Hk, G, D + Dv]``, G = ceil(N /
-    FAR_GROUP)) and key block (BLOCK_SUMS ``[B, Hk, G·FAR_GROUP, D + Dv]``)."""
+    """One query block (BLOCK_M rows) of one head. KC and VC are the centroids, as TMA descriptors or
+    pointers. With FAR_GROUP > 1, the full key blocks ending NEAR or more blocks before the diagonal
+    enter by one centroid per FAR_GROUP blocks, GROUPS groups a step, from the fp32 key and value sums
+    of every group (FAR_SUMS ``[B, Hk, G, D + Dv]``, G = ceil(N / FAR_GROUP)) and key block (BLOCK_SUMS
+    ``[B, Hk, G·FAR_GROUP, D + Dv]``)."""
     pid = tl.program_id(0)
-    pid_t = pid % NUM_TILES
-    pid_bh = pid // NUM_TILES
+    pid_m = pid % NUM_M_BLOCKS
+    pid_bh = pid // NUM_M_BLOCKS
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     kh = h // GROUP                                                       # shared key/value head
-    pid_m = pid_t // (BLOCK_M // TILE_M)                                  # the tile's query block
     row = pid_bh.to(tl.int64) * NUM_M_BLOCKS + pid_m                      # (b, h, query block)
 
-    offs_m = pid_t * TILE_M + tl.arange(0, TILE_M)                        # [TM]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM]
     offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
     offs_dv = tl.arange(0, BLOCK_DV)                                      # [BDV]
     row_ok = offs_m < SEQ_Q
     p_q = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [TM, BD]
+    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
 
-    m_i = tl.full([TILE_M], float("-inf"), tl.float32)                    # [TM] running max (log2)
-    l_i = tl.zeros([TILE_M], tl.float32)                                  # [TM] running sum
-    acc = tl.zeros([TILE_M, BLOCK_DV], tl.float32)                        # [TM, BDV]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] running max (log2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] running sum
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)                       # [BM, BDV]
 
     # Exact key blocks, listed in block order: those every row sees whole first, without masks (but
     # the ragged last block's, when SEQ_K is not a multiple of BLOCK_N), then the last `partial`, the
-    # causal blocks that some row sees only in part (forced, so all listed). A tile smaller than its
-    # query block leaves out the list's last blocks, which only its query block's later rows see (forced).
+    # causal blocks that some row sees only in part (forced, so all listed).
     exact_rate = qk_scale if FOLD_SCALE else 1.0
     num_exact = tl.load(CNT + row)
-    first_row = pid_t * TILE_M
-    last_row = tl.minimum(first_row + TILE_M, SEQ_Q) - 1
-    block_first_row = pid_m * BLOCK_M
-    block_last_row = tl.minimum(block_first_row + BLOCK_M, SEQ_Q) - 1
-    full = NUM_N_BLOCKS                                                   # key blocks the tile's rows see whole
-    block_full = NUM_N_BLOCKS                                             # ... and the query block's rows
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, SEQ_Q) - 1
+    full = NUM_N_BLOCKS
     partial = 0
     if CAUSAL:
-        allowed = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
-        num_exact -= _allowed_blocks(block_last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - allowed
         full = _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
-        block_full = _full_blocks(block_first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
-        partial = tl.minimum(allowed - full, num_exact)
+        partial = tl.minimum(_allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
     for i in range(0, num_exact - partial):
         n = tl.load(IDX + row * MAX_EXACT + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
                                stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D,
                                HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)  # [BD, BN], [BN, BDV]
-        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [TM, BN]
+        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, BN]
         if not EVEN_N:
             s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
         m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
@@ -743,17 +734,17 @@ def saa_attend_kernel(
         b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh,
                                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
                                BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
-        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [TM, BN]
+        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, BN]
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
         m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
 
-    # Centroids of the full key blocks (seen whole by every row of the query block) that were not
-    # computed exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
+    # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed
+    # exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
     far_end = 0
     if FAR_GROUP > 1:
-        diagonal = _diagonal_block(block_last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
-        far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, block_full // FAR_GROUP)
+        diagonal = _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
+        far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
         far_end = far_groups * FAR_GROUP
         kv_head = b * (H // GROUP) + kh
         far_sums = FAR_SUMS + kv_head * tl.cdiv(NUM_N_BLOCKS, FAR_GROUP) * (HEAD_D + HEAD_DV)
@@ -769,9 +760,9 @@ def saa_attend_kernel(
                 far_sums, block_sums, IDX + row * MAX_EXACT, far_exact, offs_g, offs_g < far_groups, offs_d,
                 offs_dv, SEQ_K, HEAD_D, HEAD_DV, BLOCK_N, FAR_GROUP, GROUPS)  # [G, BD], [G, BDV], [G]
             s = tl.dot(b_q, tl.trans(key_mean.to(b_q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where((keys > 0)[None, :], s + tl.log2(tl.maximum(keys, 1.0))[None, :], float("-inf"))  # [TM, G]
+            s = tl.where((keys > 0)[None, :], s + tl.log2(tl.maximum(keys, 1.0))[None, :], float("-inf"))  # [BM, G]
             m_i, l_i, acc = _fold(s, value_mean.to(O.dtype.element_ty), m_i, l_i, acc, DOT_PRECISION)
-    num_centroids = block_full * CENTROIDS
+    num_centroids = full * CENTROIDS
     for start_c in tl.range(far_end * CENTROIDS, num_centroids, BLOCK_C, num_stages=CENTROID_STAGES):
         offs_c = start_c + tl.arange(0, BLOCK_C)                          # [BC]
         c_ok = offs_c < num_centroids
@@ -782,10 +773,10 @@ def saa_attend_kernel(
                                  stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, HEAD_D,
                                  HEAD_DV, BLOCK_C, BLOCK_D, BLOCK_DV, TMA)  # [BD, BC], [BC, BDV]
         s = tl.dot(b_q, b_kct.to(b_q.dtype), input_precision=DOT_PRECISION) * qk_scale + b_lc[None, :]
-        s = tl.where((c_ok & (is_exact == 0) & (behind > 0))[None, :], s, float("-inf"))  # [TM, BC]
+        s = tl.where((c_ok & (is_exact == 0) & (behind > 0))[None, :], s, float("-inf"))  # [BM, BC]
         m_i, l_i, acc = _fold(s, b_vc.to(O.dtype.element_ty), m_i, l_i, acc, DOT_PRECISION)  # (O is in v's dtype)
 
-    b_o = acc / l_i[:, None]                                              # [TM, BDV]
+    b_o = acc / l_i[:, None]                                              # [BM, BDV]
     p_o = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
@@ -1004,24 +995,19 @@ FUSED_SELECTION = FormFallback("routing with two kernels")
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids, selection: Selection,
                scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
                out: torch.Tensor | None = None, num_warps: int | None = None, num_stages: int | None = None,
-               centroid_stages: int | None = None, tma: bool | None = None, tile_m: int | None = None) -> torch.Tensor:
+               centroid_stages: int | None = None, tma: bool | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``, and
     the centroids of runs of ``config.sub_block`` keys from :func:`block_centroids` (with the far
     groups' sums when ``config.far_group > 1``).
 
-    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``tile_m`` (a power of
-    two from 16 to ``config.block_m``) gives each program that many query rows of a query block (by
-    default the whole block). ``num_warps``, ``num_stages`` (the exact blocks' loop) and
-    ``centroid_stages`` (the centroid loop) override the defaults: 4 warps for tiles of at most 64 rows
-    or head dims of at most 64, else 8, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`. The exact
+    Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
+    ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
+    defaults: 4 warps per 64 query rows, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`. The exact
     blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
-    tile_m = tile_m or config.block_m
-    if tile_m < 16 or tile_m > config.block_m or tile_m & (tile_m - 1):
-        raise ValueError(f"tile_m must be a power of two from 16 to block_m={config.block_m}, got {tile_m}")
     if out is None:
         out = torch.empty(batch, heads, seq_q, head_dv, dtype=v.dtype, device=q.device)
     if out.numel() == 0:
@@ -1032,8 +1018,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     widest = max(head_d, head_dv)
     block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
     block_c = 16 if interpret else 64                                     # centroids per step
-    num_tiles = math.ceil(seq_q / tile_m)
-    grid = (num_tiles * batch * heads,)
+    grid = (geometry.num_m * batch * heads,)
     key_centroids, value_centroids = centroids.keys, centroids.values
     if config.far_group > 1 and centroids.far is None:
         raise ValueError(f"far groups of {config.far_group} key blocks need their sums: make the centroids "
@@ -1047,16 +1032,16 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
             out,
             *q.stride(), *k.stride(), *v.stride(), *key_centroids.stride(), *value_centroids.stride(),
             *out.stride(),
-            scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, num_tiles, geometry.num_m,
-            geometry.num_n, indices.shape[-1], geometry.key_offset, config.near_blocks,
+            scale * LOG2E, heads, heads // k.shape[1], seq_q, geometry.seq_k, geometry.num_m, geometry.num_n,
+            indices.shape[-1], geometry.key_offset, config.near_blocks,
             CAUSAL=geometry.causal, CENTROIDS=config.centroids, FAR_GROUP=config.far_group,
             TMA=descriptors is not None, EVEN_N=geometry.seq_k % config.block_n == 0,
             FOLD_SCALE=scale > 0,
             HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=config.block_m, TILE_M=tile_m, BLOCK_N=config.block_n, BLOCK_C=block_c, GROUPS=16,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=block_c, GROUPS=16,
             CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=num_warps or (4 if tile_m <= 64 or widest <= 64 else 8),
+            num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
             num_stages=1 if interpret else num_stages or EXACT_STAGES,
         )
 

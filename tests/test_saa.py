@@ -547,37 +547,6 @@ def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, 
     torch.testing.assert_close(by_tma, by_pointers, rtol=0, atol=0 if INTERPRET else 1e-3)
 
 
-@pytest.mark.parametrize("far", [{}, {"far_group": 2, "near_blocks": 1}])
-@pytest.mark.parametrize("form", CAUSAL_FORMS)
-@pytest.mark.parametrize("b, h, hk, sq, sk, block_n", [(1, 2, 1, 77, 77, 16), (1, 2, 1, 160, 160, 16),
-                                                        (2, 2, 2, 45, 93, 32)])
-def test_attend_tiles_of_part_of_a_query_block_give_its_output(form, b, h, hk, sq, sk, block_n, far):
-    """Programs of 16 rows of a 64-row query block (``tile_m``) take the key blocks routed to their query
-    block that their rows see, and its centroids: the whole-block programs' output, also where key blocks
-    are narrower than query blocks (the list's last blocks are seen by the block's later rows only)."""
-    config = SAAConfig(**{**SMALL, "block_m": 64, "block_n": block_n}, top_k=2, **far)
-    q, k, v = qkv(b, h, hk, sq, sk, 32, 32, torch.float16)
-    causal, bottom_right, _ = CAUSAL_FORMS[form]
-    geometry = geometry_of(q, k, config, causal, bottom_right)
-    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
-    whole = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET)
-    tiled = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET,
-                                   tile_m=16)
-    assert whole.isfinite().all()
-    torch.testing.assert_close(tiled, whole, rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.parametrize("tile_m", [8, 48, 128])
-def test_attend_tiles_are_powers_of_two_within_a_query_block(tile_m):
-    config = SAAConfig(**{**SMALL, "block_m": 64}, top_k=2)
-    q, k, v = qkv(1, 1, 1, 64, 64, 32, 32, torch.float16)
-    geometry = geometry_of(q, k, config, True, False)
-    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
-    with pytest.raises(ValueError, match="tile_m must be a power of two from 16 to block_m=64"):
-        saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET,
-                               tile_m=tile_m)
-
-
 @pytest.mark.skipif(INTERPRET or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs a Hopper GPU")
 def test_attend_takes_tma_by_default_on_hopper(monkeypatch):
     launches = AttendLaunches(saa_kernels.saa_attend_kernel)
