@@ -43,8 +43,8 @@ class SAAConfig:
     near_blocks: int = 16        # key blocks before a query block's diagonal that keep their own centroids
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
-    key_stride: int = 8          # "sampled-keys": every key_stride-th key of a block is scored against each row
-    candidates: int | None = 48  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
+    key_stride: int = 4          # "sampled-keys": every key_stride-th key of a block is scored against each row
+    candidates: int | None = 32  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 8192         # calls with fewer keys run dense attention (faster there than SAA's planning)
     graphs: bool = True          # on a GPU, replay each input layout's calls from a CUDA graph (saa_graphs)
