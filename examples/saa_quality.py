@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these stages of SAA's kernel path in PyTorch (to find which kernel moves perplexity)")
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
+    if args.passkey_length and (args.passkeys < 1 or not all(0 <= d <= 1 for d in args.depths)):
+        parser.error("--passkeys must be at least 1 and every --depths value in [0, 1]")
     if args.tokens:
         args.lengths, args.passkey_length = [args.tokens], args.tokens if args.passkey_length else 0
 

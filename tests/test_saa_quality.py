@@ -48,6 +48,15 @@ def test_quality_example_rejects_an_invalid_point(monkeypatch):
         saa_quality.main(["--tokens", "128", "--block", "16", "--passkey-length", "0", "--point", '{"top_k": -1}'])
 
 
+@pytest.mark.parametrize("flags", [["--passkeys", "0"], ["--depths", "0.5", "1.5"]])
+def test_quality_example_rejects_passkey_counts_and_depths_it_cannot_use(monkeypatch, capsys, flags):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+    saa_quality = importlib.import_module("saa_quality")
+    with pytest.raises(SystemExit):
+        saa_quality.main(["--tokens", "128", "--block", "16", *flags])
+    assert "--passkeys must be at least 1 and every --depths value in [0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("parts", [("pool", "router", "select", "attend"), ("attend",), ()])
 def test_pytorch_parts_hand_stages_of_the_kernel_path_to_pytorch(monkeypatch, parts):
     """With every stage handed over, the kernel path gives the reference's output; the kernels are
