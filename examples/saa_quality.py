@@ -204,7 +204,8 @@ def passkey_rows(model, tokenizer, switch, points: dict, predictor, args) -> lis
     """The passkey table: per operating point, how many of the passkeys it retrieves with the needle
     at each depth, and in all."""
     keys = passkeys(args.passkeys)
-    rows = [f"passkey retrieval: {len(keys)} passkeys a depth in {args.passkey_length} tokens", "",
+    noun = "passkey" if len(keys) == 1 else "passkeys"
+    rows = [f"passkey retrieval: {len(keys)} {noun} a depth in {args.passkey_length} tokens", "",
             "| attention | " + " | ".join(f"depth {d:.0%}" for d in args.depths) + " | retrieved |",
             "|---" * (len(args.depths) + 2) + "|"]
     for name, config in points.items():

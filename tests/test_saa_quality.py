@@ -17,12 +17,12 @@ def test_quality_example_reports_every_operating_point(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the PyTorch reference: fast on CPU
     saa_quality = importlib.import_module("saa_quality")
     assert saa_quality.main(["--tokens", "128", "--block", "16", "--windows", "1", "--depths", "0.1", "0.5",
-                             "--passkeys", "2"]) == 0
+                             "--passkeys", "1"]) == 0
     table = capsys.readouterr().out.split("\n\n", 1)[-1]
     for name in ("dense", *saa_quality.operating_points(16)):
         assert table.count(f"| {name} | ") == 2  # a perplexity row and a passkey row
-    assert "passkey retrieval: 2 passkeys a depth in 128 tokens" in table
-    assert "| dense | 2/2 | 2/2 | 4/4 |" in table
+    assert "passkey retrieval: 1 passkey a depth in 128 tokens" in table
+    assert "| dense | 1/1 | 1/1 | 2/2 |" in table
 
 
 def test_quality_example_without_passkey_runs_the_chosen_and_given_points_only(monkeypatch, capsys, tmp_path):
