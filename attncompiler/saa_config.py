@@ -44,6 +44,8 @@ class SAAConfig:
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
     key_stride: int = 4          # "sampled-keys": every key_stride-th key of a block is scored against each row
+    query_stride: int = 1        # "sampled-keys": the rows scored, the last of each run of query_stride rows of a
+    #                              query block (and its last row)
     candidates: int | None = 32  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 8192         # calls with fewer keys run dense attention (faster there than SAA's planning)
@@ -76,6 +78,10 @@ class SAAConfig:
                 or self.key_stride > self.block_n):
             raise SAAConfigError(f"SAA key_stride must be a power of two <= block_n={self.block_n}, "
                                  f"got {self.key_stride!r}")
+        if (not isinstance(self.query_stride, int) or isinstance(self.query_stride, bool)
+                or not _is_pow2(self.query_stride) or self.query_stride > self.block_m // 16):
+            raise SAAConfigError(f"SAA query_stride must be a power of two <= block_m / 16 = {self.block_m // 16}, "
+                                 f"got {self.query_stride!r}")
         if self.candidates is not None and (not isinstance(self.candidates, int) or isinstance(self.candidates, bool)
                                             or self.candidates < 1):
             raise SAAConfigError(f"SAA candidates must be None or an integer >= 1, got {self.candidates!r}")

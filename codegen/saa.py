@@ -5,7 +5,7 @@ routing); ``saa_centroid_kernel`` gives each key block's key and value centroids
 in one pass over the keys and values. ``mean_key_logits_kernel`` gives the ``"mean-key"`` logits (each
 mean query against each mean key) tile by tile, skipping the tiles no row sees (PyTorch form:
 :func:`attncompiler.saa_routing.mean_key_logits`). ``sampled_key_logits_kernel`` gives the ``"sampled-keys"``
-router's logits: for each query row, its scores against every ``key_stride``-th key of each
+router's logits: for every ``query_stride``-th query row, its scores against every ``key_stride``-th key of each
 (shortlisted) key block, normalized per row and maximized over the query block (PyTorch form:
 :func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
 block's exact key blocks from the logits (PyTorch form:
@@ -303,18 +303,23 @@ def _mass_logit(mass):
 
 @triton.jit
 def _query_tile(Q, K, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, H, GROUP, SEQ_Q,
-                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query block (program ids: query block, batch·head): ``(b_q [BM, BD], offs_r
-    [BM] rows, offs_d [BD], row_ok [BM], K_bh)``, K_bh the keys of its key/value head."""
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """The ROWS scored rows of this program's query block (program ids: query block, batch·head): the
+    last of each run of S = BLOCK_M / ROWS rows, and the block's last row (a ragged last block's rows
+    past it repeat it). ``(b_q [R, BD], offs_r [R] rows, offs_d [BD], row_ok [R], K_bh)``, K_bh the keys
+    of its key/value head."""
+    S: tl.constexpr = BLOCK_M // ROWS
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM] query rows
+    offs_r = pid_m * BLOCK_M + tl.arange(0, ROWS) * S + (S - 1)           # [R] query rows
+    if S > 1:
+        offs_r = tl.minimum(offs_r, tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1)
     offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
     row_ok = offs_r < SEQ_Q
     p_q = Q + b * stride_qb + h * stride_qh + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [BM, BD]
+    b_q = tl.load(p_q, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)  # [R, BD]
     return b_q, offs_r, offs_d, row_ok, K + b * stride_kb + (h // GROUP) * stride_kh
 
 
@@ -342,7 +347,7 @@ def _whole_entries(LIST, n_slots, first_row, KEY_OFFSET, SEQ_K, CAUSAL: tl.const
 
 @triton.jit
 def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale, rate,
-               KEY_OFFSET, m_i, l_i, acc, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               KEY_OFFSET, m_i, l_i, acc, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STEPS: tl.constexpr, STRIDE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, WHOLE: tl.constexpr):
     """One step of :func:`_listed_block_masses`: the BLOCKS listed key blocks from position start, scored
@@ -353,13 +358,13 @@ def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_s
     sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
     blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
     s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, score_scale,
-                        KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION, WHOLE)  # [BM, W]
+                        KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION, WHOLE)  # [R, W]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2((m_i - m_use) * rate)                                 # [BM]
-    p = tl.exp2(s * rate - (m_use * rate)[:, None])                       # [BM, W]
+    alpha = tl.exp2((m_i - m_use) * rate)                                 # [R]
+    p = tl.exp2(s * rate - (m_use * rate)[:, None])                       # [R, W]
     l_i = l_i * alpha + tl.sum(p, 1)
-    step_sums = tl.sum(tl.reshape(p, [BLOCK_M, BLOCKS, PER_BLOCK]), 2)    # [BM, BLOCKS]
+    step_sums = tl.sum(tl.reshape(p, [ROWS, BLOCKS, PER_BLOCK]), 2)       # [R, BLOCKS]
     this_step = tl.arange(0, STEPS)[None, :, None] == start // BLOCKS     # [1, ST, 1]
     acc = acc * alpha[:, None, None] + tl.where(this_step, step_sums[:, None, :], 0.0)
     return m_new, l_i, acc
@@ -368,7 +373,7 @@ def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_s
 @triton.jit
 def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, LIST, n_slots, n_whole,
                          SEQ_K, qk_scale, KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                          LIST_PAD: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          FOLD_SCALE: tl.constexpr):
     """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its
@@ -385,19 +390,19 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
     if FOLD_SCALE:
         score_scale = 1.0
         rate = qk_scale
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (score_scale units)
-    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
-    acc = tl.zeros([BLOCK_M, STEPS, BLOCKS], tl.float32)                  # [BM, ST, BLOCKS] row sums per listed block
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)                      # [R] row maximum (score_scale units)
+    l_i = tl.zeros([ROWS], tl.float32)                                    # [R] row sum
+    acc = tl.zeros([ROWS, STEPS, BLOCKS], tl.float32)                     # [R, ST, BLOCKS] row sums per listed block
     whole_end = n_whole // BLOCKS * BLOCKS
     for start in range(0, whole_end, BLOCKS):
         m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
-                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, ROWS, BLOCK_N,
                                    BLOCKS, STEPS, STRIDE, DOT_PRECISION, True)
     for start in range(whole_end, n_slots, BLOCKS):
         m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
-                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, ROWS, BLOCK_N,
                                    BLOCKS, STEPS, STRIDE, DOT_PRECISION, False)
-    mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [BM, ST, BLOCKS]
+    mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [R, ST, BLOCKS]
     mass = tl.where((row_ok & (l_i > 0))[:, None, None], mass, 0.0)       # rows without keys drop out
     return tl.reshape(tl.max(mass, 0), [LIST_PAD])
 
@@ -405,7 +410,7 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
 @triton.jit
 def _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, LIST, n_slots, SEQ_K,
                            qk_scale, KEY_OFFSET, LISTED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
                            STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The n_slots key blocks (at LIST when LISTED, else 0 .. n_slots-1) in two passes: each row's
     logsumexp over its sampled scores s, then per block ``exp(s - lse)`` summed by a product with the
@@ -413,26 +418,26 @@ def _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
     sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] slot of each sample in a step
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)                   # [BM] row maximum (log2)
-    l_i = tl.zeros([BLOCK_M], tl.float32)                                 # [BM] row sum
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)                      # [R] row maximum (log2)
+    l_i = tl.zeros([ROWS], tl.float32)                                    # [R] row sum
     for start in range(0, n_slots, BLOCKS):
         blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, LISTED)  # [W]
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [R, W]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
         m_i = m_new
-    lse = m_i + tl.log2(tl.maximum(l_i, 1e-30))                           # [BM]
+    lse = m_i + tl.log2(tl.maximum(l_i, 1e-30))                           # [R]
     lse = tl.where(row_ok & (l_i > 0), lse, float("inf"))                 # rows without keys drop out
     lanes = tl.arange(0, LANES)
     for start in range(0, n_slots, BLOCKS):
         offs_n, n_ok = _list_blocks(LIST, start + lanes, n_slots, LISTED)  # [NB]
         blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, LISTED)  # [W]
         s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, qk_scale,
-                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [BM, W]
+                            KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION)  # [R, W]
         member = (sample_slot[:, None] == lanes[None, :]).to(tl.float32)  # [W, NB] samples' block membership
-        mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [BM, NB]
+        mass = tl.dot(tl.exp2(s - lse[:, None]), member, input_precision=DOT_PRECISION)  # [R, NB]
         tl.store(p_out + offs_n, _mass_logit(tl.max(mass, 0)), mask=n_ok & (lanes < BLOCKS))
 
 
@@ -443,7 +448,7 @@ def sampled_key_logits_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
     SHORTLIST: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr,
     LIST_PAD: tl.constexpr, ONE_PASS: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
 ):
@@ -460,7 +465,7 @@ def sampled_key_logits_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b_q, offs_r, offs_d, row_ok, K_bh = _query_tile(Q, K, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
-                                                    stride_kh, H, GROUP, SEQ_Q, HEAD_D, BLOCK_D, BLOCK_M)
+                                                    stride_kh, H, GROUP, SEQ_Q, HEAD_D, BLOCK_D, BLOCK_M, ROWS)
     p_out = OUT + pid_bh.to(tl.int64) * NUM_M * NUM_N + pid_m * NUM_N
 
     list_row = pid_bh.to(tl.int64) * NUM_M + pid_m
@@ -470,13 +475,13 @@ def sampled_key_logits_kernel(
         n_whole = _whole_entries(shortlist_row, n_slots, pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, CAUSAL, BLOCK_N,
                                  LIST_PAD)
         best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
-                                    n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                    n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, ROWS, BLOCK_N,
                                     BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION, FOLD_SCALE)  # [LP]
         blocks, listed = _list_blocks(shortlist_row, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
         tl.store(p_out + blocks, _mass_logit(best), mask=listed)
     elif SHORTLIST:
         _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, shortlist_row,
-                               tl.load(CNT + list_row), SEQ_K, qk_scale, KEY_OFFSET, True, CAUSAL, HEAD_D, BLOCK_M,
+                               tl.load(CNT + list_row), SEQ_K, qk_scale, KEY_OFFSET, True, CAUSAL, HEAD_D, ROWS,
                                BLOCK_N, BLOCKS, LANES, STRIDE, DOT_PRECISION)
     else:
         n_end = NUM_N
@@ -484,7 +489,7 @@ def sampled_key_logits_kernel(
             last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
             n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
         _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, IDX, n_end, SEQ_K,
-                               qk_scale, KEY_OFFSET, False, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N, BLOCKS, LANES, STRIDE,
+                               qk_scale, KEY_OFFSET, False, CAUSAL, HEAD_D, ROWS, BLOCK_N, BLOCKS, LANES, STRIDE,
                                DOT_PRECISION)
         lanes = tl.arange(0, LANES)
         for start in range(n_end, NUM_N, LANES):
@@ -499,7 +504,7 @@ def sampled_key_selection_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     qk_scale, H, GROUP, NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
     CAUSAL: tl.constexpr, USE_TAU: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LIST_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, LIST_PAD: tl.constexpr,
     STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     """One query block's ``"sampled-keys"`` top-k, straight from its shortlist (2-byte inputs): the
@@ -511,13 +516,13 @@ def sampled_key_selection_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b_q, offs_r, offs_d, row_ok, K_bh = _query_tile(Q, K, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
-                                                    stride_kh, H, GROUP, SEQ_Q, HEAD_D, BLOCK_D, BLOCK_M)
+                                                    stride_kh, H, GROUP, SEQ_Q, HEAD_D, BLOCK_D, BLOCK_M, ROWS)
     row = pid_bh.to(tl.int64) * NUM_M + pid_m                             # (b, h, query block)
     shortlist_row = LIST + row * LIST_WIDTH
     n_slots = tl.load(LIST_CNT + row)
     n_whole = _whole_entries(shortlist_row, n_slots, pid_m * BLOCK_M, KEY_OFFSET, SEQ_K, CAUSAL, BLOCK_N, LIST_PAD)
     best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
-                                n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_M, BLOCK_N,
+                                n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, ROWS, BLOCK_N,
                                 BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION, FOLD_SCALE)  # [LP]
     slots = tl.arange(0, LIST_PAD)
     blocks, listed = _list_blocks(shortlist_row, slots, n_slots, True)   # [LP] in block order
@@ -864,11 +869,12 @@ def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int, list_pad: int
 
 
 def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry, stride: int,
-                       shortlist: Selection | None = None, interpret: bool = False) -> torch.Tensor:
+                       shortlist: Selection | None = None, interpret: bool = False,
+                       query_stride: int = 1) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
-    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key, one program per query block; with a
-    ``shortlist``, only of the key blocks it lists (-inf elsewhere). PyTorch form:
-    :func:`attncompiler.saa_routing.sampled_key_logits`."""
+    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key against every ``query_stride``-th row, one
+    program per query block; with a ``shortlist``, only of the key blocks it lists (-inf elsewhere).
+    PyTorch form: :func:`attncompiler.saa_routing.sampled_key_logits`."""
     batch, heads, _, dim = q.shape
     shape = (batch, heads, geometry.num_m, geometry.num_n)
     if shortlist is None:
@@ -888,7 +894,8 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
         scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
         geometry.key_offset, list_width,
         SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
-        BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n, BLOCKS=blocks, LANES=max(blocks, 16),
+        BLOCK_M=geometry.block_m, ROWS=geometry.block_m // query_stride, BLOCK_N=geometry.block_n, BLOCKS=blocks,
+        LANES=max(blocks, 16),
         LIST_PAD=list_pad, ONE_PASS=one_pass, STRIDE=stride,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FOLD_SCALE=scale > 0, num_warps=4,
         num_stages=1 if interpret else FUSED_SELECTION_STAGES if one_pass else 3,
@@ -962,8 +969,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     exact = shortlist.exact.view(torch.int8)
     list_width = listed.shape[-1]
     list_pad = _pow2_at_least(list_width)
-    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride, list_pad,
-              config.tau is not None)
+    launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride,
+              config.query_stride, list_pad, config.tau is not None)
     if indices.numel() == 0:
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
@@ -973,7 +980,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
             geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
             config.top_k, config.tau or 0.0, CAUSAL=geometry.causal, USE_TAU=config.tau is not None, HEAD_D=dim,
-            BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
+            BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, ROWS=geometry.block_m // config.query_stride,
+            BLOCK_N=geometry.block_n,
             BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, list_pad), LIST_PAD=list_pad,
             STRIDE=config.key_stride, DOT_PRECISION="tf32", FOLD_SCALE=scale > 0, num_warps=4,
             num_stages=1 if interpret else FUSED_SELECTION_STAGES,
@@ -981,14 +989,15 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
     def apart() -> Selection:
-        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret)
+        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret,
+                                    config.query_stride)
         return select_blocks(logits, geometry, config, interpret)
 
     return FUSED_SELECTION.run(launch, fused, apart, "the fused SAA router-and-top-k kernel for %s", launch)
 
 
-# Launch shapes (dtype, head dim, block sizes, causal, key stride, list width, tau or not) whose fused selection
-# kernel raised route with sampled_key_logits and select_blocks.
+# Launch shapes (dtype, head dim, block sizes, causal, key and query strides, list width, tau or not) whose
+# fused selection kernel raised route with sampled_key_logits and select_blocks.
 FUSED_SELECTION = FormFallback("routing with two kernels")
 
 

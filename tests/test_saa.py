@@ -226,11 +226,12 @@ def test_sampled_key_logits_are_row_logsumexps_of_every_stride_th_key(sq, sk, ca
     torch.testing.assert_close(got, sampled_logits_by_loops(q, k, geometry, stride), atol=1e-5, rtol=1e-5)
 
 
-def sampled_logits_by_loops(q, k, geometry: BlockGeometry, stride: int, listed: torch.Tensor | None = None):
-    """The ``"sampled-keys"`` logits of q ``[1, H, Sq, D]``, k ``[1, 1, Sk, D]`` (scale 0.3, blocks of 16) by
+def sampled_logits_by_loops(q, k, geometry: BlockGeometry, stride: int, listed: torch.Tensor | None = None,
+                            query_stride: int = 1):
+    """The ``"sampled-keys"`` logits of q ``[1, H, Sq, D]``, k ``[1, 1, Sk, D]`` (scale 0.3, key blocks of 16) by
     explicit loops: per row, each block's logsumexp over its visible keys at multiples of ``stride``, over
     the ``listed`` blocks only (``[1, H, M, N]``) when given, minus the row's logsumexp over blocks; the
-    largest over the query block's rows."""
+    largest over the query block's rows that end a run of ``query_stride`` rows, and its last row."""
     sq, sk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-2, -1) * 0.3                                            # [1, H, Sq, Sk]
     rows, cols = torch.arange(sq, device=DEVICE), torch.arange(sk, device=DEVICE)
@@ -239,11 +240,32 @@ def sampled_logits_by_loops(q, k, geometry: BlockGeometry, stride: int, listed: 
     kept = (cols % 16 % stride == 0) & visible                                         # [Sq, Sk]
     per_row = torch.stack([scores[..., n * 16:(n + 1) * 16].masked_fill(~kept[:, n * 16:(n + 1) * 16], -math.inf)
                            .logsumexp(-1) for n in range(geometry.num_n)], -1)          # [1, H, Sq, N]
+    block_m = geometry.block_m
     if listed is not None:
-        per_row = per_row.masked_fill(~listed[:, :, rows // 16], -math.inf)
+        per_row = per_row.masked_fill(~listed[:, :, rows // block_m], -math.inf)
     norm = per_row.logsumexp(-1, keepdim=True)
     per_row = torch.where(norm > -math.inf, per_row - norm, -math.inf)
-    return torch.stack([per_row[..., m * 16:m * 16 + 16, :].amax(-2) for m in range(geometry.num_m)], -2)
+    blocks = []
+    for m in range(geometry.num_m):
+        last = min(m * block_m + block_m, sq) - 1
+        scored = list(range(m * block_m + query_stride - 1, last, query_stride)) + [last]
+        blocks.append(per_row[..., scored, :].amax(-2))
+    return torch.stack(blocks, -2)
+
+
+@pytest.mark.parametrize("query_stride", [2, 4])
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (66, 93, True, 27), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_sampled_key_logits_take_the_last_row_of_every_run_of_query_stride_rows(sq, sk, causal, key_offset,
+                                                                                   query_stride):
+    """Query blocks of 64 rows: the largest over the rows that end a run of query_stride rows, and the
+    block's last row (a ragged last block of 13 or 2 rows keeps its own)."""
+    geometry = BlockGeometry(sq, sk, 64, 16, causal, key_offset)
+    q, k = randn(1, 2, sq, 8), randn(1, 1, sk, 8)
+    got = sampled_key_logits(q, k, 0.3, geometry, 4, query_stride=query_stride)
+    want = sampled_logits_by_loops(q, k, geometry, 4, query_stride=query_stride)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, sampled_key_logits(q, k, 0.3, geometry, 4))  # fewer rows, other maxima
 
 
 def assert_sampled_logits_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -267,6 +289,19 @@ def test_sampled_key_kernel_matches_pytorch(sq, sk, causal, key_offset, stride, 
     shortlist = random_shortlist(geometry, 2, 4, listed=2) if shortlisted else None
     got = sampled_key_logits_kernel(q, k, 0.3, geometry, stride, shortlist, interpret=INTERPRET)
     want = sampled_key_logits(q, k, 0.3, geometry, stride, shortlist)
+    assert_sampled_logits_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("shortlisted, dtype", [(False, torch.float32), (True, torch.float16)])
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (77, 93, False, 0), (93, 73, True, -20)])
+def test_sampled_key_kernel_scores_every_query_stride_th_row_as_pytorch_does(sq, sk, causal, key_offset,
+                                                                            shortlisted, dtype):
+    """Query blocks of 32 rows scored 16 at a time (query_stride 2), in both forms of the kernel."""
+    geometry = BlockGeometry(sq, sk, 32, 16, causal, key_offset)
+    q, k = randn(2, 4, sq, 32, dtype=dtype), randn(2, 2, sk, 32, dtype=dtype)
+    shortlist = random_shortlist(geometry, 2, 4, listed=2) if shortlisted else None
+    got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET, query_stride=2)
+    want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist, query_stride=2)
     assert_sampled_logits_close(got, want, dtype)
 
 
@@ -344,21 +379,24 @@ def shortlist_and_two_kernel_selection(q, k, geometry: BlockGeometry, config: SA
     def shortlist() -> Selection:
         return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
 
-    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, config.key_stride, shortlist(), interpret=INTERPRET)
+    logits = sampled_key_logits_kernel(q, k, 0.3, geometry, config.key_stride, shortlist(), interpret=INTERPRET,
+                                       query_stride=config.query_stride)
     return shortlist, select_blocks_kernel(logits, geometry, config, interpret=INTERPRET), logits
 
 
 @pytest.mark.parametrize("sq, sk, causal, key_offset", [(40, 93, True, 53), (77, 93, False, 0), (93, 73, True, -20),
                                                         (160, 160, True, 0)])
-@pytest.mark.parametrize("stride, top_k, tau", [(1, 2, None), (4, 0, None), (16, 5, None), (4, 3, 0.5)])
+@pytest.mark.parametrize("stride, top_k, tau, query_stride", [(1, 2, None, 1), (4, 0, None, 1), (16, 5, None, 1),
+                                                              (4, 3, 0.5, 1), (4, 3, 0.5, 2)])
 def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_keep(sq, sk, causal, key_offset,
-                                                                                  stride, top_k, tau):
+                                                                                  stride, top_k, tau, query_stride):
     """The router and its top-k (with or without tau) in one launch (fp16): the same counts, block-order
     lists and exact flags as the selection kernel makes of the router kernel's logits over the same
-    shortlist."""
-    config = SAAConfig(**{**SMALL, "tau": tau}, sinks=1, local_blocks=2, top_k=top_k, router="sampled-keys",
-                       candidates=3, key_stride=stride)
-    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    shortlist. Query blocks of 16 rows, or of 32 scored every other row."""
+    block_m = 16 * query_stride
+    config = SAAConfig(**{**SMALL, "tau": tau, "block_m": block_m}, sinks=1, local_blocks=2, top_k=top_k,
+                       router="sampled-keys", candidates=3, key_stride=stride, query_stride=query_stride)
+    geometry = BlockGeometry(sq, sk, block_m, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32, dtype=torch.float16), randn(2, 2, sk, 32, dtype=torch.float16)
     shortlist, want, _ = shortlist_and_two_kernel_selection(q, k, geometry, config)
     listed = shortlist()
@@ -702,6 +740,9 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"router": "every-key"}, r"router must be one of \[.sampled-keys., .mean-key.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
     ({"key_stride": 256}, "key_stride must be a power of two <= block_n=128"),
+    ({"query_stride": 3}, "query_stride must be a power of two <= block_m / 16 = 8"),
+    ({"query_stride": 16}, "query_stride must be a power of two <= block_m / 16 = 8"),
+    ({"block_m": 16, "query_stride": 2}, "query_stride must be a power of two <= block_m / 16 = 1"),
     ({"router": "sampled-keys", "candidates": 0}, "candidates must be None or an integer >= 1"),
     ({"topk": 3}, r"unknown SAA option\(s\) \['topk'\]; valid keys are \['block_m'"),
 ])
