@@ -5,8 +5,9 @@ routing); ``saa_centroid_kernel`` gives each key block's key and value centroids
 in one pass over the keys and values. ``mean_key_logits_kernel`` gives the ``"mean-key"`` logits (each
 mean query against each mean key) tile by tile, skipping the tiles no row sees (PyTorch form:
 :func:`attncompiler.saa_routing.mean_key_logits`). ``sampled_key_logits_kernel`` gives the ``"sampled-keys"``
-router's logits: for every ``query_stride``-th query row, its scores against every ``key_stride``-th key of each
-(shortlisted) key block, normalized per row and maximized over the query block (PyTorch form:
+router's logits: for each scored query row (the last of each run of ``query_stride``), its scores
+against every ``key_stride``-th key of each (shortlisted) key block, normalized per row and maximized
+over the query block (PyTorch form:
 :func:`attncompiler.saa_routing.sampled_key_logits`). ``select_blocks_kernel`` picks each query
 block's exact key blocks from the logits (PyTorch form:
 :func:`attncompiler.saa_routing.select_blocks`). For the default operating point (a top-k over a
