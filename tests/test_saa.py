@@ -293,10 +293,12 @@ def test_sampled_key_kernel_matches_pytorch(sq, sk, causal, key_offset, stride, 
 
 
 @pytest.mark.parametrize("shortlisted, dtype", [(False, torch.float32), (True, torch.float16)])
-@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (77, 93, False, 0), (93, 73, True, -20)])
-def test_sampled_key_kernel_scores_every_query_stride_th_row_as_pytorch_does(sq, sk, causal, key_offset,
-                                                                            shortlisted, dtype):
-    """Query blocks of 32 rows scored 16 at a time (query_stride 2), in both forms of the kernel."""
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 77, True, 0), (65, 65, True, 0), (77, 93, False, 0),
+                                                        (93, 73, True, -20)])
+def test_sampled_key_kernel_scores_the_rows_query_stride_picks_as_pytorch_does(sq, sk, causal, key_offset,
+                                                                              shortlisted, dtype):
+    """Query blocks of 32 rows scored 16 at a time (query_stride 2), in both forms of the kernel; ragged
+    last blocks of 13, 1 and 29 rows."""
     geometry = BlockGeometry(sq, sk, 32, 16, causal, key_offset)
     q, k = randn(2, 4, sq, 32, dtype=dtype), randn(2, 2, sk, 32, dtype=dtype)
     shortlist = random_shortlist(geometry, 2, 4, listed=2) if shortlisted else None
