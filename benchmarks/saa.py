@@ -142,9 +142,9 @@ def host_functions(fn, calls: int = 20, rows: int = 14) -> str:
 
 def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
     """Milliseconds of SAA's two halves: planning (pooling, centroids, routing) and the attend kernel
-    (with ``sweep``, also the attend kernel under other warp counts and pipeline depths, and with its
-    exact blocks and centroids by TMA and by pointers, printed; with ``profile_plan``, planning's
-    kernels, printed)."""
+    (with ``sweep``, also the attend kernel under other warp counts, pipeline depths and key tiles, and
+    with its exact blocks and centroids by TMA and by pointers, printed; with ``profile_plan``,
+    planning's kernels, printed)."""
     seq = q.shape[-2]
     geometry = BlockGeometry(seq, seq, config.block_m, config.block_n, True)
     selection, centroids = saa_plan(q, k, v, scale, geometry, config)
@@ -160,12 +160,14 @@ def saa_stages(q, k, v, scale: float, config: SAAConfig, sweep: bool = False, pr
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     if sweep:
-        for warps in (4, 8):
-            for stages in (1, 2):
-                for centroid_stages in (1, 2, 3, 4):
-                    ms = bench(attend(num_warps=warps, num_stages=stages, centroid_stages=centroid_stages))
-                    print(f"  attend S={seq} D={q.shape[-1]}: {warps} warps, {stages} stages, {centroid_stages} "
-                          f"centroid stages: {ms:.3f} ms", file=sys.stderr)
+        for key_tile in sorted({config.block_n, min(64, config.block_n)}, reverse=True):
+            for warps in (4, 8):
+                for stages in (1, 2):
+                    for centroid_stages in (1, 2):
+                        ms = bench(attend(num_warps=warps, num_stages=stages, centroid_stages=centroid_stages,
+                                          key_tile=key_tile))
+                        print(f"  attend S={seq} D={q.shape[-1]}: {key_tile} keys a step, {warps} warps, {stages} "
+                              f"stages, {centroid_stages} centroid stages: {ms:.3f} ms", file=sys.stderr)
         for tma in (True, False) if tma_supported(q.device) else (False,):  # at the default settings
             print(f"  attend S={seq} D={q.shape[-1]}: exact blocks and centroids by {'TMA' if tma else 'pointers'}: "
                   f"{bench(attend(tma=tma)):.3f} ms", file=sys.stderr)

@@ -684,7 +684,8 @@ def saa_attend_kernel(
     CAUSAL: tl.constexpr, CENTROIDS: tl.constexpr, FAR_GROUP: tl.constexpr, TMA: tl.constexpr,
     EVEN_N: tl.constexpr, FOLD_SCALE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
+    GROUPS: tl.constexpr,
     CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block (BLOCK_M rows) of one head. KC and VC are the centroids, as TMA descriptors or
@@ -723,24 +724,26 @@ def saa_attend_kernel(
     if CAUSAL:
         full = _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
         partial = tl.minimum(_allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
-    for i in range(0, num_exact - partial):
-        n = tl.load(IDX + row * MAX_EXACT + i)
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
+    # Each exact block in TILES steps of KEY_TILE keys.
+    TILES: tl.constexpr = BLOCK_N // KEY_TILE
+    for i in range(0, (num_exact - partial) * TILES):
+        start = tl.load(IDX + row * MAX_EXACT + i // TILES) * BLOCK_N + (i % TILES) * KEY_TILE
+        offs_n = start + tl.arange(0, KEY_TILE)                           # [KT]
+        b_kt, b_v = _key_block(K, V, b, kh, start, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
                                stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D,
-                               HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)  # [BD, BN], [BN, BDV]
-        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, BN]
+                               HEAD_DV, KEY_TILE, BLOCK_D, BLOCK_DV, TMA)  # [BD, KT], [KT, BDV]
+        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, KT]
         if not EVEN_N:
             s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
         m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
-    for i in range(num_exact - partial, num_exact):
-        n = tl.load(IDX + row * MAX_EXACT + i)
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+    for i in range((num_exact - partial) * TILES, num_exact * TILES):
+        start = tl.load(IDX + row * MAX_EXACT + i // TILES) * BLOCK_N + (i % TILES) * KEY_TILE
+        offs_n = start + tl.arange(0, KEY_TILE)                           # [KT]
         col_ok = offs_n < SEQ_K
-        b_kt, b_v = _key_block(K, V, b, kh, n * BLOCK_N, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh,
+        b_kt, b_v = _key_block(K, V, b, kh, start, offs_n, col_ok, offs_d, offs_dv, stride_kb, stride_kh,
                                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
-                               BLOCK_N, BLOCK_D, BLOCK_DV, TMA)           # [BD, BN], [BN, BDV]
-        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, BN]
+                               KEY_TILE, BLOCK_D, BLOCK_DV, TMA)          # [BD, KT], [KT, BDV]
+        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, KT]
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
         m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
 
@@ -1005,14 +1008,16 @@ FUSED_SELECTION = FormFallback("routing with two kernels")
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids, selection: Selection,
                scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
                out: torch.Tensor | None = None, num_warps: int | None = None, num_stages: int | None = None,
-               centroid_stages: int | None = None, tma: bool | None = None) -> torch.Tensor:
+               centroid_stages: int | None = None, tma: bool | None = None,
+               key_tile: int | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``, and
     the centroids of runs of ``config.sub_block`` keys from :func:`block_centroids` (with the far
     groups' sums when ``config.far_group > 1``).
 
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
-    ``num_stages`` (the exact blocks' loop) and ``centroid_stages`` (the centroid loop) override the
-    defaults: 4 warps per 64 query rows, :data:`EXACT_STAGES` and :data:`CENTROID_STAGES`. The exact
+    ``num_stages`` (the exact blocks' loop), ``centroid_stages`` (the centroid loop) and ``key_tile``
+    (keys an exact block's steps take, a power of two from 16 to ``block_n``) override the defaults:
+    4 warps per 64 query rows, :data:`EXACT_STAGES`, :data:`CENTROID_STAGES` and whole blocks. The exact
     blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
     """
@@ -1028,6 +1033,9 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     widest = max(head_d, head_dv)
     block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
     block_c = 16 if interpret else 64                                     # centroids per step
+    key_tile = key_tile or config.block_n
+    if key_tile < 16 or key_tile > config.block_n or config.block_n % key_tile:
+        raise ValueError(f"key_tile must be a power of two from 16 to block_n={config.block_n}, got {key_tile}")
     grid = (geometry.num_m * batch * heads,)
     key_centroids, value_centroids = centroids.keys, centroids.values
     if config.far_group > 1 and centroids.far is None:
@@ -1048,15 +1056,15 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
             TMA=descriptors is not None, EVEN_N=geometry.seq_k % config.block_n == 0,
             FOLD_SCALE=scale > 0,
             HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=block_c, GROUPS=16,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_TILE=key_tile, BLOCK_C=block_c, GROUPS=16,
             CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
             num_stages=1 if interpret else num_stages or EXACT_STAGES,
         )
 
-    tiles = [[1, 1, config.block_n, block_d], [1, 1, config.block_n, block_dv], [1, 1, block_c, block_d],
+    tiles = [[1, 1, key_tile, block_d], [1, 1, key_tile, block_dv], [1, 1, block_c, block_d],
              [1, 1, block_c, block_dv]]
     launch_tma_or_pointers(launch, tma, [k, v, key_centroids, value_centroids], tiles,
-                           ("the SAA attend pass", head_d, head_dv, config))
+                           (f"the SAA attend pass ({key_tile} keys a step)", head_d, head_dv, config))
     return out

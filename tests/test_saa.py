@@ -587,6 +587,37 @@ def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, 
     torch.testing.assert_close(by_tma, by_pointers, rtol=0, atol=0 if INTERPRET else 1e-3)
 
 
+@pytest.mark.parametrize("far", [{}, {"far_group": 2, "near_blocks": 1}])
+@pytest.mark.parametrize("form", CAUSAL_FORMS)
+def test_attend_takes_exact_blocks_in_key_tiles_as_it_takes_them_whole(form, far):
+    """Blocks of 32 keys in two steps of 16 (a ragged last block, masked diagonal steps): as accurate
+    as PyTorch in fp16, and the whole blocks' output up to rounding."""
+    config = SAAConfig(**{**SMALL, "block_m": 32, "block_n": 32}, top_k=1, centroids=2, **far)
+    q, k, v = qkv(2, 4, 2, 75, 91, 64, 64, torch.float16)
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
+    whole = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET)
+    tiled = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET,
+                                   key_tile=16)
+    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
+                             config, torch.float64)
+    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=torch.float16)
+    assert_as_accurate_as_torch(tiled, exact, ours_torch.to(torch.float16))
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("key_tile", [8, 24, 64])
+def test_attend_refuses_key_tiles_that_do_not_divide_a_block(key_tile):
+    config = SAAConfig(**{**SMALL, "block_m": 32, "block_n": 32}, top_k=1)
+    q, k, v = qkv(1, 2, 1, 64, 64, 32, 32, torch.float16)
+    geometry = geometry_of(q, k, config, True, False)
+    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
+    with pytest.raises(ValueError, match="key_tile must be a power of two from 16 to block_n=32"):
+        saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET,
+                               key_tile=key_tile)
+
+
 @pytest.mark.skipif(INTERPRET or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs a Hopper GPU")
 def test_attend_takes_tma_by_default_on_hopper(monkeypatch):
     launches = AttendLaunches(saa_kernels.saa_attend_kernel)
