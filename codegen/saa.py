@@ -685,8 +685,7 @@ def saa_attend_kernel(
     EVEN_N: tl.constexpr, FOLD_SCALE: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
-    GROUPS: tl.constexpr,
-    CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUPS: tl.constexpr, CENTROID_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block (BLOCK_M rows) of one head. KC and VC are the centroids, as TMA descriptors or
     pointers. With FAR_GROUP > 1, the full key blocks ending NEAR or more blocks before the diagonal
@@ -747,8 +746,8 @@ def saa_attend_kernel(
         visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
         m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
 
-    # Centroids of the full key blocks (seen whole by every row of the tile) that were not computed
-    # exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
+    # Centroids of the full key blocks (seen whole by every row of the query block) that were not
+    # computed exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
     far_end = 0
     if FAR_GROUP > 1:
@@ -876,8 +875,9 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
                        shortlist: Selection | None = None, interpret: bool = False,
                        query_stride: int = 1) -> torch.Tensor:
     """``[B, H, num_m, num_n]`` fp32, the ``"sampled-keys"`` router's logits from queries ``[B, H, Sq, D]`` and
-    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key against every ``query_stride``-th row, one
-    program per query block; with a ``shortlist``, only of the key blocks it lists (-inf elsewhere).
+    keys ``[B, Hk, Sk, D]``, scoring every ``stride``-th key against the last row of each run of
+    ``query_stride`` rows (and each query block's last row), one program per query block; with a
+    ``shortlist``, only of the key blocks it lists (-inf elsewhere).
     PyTorch form: :func:`attncompiler.saa_routing.sampled_key_logits`."""
     batch, heads, _, dim = q.shape
     shape = (batch, heads, geometry.num_m, geometry.num_n)
