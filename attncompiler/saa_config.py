@@ -35,7 +35,7 @@ class SAAConfig:
     block_m: int = 128           # queries per query block (the routing granularity and kernel tile)
     block_n: int = 128           # keys per key block
     top_k: int | None = 12       # at most this many routed exact blocks per query block, beyond sinks and local blocks
-    tau: float | None = 0.96     # the fewest routed blocks whose estimated mass reaches tau (None: top_k alone)
+    tau: float | None = 0.97     # the fewest routed blocks whose estimated mass reaches tau (None: top_k alone)
     sinks: int = 1               # first key blocks, always exact
     local_blocks: int = 2        # key blocks ending at the diagonal, always exact
     centroids: int = 1           # centroids per key block that is not computed exactly
@@ -44,9 +44,9 @@ class SAAConfig:
     max_error: float = 0.1       # relative error budget against dense attention
     router: str = "sampled-keys"  # block logits: "sampled-keys" or "mean-key" (saa_routing)
     key_stride: int = 4          # "sampled-keys": every key_stride-th key of a block is scored against each row
-    query_stride: int = 1        # "sampled-keys": the rows scored, the last of each run of query_stride rows of a
-    #                              query block (and its last row)
-    candidates: int | None = 32  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
+    query_stride: int | None = None  # "sampled-keys": the rows scored, the last of each run of query_stride rows
+    #                              of a query block (and its last row); None: 2, or 1 where block_m is 16
+    candidates: int | None = 40  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 8192         # calls with fewer keys run dense attention (faster there than SAA's planning)
     graphs: bool = True          # on a GPU, replay each input layout's calls from a CUDA graph (saa_graphs)
@@ -78,7 +78,8 @@ class SAAConfig:
                 or self.key_stride > self.block_n):
             raise SAAConfigError(f"SAA key_stride must be a power of two <= block_n={self.block_n}, "
                                  f"got {self.key_stride!r}")
-        if (not isinstance(self.query_stride, int) or isinstance(self.query_stride, bool)
+        if self.query_stride is not None and (
+                not isinstance(self.query_stride, int) or isinstance(self.query_stride, bool)
                 or not _is_pow2(self.query_stride) or self.query_stride > self.block_m // 16):
             raise SAAConfigError(f"SAA query_stride must be a power of two <= block_m / 16 = {self.block_m // 16}, "
                                  f"got {self.query_stride!r}")
@@ -110,6 +111,11 @@ class SAAConfig:
     @classmethod
     def from_json(cls, text: str) -> "SAAConfig":
         return cls.from_dict(json.loads(text))
+
+    @property
+    def effective_query_stride(self) -> int:
+        """The ``query_stride`` in effect: as given, or 2 (1 where ``block_m`` is 16)."""
+        return self.query_stride if self.query_stride is not None else min(2, self.block_m // 16)
 
     @property
     def sub_block(self) -> int:

@@ -19,7 +19,8 @@ allowed blocks.
   twice without (a pass for each row's normalizer, a pass for the block masses). With
   ``query_stride`` > 1 only the last row of each run of ``query_stride`` rows (and the query block's
   last row) is scored: every 2nd row takes 36–39% off the kernel's time, for +1.16% perplexity at 8K on
-  SmolLM2 against +0.84% with every row (GPU, bf16, blocks of 128, top 12 of 32 candidates). With
+  SmolLM2 against +0.84% with every row (GPU, bf16, blocks of 128, top 12 of 32 candidates, tau 0.96),
+  +0.85% with 40 candidates and tau 0.97 (the default). With
   ``candidates`` it scores only a shortlist: the forced blocks and the
   ``max(candidates, top_k)`` best by ``"mean-key"``; the others get -inf. Over 8 windows of 8192
   tokens (GPU, bf16, blocks of 64, top 24) that cost +0.02 points of perplexity at 96 candidates
@@ -262,7 +263,7 @@ def training_free_logits(q: torch.Tensor, q_means: torch.Tensor, k: torch.Tensor
         if config.candidates is not None:
             shortlist = sampled_shortlist(q_means, k_means, scale, geometry, config, kernels)
         return kernels.sampled_key(q, k, scale, geometry, config.key_stride, shortlist,
-                                   query_stride=config.query_stride)
+                                   query_stride=config.effective_query_stride)
     return kernels.mean_key(q_means, k_means, geometry, scale)
 
 

@@ -119,7 +119,7 @@ def test_far_key_blocks_enter_by_one_centroid_per_group(form, routing, keys):
     error, and equals it when no block is that far. With tau, a query block has more exact blocks in
     its far groups than the kernel subtracts from the groups' sums in one product (16)."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
-    config = SAAConfig(**{**SMALL, **routing}, far_group=4, near_blocks=3)
+    config = SAAConfig(**{**SMALL, **routing}, far_group=4, near_blocks=3, candidates=32)
     # (top-left causal needs every query; otherwise the last 96 see all but the diagonal's key blocks)
     queries = keys if form == "causal" else 96
     q, k, v = qkv(1, 2, 1, queries, keys, 64, 64, torch.float16)
@@ -382,7 +382,7 @@ def shortlist_and_two_kernel_selection(q, k, geometry: BlockGeometry, config: SA
         return select_blocks_kernel(mean_key_logits, geometry, shortlist_config(config), interpret=INTERPRET)
 
     logits = sampled_key_logits_kernel(q, k, 0.3, geometry, config.key_stride, shortlist(), interpret=INTERPRET,
-                                       query_stride=config.query_stride)
+                                       query_stride=config.effective_query_stride)
     return shortlist, select_blocks_kernel(logits, geometry, config, interpret=INTERPRET), logits
 
 
@@ -790,6 +790,13 @@ def test_saa_option_gives_an_operating_point():
     assert Options.resolve({}).saa is None
     assert Options.resolve({"saa": {"top_k": 4}}).saa == SAAConfig(top_k=4)
     assert SAAConfig.from_json(SAAConfig(tau=0.9, top_k=None).to_json()) == SAAConfig(tau=0.9, top_k=None)
+
+
+def test_default_query_stride_scores_every_other_row_where_blocks_allow():
+    assert SAAConfig().effective_query_stride == 2
+    assert SAAConfig(block_m=16).effective_query_stride == 1  # 16 rows cannot be halved for tl.dot
+    assert replace(SAAConfig(), block_m=16).effective_query_stride == 1
+    assert SAAConfig(query_stride=1).effective_query_stride == 1
 
 
 @pytest.fixture
