@@ -978,9 +978,10 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     exact = shortlist.exact.view(torch.int8)
     list_width = listed.shape[-1]
     list_pad = _pow2_at_least(list_width)
-    rows = geometry.block_m // config.effective_query_stride
+    query_stride = config.effective_query_stride
+    rows = geometry.block_m // query_stride
     launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride,
-              config.effective_query_stride, list_pad, config.tau is not None)
+              query_stride, list_pad, config.tau is not None)
     if indices.numel() == 0:
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
@@ -998,8 +999,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
     def apart() -> Selection:
-        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret,
-                                    config.effective_query_stride)
+        logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret, query_stride)
         return select_blocks(logits, geometry, config, interpret)
 
     return FUSED_SELECTION.run(launch, fused, apart, "the fused SAA router-and-top-k kernel for %s", launch)
