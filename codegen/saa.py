@@ -24,6 +24,7 @@ kernel, once per call) less those of its exact blocks, over its remaining keys. 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,7 @@ import triton.language as tl
 
 from attncompiler.codegen.fallback import FormFallback
 from attncompiler.codegen.flash import launch_tma_or_pointers
+from attncompiler.codegen.saa_hopper import hopper_attend, hopper_attend_supported
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids, FarSums
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
@@ -52,6 +54,8 @@ FUSED_SELECTION_STAGES = 2
 # ones by _top_k's bisection: on an H200 at 128K (48 candidates, a list of 64), ranking took the
 # kernel from 2.10 to 1.96 ms (D128) and from 3.65 to 3.32 (D64).
 RANKED_LIST = tl.constexpr(128)
+# Launch keys whose Gluon attend pass raised run this module's kernel.
+HOPPER_FORMS = FormFallback("using the Triton attend pass")
 
 
 @triton.jit
@@ -1014,7 +1018,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
                scale: float, geometry: BlockGeometry, config: SAAConfig, interpret: bool = False,
                out: torch.Tensor | None = None, num_warps: int | None = None, num_stages: int | None = None,
                centroid_stages: int | None = None, tma: bool | None = None,
-               key_tile: int | None = None) -> torch.Tensor:
+               key_tile: int | None = None, hopper: bool | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``, and
     the centroids of runs of ``config.sub_block`` keys from :func:`block_centroids` (with the far
     groups' sums when ``config.far_group > 1``).
@@ -1025,6 +1029,10 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     4 warps per 64 query rows, :data:`EXACT_STAGES`, :data:`CENTROID_STAGES` and whole blocks. The exact
     blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
+
+    On an sm_90 GPU, inputs :func:`attncompiler.codegen.saa_hopper.hopper_attend_supported` accepts run
+    the warp-specialized Gluon form of the pass (``hopper``: None where it applies and no launch
+    override is given, falling back to this kernel where it raises; True insists; False never).
     """
     batch, heads, seq_q, head_d = q.shape
     head_dv = v.shape[-1]
@@ -1032,6 +1040,22 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
         out = torch.empty(batch, heads, seq_q, head_dv, dtype=v.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    if config.far_group > 1 and centroids.far is None:
+        raise ValueError(f"far groups of {config.far_group} key blocks need their sums: make the centroids "
+                         "with block_centroids under the same operating point")
+    overridden = any(x is not None for x in (num_warps, num_stages, centroid_stages, tma, key_tile))
+    if hopper or (hopper is None and not interpret and not overridden):
+        if scale > 0 and hopper_attend_supported(q, k, v, config, centroids):
+            gluon_form = functools.partial(hopper_attend, q, k, v, centroids, selection, scale, geometry, config, out)
+            if hopper:
+                return gluon_form()
+            key = (q.dtype, q.shape[-1], v.shape[-1], config.to_json(), geometry.causal)
+            return HOPPER_FORMS.run(key, gluon_form, lambda: saa_attend(q, k, v, centroids, selection, scale,
+                                                                        geometry, config, out=out, hopper=False),
+                                    "the Gluon attend pass (%s, head dims %d, %d)", q.dtype, q.shape[-1], v.shape[-1])
+        if hopper:
+            raise ValueError("the Gluon attend pass needs an sm_90 GPU, Gluon, fp16/bf16 inputs of head dim 128, "
+                             "blocks of 128, TMA-movable tensors and a positive scale")
     indices = selection.indices.contiguous()
     counts = selection.counts.contiguous()
     exact = selection.exact.view(torch.int8).contiguous()
@@ -1043,9 +1067,6 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
         raise ValueError(f"key_tile must be a power of two from 16 to block_n={config.block_n}, got {key_tile}")
     grid = (geometry.num_m * batch * heads,)
     key_centroids, value_centroids = centroids.keys, centroids.values
-    if config.far_group > 1 and centroids.far is None:
-        raise ValueError(f"far groups of {config.far_group} key blocks need their sums: make the centroids "
-                         "with block_centroids under the same operating point")
     far = centroids.far or FarSums(key_centroids, value_centroids)       # (not read without far groups)
 
     def launch(descriptors: list | None) -> None:

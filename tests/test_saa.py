@@ -876,3 +876,14 @@ def test_fake_impl_gives_the_grouped_output_shape():
         q, k, v = torch.empty(2, 8, 33, 64), torch.empty(2, 2, 33, 64), torch.empty(2, 2, 33, 32)
         out = torch.ops.attncompiler.saa_attention(q, k, v, "(mul s 0.125)", SAAConfig().to_json(), "s", "auto")
     assert out.shape == (2, 8, 33, 32)
+
+
+def test_attend_pass_refuses_the_gluon_form_where_it_cannot_run():
+    """``hopper=True`` insists on the Gluon pass: inputs it cannot take (here head dim 64, or no sm_90
+    GPU) raise rather than run another form."""
+    config = SAAConfig(**SMALL)
+    q, k, v = qkv(1, 2, 2, 40, 40, 64, 64, dtype=torch.float16)
+    geometry = BlockGeometry(40, 40, 16, 16, True)
+    selection, centroids = saa_plan(q, k, v, 0.125, geometry, config)
+    with pytest.raises(ValueError, match="the Gluon attend pass needs an sm_90 GPU"):
+        saa_kernels.saa_attend(q, k, v, centroids, selection, 0.125, geometry, config, hopper=True)
