@@ -76,7 +76,7 @@ for phase in $phases; do
       python3 benchmarks/kernel_sweep.py ${SWEEP_ARGS:-} 2>&1 | grep -v "^  " | tee -a "$OUT/sweep.md" | tail -30 || status=1
       ;;
     saa)
-      python3 -m pytest tests/test_saa.py tests/test_saa_graphs.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
+      python3 -m pytest tests/test_saa.py tests/test_saa_graphs.py tests/test_saa_hopper.py -q -p no:cacheprovider 2>&1 | tail -5 || status=1
       python3 examples/saa_quality.py "${gguf[@]}" ${SAA_QUALITY_ARGS:-} --out "$OUT/saa_quality.md" 2>&1 | tail -30 || status=1
       python3 benchmarks/saa.py --no-record ${SAA_ARGS:-} 2>&1 | tee "$OUT/saa_bench.md" | tail -20 || status=1
       python3 benchmarks/saa_sites.py --no-record 2>&1 | tee "$OUT/saa_sites.md" | tail -6 || status=1
