@@ -244,7 +244,6 @@ if HAS_GLUON:
             # One centroid per far group, built in this consumer's shared memory from the groups' sums.
             g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                                 instr_shape=[16, GROUPS, 16])
-            gp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
             far_exact = 0
             if far_groups > 0:
                 far_exact = _far_exact(IDX_ROW, n_exact, far_groups * FAR_GROUP, LISTED,
@@ -269,7 +268,7 @@ if HAS_GLUON:
                 m_i = gl.convert_layout(m_new, rows_s)
                 l_i = gl.convert_layout(l_new, rows_s)
                 acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), gp_layout), g_values, acc)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), g_values, acc)
                 gl.thread_barrier()                                       # g_keys, g_values read
 
         if n_tiles > 0:
