@@ -30,6 +30,7 @@ try:
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every GPU
     HAS_GLUON = False
 
+from attncompiler.codegen.flash import _tma_strides
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids
 from attncompiler.saa_routing import BlockGeometry, Selection
@@ -57,14 +58,7 @@ def hopper_attend_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         return False
     if q.shape[-1] != 128 or v.shape[-1] != 128 or config.block_m != 128 or config.block_n != 128:
         return False
-    return all(_tma_strides_ok(t) for t in tensors)
-
-
-def _tma_strides_ok(t: torch.Tensor) -> bool:
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
-        return False
-    return all(size == 1 or (stride > 0 and stride * t.element_size() % 16 == 0)
-               for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    return all(t.data_ptr() % 16 == 0 and _tma_strides(t.shape, t.stride(), t.dtype) is not None for t in tensors)
 
 
 if HAS_GLUON:
@@ -406,9 +400,7 @@ def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
     """A TMA descriptor of ``[B, H, S, D]`` tensor t in tiles ``[1, 1, rows, D]`` (zero past the edges)."""
     block = [1, 1, rows, t.shape[-1]]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if t.dtype == torch.float16 else gl.bfloat16)
-    strides = [stride if size > 1 else t.shape[i + 1:].numel() for i, (size, stride) in
-               enumerate(zip(t.shape[:-1], t.stride()[:-1]))] + [1]
-    return TensorDescriptor(t, list(t.shape), strides, block, layout)
+    return TensorDescriptor(t, list(t.shape), list(_tma_strides(t.shape, t.stride(), t.dtype)), block, layout)
 
 
 def hopper_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids, selection: Selection,
