@@ -13,7 +13,8 @@ Inputs: one sequence, heads·head_dim = 2048, random (attention spread evenly: `
 cap, the worst case for SAA's density); or with ``--smollm2`` SmolLM2-135M's own queries, keys
 and values (after the rotary embedding, real weights) on the first S tokens of
 ``pydoc_data.topics``, its 30 layers stacked as the batch (9 heads, 3 kv heads, head dim 64;
-S at most 8192, the model's context).
+past the model's context of 8192, its positions interpolated into it: linear RoPE scaling by
+S / 8192, without fine-tuning).
 
     python benchmarks/saa.py [--seqs 8192 16384 32768 65536 131072] [--head-dims 64 128]
                              [--saa '{"top_k": 16}'] [--kv-heads N] [--smollm2 [GGUF]]
@@ -74,10 +75,11 @@ def graph_replay(fn):
     return capture_graph(fn, warmups=3)[0].replay
 
 
-def smollm2_inputs(gguf: str | None):
+def smollm2_inputs(gguf: str | None, context: int | None = None):
     """S → SmolLM2-135M's attention inputs on the first S tokens of ``pydoc_data.topics``: q
     ``[30, 9, S, 64]``, k and v ``[30, 3, S, 64]`` (every layer's, after the rotary embedding, the
-    layers as the batch), and the text's label. Loads the model once (bf16 on a GPU, fp32 on CPU)."""
+    layers as the batch), and the text's label. Loads the model once (bf16 on a GPU, fp32 on CPU).
+    Past ``context`` tokens (default: the model's, 8192) positions are scaled by context / S."""
     sys.path.insert(0, str(EXAMPLES))
     from quickstart import load_smollm2
     from saa_quality import corpus_ids, text_label
@@ -96,10 +98,15 @@ def smollm2_inputs(gguf: str | None):
     AttentionInterface.register("attncompiler_capture", capture)
     model.set_attn_implementation("attncompiler_capture")
 
+    rotary = model.model.rotary_emb
+    trained = (rotary.inv_freq.clone(), context or model.config.max_position_embeddings)
+
     @torch.no_grad()
     def inputs(seq: int):
-        if seq > min(ids.numel(), model.config.max_position_embeddings):
-            raise ValueError(f"SmolLM2 inputs go up to {model.config.max_position_embeddings} tokens, not {seq}")
+        if seq > ids.numel():
+            raise ValueError(f"the text has {ids.numel()} tokens, fewer than {seq}")
+        # Past the trained context, positions are interpolated into it (linear RoPE scaling).
+        rotary.inv_freq.copy_(trained[0] / max(1.0, seq / trained[1]))
         captured.clear()
         model.model(ids[None, :seq].to(device))
         q, k, v = (torch.cat(parts) for parts in zip(*captured))
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smollm2 is not None:
         text_inputs, label = smollm2_inputs(args.smollm2 or None)
         shapes = [(64, s, lambda s=s: text_inputs(s)) for s in args.seqs]
-        inputs = f"SmolLM2-135M's q, k, v ({label}), 30 layers as the batch, 9 heads, 3 kv heads"
+        inputs = (f"SmolLM2-135M's q, k, v ({label}; past 8192, positions interpolated by S / 8192), 30 layers as "
+                  f"the batch, 9 heads, 3 kv heads")
     else:
         shapes = [(d, s, lambda d=d, s=s: random_inputs(s, d, args.kv_heads))
                   for d in args.head_dims for s in args.seqs]

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from attncompiler.codegen.fallback import FormFallback
 from attncompiler.codegen.flash import launch_tma_or_pointers
+from attncompiler.codegen.saa_blocks import allowed_blocks, diagonal_block, full_blocks, keys_behind, keys_seen
 from attncompiler.codegen.saa_hopper import hopper_attend, hopper_attend_supported
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids, FarSums
@@ -103,7 +104,7 @@ def mean_key_logits_kernel(
     offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)                        # [TN] key blocks
     seen = NUM_N
     if CAUSAL:
-        seen = _allowed_blocks(tl.minimum((pid_m * TILE_M + TILE_M) * BLOCK_M, SEQ_Q) - 1, KEY_OFFSET, SEQ_K, BLOCK_N)
+        seen = allowed_blocks(tl.minimum((pid_m * TILE_M + TILE_M) * BLOCK_M, SEQ_Q) - 1, KEY_OFFSET, SEQ_K, BLOCK_N)
     if pid_n * TILE_N < seen:
         p_q = QM + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
         p_k = KM + b * stride_kb + (h // GROUP) * stride_kh + offs_n[None, :] * stride_kn
@@ -115,7 +116,7 @@ def mean_key_logits_kernel(
             b_k = tl.load(p_k + offs_d[:, None] * stride_kd, mask=(offs_n[None, :] < NUM_N)
                           & (offs_d[:, None] < HEAD_D), other=0.0)        # [CD, TN]
             acc = tl.dot(b_q, b_k, acc, input_precision=DOT_PRECISION)
-        keys = tl.maximum(_keys_behind(offs_n * BLOCK_N, SEQ_K, BLOCK_N), 1).to(tl.float32)  # [TN] (1 past the end)
+        keys = tl.maximum(keys_behind(offs_n * BLOCK_N, SEQ_K, BLOCK_N), 1).to(tl.float32)  # [TN] (1 past the end)
         p_o = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(p_o, acc * scale + tl.log(keys)[None, :], mask=(offs_m[:, None] < NUM_M) & (offs_n[None, :] < NUM_N))
 
@@ -177,35 +178,6 @@ def saa_centroid_kernel(
 
 
 @triton.jit
-def _keys_seen(row, KEY_OFFSET, SEQ_K):
-    """Causal: how many keys query row ``row`` sees (key j sees i when j <= i + KEY_OFFSET), the first ones."""
-    return tl.minimum(tl.maximum(row + KEY_OFFSET + 1, 0), SEQ_K)
-
-
-@triton.jit
-def _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N: tl.constexpr):
-    """Causal: key blocks holding a key visible to query row last_row."""
-    return (_keys_seen(last_row, KEY_OFFSET, SEQ_K) + BLOCK_N - 1) // BLOCK_N
-
-
-@triton.jit
-def _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N: tl.constexpr):
-    """Causal: key blocks whose keys are all visible to query row first_row (and so to every later row);
-    all NUM_N when it sees every key, the ragged last block included."""
-    visible = _keys_seen(first_row, KEY_OFFSET, SEQ_K)
-    return tl.where(visible == SEQ_K, NUM_N, visible // BLOCK_N)
-
-
-@triton.jit
-def _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key block holding query row last_row's position: its last visible key when causal, else the
-    bottom-right aligned position."""
-    if CAUSAL:
-        return _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - 1
-    return tl.minimum(tl.maximum(last_row + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
-
-
-@triton.jit
 def _forced_blocks(blocks, m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(allowed, forced)`` for key blocks ``blocks`` of query block m: whether some row may see them,
@@ -213,12 +185,12 @@ def _forced_blocks(blocks, m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAU
     blocks that some row sees only in part)."""
     first = m * BLOCK_M
     last = tl.minimum(first + BLOCK_M, SEQ_Q) - 1
-    diagonal = _diagonal_block(last, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
+    diagonal = diagonal_block(last, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
     allowed = NUM_N
     full = NUM_N
     if CAUSAL:
         allowed = diagonal + 1
-        full = _full_blocks(first, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N)
+        full = full_blocks(first, KEY_OFFSET, SEQ_K, NUM_N, BLOCK_N)
     is_allowed = blocks < allowed
     forced = is_allowed & ((blocks < SINKS) | (blocks >= full) | ((blocks <= diagonal) & (blocks > diagonal - LOCAL)))
     return is_allowed, forced
@@ -346,7 +318,7 @@ def _whole_entries(LIST, n_slots, first_row, KEY_OFFSET, SEQ_K, CAUSAL: tl.const
     blocks, listed = _list_blocks(LIST, tl.arange(0, LIST_PAD), n_slots, True)  # [LP]
     seen = SEQ_K
     if CAUSAL:
-        seen = _keys_seen(first_row, KEY_OFFSET, SEQ_K)
+        seen = keys_seen(first_row, KEY_OFFSET, SEQ_K)
     return tl.sum((listed & ((blocks + 1) * BLOCK_N <= seen)).to(tl.int32), 0)
 
 
@@ -492,7 +464,7 @@ def sampled_key_logits_kernel(
         n_end = NUM_N
         if CAUSAL:  # key blocks past the last row's last visible key: -inf
             last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, SEQ_Q) - 1
-            n_end = _allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
+            n_end = allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N)
         _block_masses_two_pass(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, p_out, IDX, n_end, SEQ_K,
                                qk_scale, KEY_OFFSET, False, CAUSAL, HEAD_D, ROWS, BLOCK_N, BLOCKS, LANES, STRIDE,
                                DOT_PRECISION)
@@ -613,12 +585,6 @@ def _key_block(K, V, b, kh, start, offs_n, col_ok, offs_d, offs_dv, stride_kb, s
 
 
 @triton.jit
-def _keys_behind(first_key, SEQ_K, RUN: tl.constexpr):
-    """Keys of the run of RUN keys from first_key that exist (0 past SEQ_K)."""
-    return tl.minimum(tl.maximum(SEQ_K - first_key, 0), RUN)
-
-
-@triton.jit
 def _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, rate=1.0):
     """One online-softmax step: scores ``rate · s`` ``[BM, BN]`` (log2 domain, -inf where hidden; rate > 0)
     and their values b_v ``[BN, BDV]`` folded into the running row maxima m_i, sums l_i ``[BM]`` and acc
@@ -656,7 +622,7 @@ def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, off
     key_sum = tl.load(p_sums + offs_d[None, :], mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
     value_sum = tl.load(p_sums + HEAD_D + offs_dv[None, :], mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
                         other=0.0)                                        # [G, BD], [G, BDV]
-    keys = tl.where(g_ok, _keys_behind(offs_g * (FAR_GROUP * BLOCK_N), SEQ_K, FAR_GROUP * BLOCK_N), 0)
+    keys = tl.where(g_ok, keys_behind(offs_g * (FAR_GROUP * BLOCK_N), SEQ_K, FAR_GROUP * BLOCK_N), 0)
     keys = keys.to(tl.float32)                                            # [G]
     for start in range(0, far_exact, LISTED):
         offs_e = start + tl.arange(0, LISTED)                             # [E] list entries
@@ -669,7 +635,7 @@ def _far_group_means(FAR_SUMS, BLOCK_SUMS, IDX_ROW, far_exact, offs_g, g_ok, off
                       mask=e_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # [E, BDV]
         key_sum -= tl.dot(member, b_k, input_precision="ieee")
         value_sum -= tl.dot(member, b_v, input_precision="ieee")
-        block_keys = _keys_behind(n * BLOCK_N, SEQ_K, BLOCK_N).to(tl.float32)  # [E]
+        block_keys = keys_behind(n * BLOCK_N, SEQ_K, BLOCK_N).to(tl.float32)  # [E]
         keys -= tl.sum(member * block_keys[None, :], 1)
     share = 1.0 / tl.maximum(keys, 1.0)
     return key_sum * share[:, None], value_sum * share[:, None], keys
@@ -725,8 +691,8 @@ def saa_attend_kernel(
     full = NUM_N_BLOCKS
     partial = 0
     if CAUSAL:
-        full = _full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
-        partial = tl.minimum(_allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
+        full = full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
+        partial = tl.minimum(allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
     # Each exact block in TILES steps of KEY_TILE keys.
     TILES: tl.constexpr = BLOCK_N // KEY_TILE
     for i in range(0, (num_exact - partial) * TILES):
@@ -755,7 +721,7 @@ def saa_attend_kernel(
     SUB: tl.constexpr = BLOCK_N // CENTROIDS                              # keys behind a centroid
     far_end = 0
     if FAR_GROUP > 1:
-        diagonal = _diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
+        diagonal = diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
         far_groups = tl.minimum(tl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
         far_end = far_groups * FAR_GROUP
         kv_head = b * (H // GROUP) + kh
@@ -779,7 +745,7 @@ def saa_attend_kernel(
         offs_c = start_c + tl.arange(0, BLOCK_C)                          # [BC]
         c_ok = offs_c < num_centroids
         is_exact = tl.load(EXACT + row * NUM_N_BLOCKS + offs_c // CENTROIDS, mask=c_ok, other=1)  # [BC]
-        behind = _keys_behind(offs_c * SUB, SEQ_K, SUB)                   # [BC] keys behind each (0 past the end)
+        behind = keys_behind(offs_c * SUB, SEQ_K, SUB)                   # [BC] keys behind each (0 past the end)
         b_lc = tl.log2(tl.maximum(behind, 1).to(tl.float32))              # [BC] (masked where 0)
         b_kct, b_vc = _key_block(KC, VC, b, kh, start_c, offs_c, c_ok, offs_d, offs_dv, stride_cb,
                                  stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, HEAD_D,

@@ -31,6 +31,7 @@ except ImportError:  # a Triton without Gluon: the Triton kernel serves every GP
     HAS_GLUON = False
 
 from attncompiler.codegen.flash import _tma_strides
+from attncompiler.codegen.saa_blocks import allowed_blocks, diagonal_block, full_blocks, keys_behind
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids
 from attncompiler.saa_routing import BlockGeometry, Selection
@@ -64,11 +65,6 @@ def hopper_attend_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 if HAS_GLUON:
 
     @gluon.jit
-    def _keys_behind(first_key, SEQ_K, RUN: gl.constexpr):
-        """Keys of the run of RUN keys from first_key that exist (0 past SEQ_K)."""
-        return gl.minimum(gl.maximum(SEQ_K - first_key, 0), RUN)
-
-    @gluon.jit
     def _fold(s, m_i, l_i, rate=1.0):
         """Online-softmax step on scores ``rate · s`` ``[M, N]`` (log2 domain, -inf where hidden; rate > 0,
         folded into the exponent: one FMA a score): the probabilities, the running maxima's rescale
@@ -98,7 +94,7 @@ if HAS_GLUON:
         SUB: gl.constexpr = BLOCK_N // CENTROIDS
         in_range = (cents >= c_first) & (cents < c_end)
         is_exact = gl.load(EXACT_ROW + cents // CENTROIDS, mask=in_range, other=1)
-        behind = _keys_behind(cents * SUB, SEQ_K, SUB)
+        behind = keys_behind(cents * SUB, SEQ_K, SUB)
         return gl.where(in_range & (is_exact == 0) & (behind > 0), gl.log2(gl.maximum(behind, 1).to(gl.float32)),
                         float("-inf"))
 
@@ -147,13 +143,13 @@ if HAS_GLUON:
                 tma.async_copy_global_to_shared(k_desc, [b, kh, start, 0], k_bar.index(slot), k_smem.index(slot))
             else:
                 tma.async_copy_global_to_shared(kc_desc, [b, kh, cent, 0], k_bar.index(slot), k_smem.index(slot))
-            bias = _centroid_bias(cent + offs_c, EXACT_ROW, c_first, c_end, SEQ_K, CENTROIDS, TILE_N)  # [BN]
             mbarrier.wait(v_empty.index(slot), phase ^ 1)                 # (the slot's last bias is read too)
             mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
             if exact:
                 tma.async_copy_global_to_shared(v_desc, [b, kh, start, 0], v_bar.index(slot), v_smem.index(slot))
             else:
                 tma.async_copy_global_to_shared(vc_desc, [b, kh, cent, 0], v_bar.index(slot), v_smem.index(slot))
+                bias = _centroid_bias(cent + offs_c, EXACT_ROW, c_first, c_end, SEQ_K, CENTROIDS, TILE_N)  # [BN]
                 bias_smem.index(slot).store(bias[None, :])
             mbarrier.arrive(bias_bar.index(slot), count=1)
 
@@ -186,7 +182,7 @@ if HAS_GLUON:
         p_sums = far_sums + offs_g[:, None] * WIDTH
         key_sum = gl.load(p_sums + offs_d[None, :], mask=g_ok[:, None], other=0.0)            # [G, D]
         value_sum = gl.load(p_sums + HEAD_D + offs_dv[None, :], mask=g_ok[:, None], other=0.0)  # [G, Dv]
-        keys = gl.where(g_ok, _keys_behind(offs_g * (FAR_GROUP * BLOCK_N), SEQ_K, FAR_GROUP * BLOCK_N), 0)
+        keys = gl.where(g_ok, keys_behind(offs_g * (FAR_GROUP * BLOCK_N), SEQ_K, FAR_GROUP * BLOCK_N), 0)
         keys = keys.to(gl.float32)                                        # [G]
         offs_gh = start_g + gl.arange(0, GROUPS, layout=gl.SliceLayout(1, one_hot_layout))
         offs_ds = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, sums_layout))
@@ -196,7 +192,7 @@ if HAS_GLUON:
             e_ok = offs_e < far_exact
             blocks = gl.load(IDX_ROW + offs_e, mask=e_ok, other=0)        # [E]
             member = (offs_gh[:, None] == (blocks // FAR_GROUP)[None, :]) & e_ok[None, :]  # [G, E]
-            block_keys = _keys_behind(blocks * BLOCK_N, SEQ_K, BLOCK_N).to(gl.float32)
+            block_keys = keys_behind(blocks * BLOCK_N, SEQ_K, BLOCK_N).to(gl.float32)
             keys -= gl.convert_layout(gl.sum(gl.where(member, block_keys[None, :], 0.0), 1), gl.SliceLayout(1, layout))
             minus_one_hot = gl.where(member, -1.0, 0.0)
             offs_es = start + gl.arange(0, LISTED, layout=gl.SliceLayout(1, sums_layout))
@@ -333,15 +329,11 @@ if HAS_GLUON:
         full = NUM_N_BLOCKS
         partial = 0
         if CAUSAL:
-            seen_first = gl.minimum(gl.maximum(first_row + KEY_OFFSET + 1, 0), SEQ_K)
-            full = gl.where(seen_first == SEQ_K, NUM_N_BLOCKS, seen_first // BLOCK_N)
-            seen_last = gl.minimum(gl.maximum(last_row + KEY_OFFSET + 1, 0), SEQ_K)
-            partial = gl.minimum((seen_last + BLOCK_N - 1) // BLOCK_N - full, n_exact)
-            diagonal = (seen_last + BLOCK_N - 1) // BLOCK_N - 1
-        else:
-            diagonal = gl.minimum(gl.maximum(last_row + SEQ_K - SEQ_Q, 0), SEQ_K - 1) // BLOCK_N
+            full = full_blocks(first_row, KEY_OFFSET, SEQ_K, NUM_N_BLOCKS, BLOCK_N)
+            partial = gl.minimum(allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, n_exact)
         far_groups = 0
         if FAR_GROUP > 1:
+            diagonal = diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL, BLOCK_N)
             far_groups = gl.minimum(gl.maximum(diagonal + 1 - NEAR, 0) // FAR_GROUP, full // FAR_GROUP)
         c_first = far_groups * FAR_GROUP * CENTROIDS                      # near centroids: rows c_first..c_end
         c_end = full * CENTROIDS

@@ -27,5 +27,19 @@ def test_smollm2_inputs_are_every_layers_grouped_queries_keys_and_values():
     shorter = inputs(16)[0]  # the last layer's queries of a prefix: the same, as the model attends causally
     tolerance = 1e-3 if q.dtype == torch.float32 else 5e-2  # (bf16 on a GPU)
     assert shorter.shape[2] == 16 and torch.allclose(shorter[29], q[29, :, :16], atol=tolerance, rtol=tolerance)
-    with pytest.raises(ValueError, match="up to 8192 tokens"):
-        inputs(8193)
+    with pytest.raises(ValueError, match="fewer than"):
+        inputs(10 ** 7)
+
+
+def test_smollm2_inputs_past_the_context_interpolate_positions_into_it():
+    """With a context of 32, 64 tokens sit at positions 0, 0.5, 1, ...: token 0 (position 0, no
+    rotation) is unchanged, later tokens are rotated less; shorter inputs get the trained positions back."""
+    inputs, _ = saa_benchmark.smollm2_inputs(None, context=32)
+    q, k, _ = inputs(32)
+    q_long, k_long, _ = inputs(64)
+    assert q_long.shape == (30, 9, 64, 64) and q_long.isfinite().all()
+    tolerance = 1e-3 if q.dtype == torch.float32 else 5e-2
+    assert torch.allclose(q_long[0, :, 0], q[0, :, 0], atol=tolerance, rtol=tolerance)
+    assert torch.allclose(k_long[:, :, 0], k[:, :, 0], atol=tolerance, rtol=tolerance)
+    assert not torch.allclose(k_long[0, :, 1:32], k[0, :, 1:32], atol=tolerance, rtol=tolerance)
+    assert torch.allclose(inputs(32)[1], k, atol=tolerance, rtol=tolerance)
