@@ -81,7 +81,7 @@ def smollm2_inputs(gguf: str | None, context: int | None = None):
     layers as the batch), and the text's label. Loads the model once (bf16 on a GPU, fp32 on CPU).
     Past ``context`` tokens (default: the model's, 8192) positions are scaled by context / S."""
     sys.path.insert(0, str(EXAMPLES))
-    from quickstart import load_smollm2
+    from quickstart import fit_positions, load_smollm2
     from saa_quality import corpus_ids, text_label
     from transformers import AttentionInterface
 
@@ -98,15 +98,11 @@ def smollm2_inputs(gguf: str | None, context: int | None = None):
     AttentionInterface.register("attncompiler_capture", capture)
     model.set_attn_implementation("attncompiler_capture")
 
-    rotary = model.model.rotary_emb
-    trained = (rotary.inv_freq.clone(), context or model.config.max_position_embeddings)
-
     @torch.no_grad()
     def inputs(seq: int):
         if seq > ids.numel():
             raise ValueError(f"the text has {ids.numel()} tokens, fewer than {seq}")
-        # Past the trained context, positions are interpolated into it (linear RoPE scaling).
-        rotary.inv_freq.copy_(trained[0] / max(1.0, seq / trained[1]))
+        fit_positions(model, seq, context)
         captured.clear()
         model.model(ids[None, :seq].to(device))
         q, k, v = (torch.cat(parts) for parts in zip(*captured))

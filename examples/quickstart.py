@@ -58,6 +58,15 @@ def load_smollm2(device: str, dtype: torch.dtype, gguf: str | None = None):
     return load_smollm2_tokenizer(gguf), model.to(device).eval()
 
 
+def fit_positions(model, tokens: int, context: int | None = None) -> None:
+    """Fit ``tokens`` positions into the model's trained ``context`` (default: its
+    ``max_position_embeddings``) by linear RoPE scaling, position interpolation without fine-tuning:
+    the rotary frequencies divided by ``tokens / context``; the trained ones where ``tokens`` fits."""
+    rotary = model.model.rotary_emb
+    context = context or model.config.max_position_embeddings
+    rotary.inv_freq.copy_(rotary.original_inv_freq / max(1.0, tokens / context))
+
+
 def greedy(model, tokenizer, inputs, tokens: int) -> str:
     out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -7,7 +7,8 @@ allowed key blocks computed exactly), and passkey retrieval: how many of ``--pas
 each point retrieves from each of ``--depths`` of a ``--passkey-length``-token prompt whose haystack
 is the standard passkey test's repeated filler (in Python's reference text the 135M model does not
 retrieve a passkey even with dense attention).
-Prefill runs SAA; decoding one token at a time runs dense attention. With ``--predictor`` (a file
+Prefill runs SAA; decoding one token at a time runs dense attention. Lengths past the model's
+context of 8192 tokens interpolate its positions into it (linear RoPE scaling, no fine-tuning). With ``--predictor`` (a file
 written by ``attncompiler calibrate``), the fast point (``"mean-key"``) also runs with the learned router.
 
 On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
@@ -46,7 +47,7 @@ from attncompiler.saa import saa_forward
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_ops import relative_error
 from attncompiler.saa_predictor import Predictor, load_predictor
-from quickstart import load_smollm2
+from quickstart import fit_positions, load_smollm2
 
 PASSKEYS = 5  # passkeys per depth, drawn from PASSKEY_SEED
 PASSKEY_SEED = 0
@@ -169,7 +170,9 @@ def text_label(ids: torch.Tensor) -> str:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, length: int, windows: int) -> float:
-    """exp(mean next-token loss) over ``windows`` disjoint windows of ``length`` tokens."""
+    """exp(mean next-token loss) over ``windows`` disjoint windows of ``length`` tokens (past the
+    model's context, its positions interpolated into it)."""
+    fit_positions(model, length)
     losses = []
     for w in range(windows):
         window = ids[w * length:(w + 1) * length][None].to(model.device)
@@ -188,6 +191,7 @@ def passkeys(count: int) -> list[str]:
 def passkey_answer(model, tokenizer, key: str, length: int, depth: float) -> str:
     """Greedy answer to the passkey question of a ``length``-token prompt: the needle holding ``key``
     at ``depth`` of a filler that repeats :data:`FILLER` (the standard passkey test's haystack)."""
+    fit_positions(model, length)
     preface, needle, question = (tokenizer(t, return_tensors="pt").input_ids[0]
                                  for t in (PREFACE, NEEDLE.format(key=key), QUESTION))
     body = length - preface.numel() - needle.numel() - question.numel()
