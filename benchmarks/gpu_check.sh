@@ -18,7 +18,7 @@
 #           (with and without CUDA graphs), and when the model is there on SmolLM2's own inputs and its
 #           prefill through the backend with and without SAA
 # The tuning cache lives in ~/attncompiler-gpu-cache, so later calls on a warm machine reuse what tune
-# found; a copy lands in $OUT/cache.
+# found; a copy (without the converted model checkpoints) lands in $OUT/cache.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/attncompiler-gpu-check}
@@ -91,5 +91,8 @@ for phase in $phases; do
   esac
   echo "phase $phase: $((SECONDS - start)) s"
 done
-cp -r "$ATTNCOMPILER_CACHE_DIR" "$OUT/cache" 2>/dev/null
+mkdir -p "$OUT/cache"
+for entry in "$ATTNCOMPILER_CACHE_DIR"/*; do  # all but the converted model checkpoints (hundreds of MB)
+  [ "$(basename "$entry")" = models ] || cp -r "$entry" "$OUT/cache/" 2>/dev/null
+done
 exit $status
