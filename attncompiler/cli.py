@@ -268,12 +268,15 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
     tuning = [p for p in cache.tuning_dir().glob("*")] if cache.tuning_dir().is_dir() else []
     kernels = cache_dir() / "kernels"
     kernel_files = list(kernels.glob("*.py")) if kernels.is_dir() else []
+    models = cache_dir() / "models"  # checkpoints converted from GGUF files (attncompiler.gguf)
+    checkpoints = [p for p in models.iterdir() if p.is_dir()] if models.is_dir() else []
     for path in tuning:
         path.unlink()
-    if kernels.is_dir():
-        shutil.rmtree(kernels)
-    print(f"removed {sum(p.suffix == '.json' for p in tuning)} tuning file(s) and {len(kernel_files)} "
-          f"generated kernel(s) from {cache_dir()}")
+    for directory in (kernels, models):
+        if directory.is_dir():
+            shutil.rmtree(directory)
+    print(f"removed {sum(p.suffix == '.json' for p in tuning)} tuning file(s), {len(kernel_files)} "
+          f"generated kernel(s) and {len(checkpoints)} converted model checkpoint(s) from {cache_dir()}")
     return 0
 
 
@@ -415,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run, help_text in [("path", cmd_cache_path, "print the cache directory and this machine's file"),
                                  ("ls", cmd_cache_ls, "list the tuning files, one per GPU environment"),
                                  ("show", cmd_cache_show, "show this machine's tuned shape buckets"),
-                                 ("clear", cmd_cache_clear, "delete all tuning results and generated kernels")]:
+                                 ("clear", cmd_cache_clear, "delete all tuning results, generated kernels and converted model checkpoints")]:
         actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".") \
             .set_defaults(run=run)
     export = actions.add_parser("export", help="write every tuning result to one JSON file",

@@ -156,8 +156,10 @@ def test_tune_shapes_and_manage_the_cache(capsys, tmp_path, monkeypatch):
     assert out.count(" exhaustive ") == 2 and "best SDPA" in out
 
     assert run(capsys, "cache", "export", "all.json")[1] == "exported 2 entries of 1 environment(s) to all.json\n"
+    (tmp_path / "cache" / "models" / "m-1-2").mkdir(parents=True)  # a checkpoint converted from a GGUF file
     status, out, _ = run(capsys, "cache", "clear")
-    assert out.startswith("removed 2 tuning file(s) and ") and run(capsys, "cache", "ls")[1].startswith("no tuning")
+    assert out.startswith("removed 2 tuning file(s), ") and "and 1 converted model checkpoint(s)" in out
+    assert run(capsys, "cache", "ls")[1].startswith("no tuning") and not (tmp_path / "cache" / "models").exists()
     assert run(capsys, "cache", "show")[1].startswith("no tuning results for this machine")
 
     exported = json.loads((tmp_path / "all.json").read_text())
