@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run, help_text in [("path", cmd_cache_path, "print the cache directory and this machine's file"),
                                  ("ls", cmd_cache_ls, "list the tuning files, one per GPU environment"),
                                  ("show", cmd_cache_show, "show this machine's tuned shape buckets"),
-                                 ("clear", cmd_cache_clear, "delete all tuning results, generated kernels and converted model checkpoints")]:
+                                 ("clear", cmd_cache_clear,
+                                  "delete all tuning results, generated kernels and converted model checkpoints")]:
         actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".") \
             .set_defaults(run=run)
     export = actions.add_parser("export", help="write every tuning result to one JSON file",
