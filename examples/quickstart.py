@@ -52,11 +52,11 @@ def load_smollm2_tokenizer(gguf: str | None = None):
 
 def load_smollm2(device: str, dtype: torch.dtype, gguf: str | None = None):
     """Tokenizer and eager-attention model with real weights, loaded offline (from ``gguf`` if given)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = smollm2_checkpoint(gguf)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
-    return load_smollm2_tokenizer(gguf), model.to(device).eval()
+    return AutoTokenizer.from_pretrained(checkpoint), model.to(device).eval()
 
 
 def fit_positions(model, tokens: int, context: int | None = None) -> None:

@@ -8,8 +8,9 @@ each point retrieves from each of ``--depths`` of a ``--passkey-length``-token p
 is the standard passkey test's repeated filler (in Python's reference text the 135M model does not
 retrieve a passkey even with dense attention).
 Prefill runs SAA; decoding one token at a time runs dense attention. Lengths past the model's
-context of 8192 tokens interpolate its positions into it (linear RoPE scaling, no fine-tuning). With ``--predictor`` (a file
-written by ``attncompiler calibrate``), the fast point (``"mean-key"``) also runs with the learned router.
+context of 8192 tokens interpolate its positions into it (linear RoPE scaling, no fine-tuning).
+With ``--predictor`` (a file written by ``attncompiler calibrate``), the fast point
+(``"mean-key"``) also runs with the learned router.
 
 On a GPU it runs in bf16 with the Triton kernels; on CPU in fp32 with the PyTorch reference (use
 ``--tokens 256 --block 16`` there, or ``TRITON_INTERPRET=1`` for the kernels, slower still).

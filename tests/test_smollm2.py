@@ -98,7 +98,8 @@ def test_the_converted_checkpoint_holds_the_gguf_files_weights_and_tokenizer(smo
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     text = "def f(x):\n    return x ** 2  # Größe"
-    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(model_dir(), gguf_file=GGUF_FILE)(text)["input_ids"]
+    gguf_tokenizer = AutoTokenizer.from_pretrained(model_dir(), gguf_file=GGUF_FILE)
+    assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
