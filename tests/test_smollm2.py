@@ -89,20 +89,21 @@ def test_the_converted_checkpoint_holds_the_gguf_files_weights_and_tokenizer(smo
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from attncompiler.gguf import gguf_checkpoint
-    from examples.quickstart import GGUF_FILE, model_dir, smollm2_checkpoint
+    from attncompiler.gguf import gguf_checkpoint, smollm2_gguf
+    from examples.quickstart import smollm2_checkpoint
 
     tokenizer, model = smollm2
-    direct = AutoModelForCausalLM.from_pretrained(model_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    gguf = smollm2_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ours, theirs = model.state_dict(), direct.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     text = "def f(x):\n    return x ** 2  # Größe"
-    gguf_tokenizer = AutoTokenizer.from_pretrained(model_dir(), gguf_file=GGUF_FILE)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_second_conversion)
-    assert gguf_checkpoint(f"{model_dir()}/{GGUF_FILE}") == smollm2_checkpoint()
+    assert gguf_checkpoint(gguf) == smollm2_checkpoint()
