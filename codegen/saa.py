@@ -51,6 +51,11 @@ CENTROID_STAGES = 2
 # on an H200 at the default operating point (4 warps), 2 stages took 2.11 ms at 128K (D128) against
 # 2.46 with 1 and 2.76 with 3 or 4; 8 warps were slower.
 FUSED_SELECTION_STAGES = 2
+# Registers a thread of the fused router-and-top-k, where its block sums take at most 32 (scored rows
+# times list entries <= 4096, as at the default operating point): 4 programs an SM instead of the 3 its
+# 147 allow, the few spills outside its loop. On an H200 (router ms): 0.853 → 0.751 at SmolLM2's 8K
+# shape, 0.506 → 0.448 D64 32K, 0.317 → 0.295 D128 32K, 1.285 → 1.176 D128 128K.
+FUSED_SELECTION_REGISTERS = 128
 # The fused router-and-top-k ranks lists of at most this many entries by one [N, N] comparison, longer
 # ones by _top_k's bisection: on an H200 at 128K (48 candidates, a list of 64), ranking took the
 # kernel from 2.10 to 1.96 ms (D128) and from 3.65 to 3.32 (D64).
@@ -323,27 +328,41 @@ def _whole_entries(LIST, n_slots, first_row, KEY_OFFSET, SEQ_K, CAUSAL: tl.const
 
 
 @triton.jit
-def _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale, rate,
-               KEY_OFFSET, m_i, l_i, acc, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, STEPS: tl.constexpr, STRIDE: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WHOLE: tl.constexpr):
-    """One step of :func:`_listed_block_masses`: the BLOCKS listed key blocks from position start, scored
-    ``score_scale · q·k``; the row maxima m_i are in those units, and ``rate`` (> 0) turns them into log2
-    units in the exponent (one FMA a score)."""
+def _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale,
+                 KEY_OFFSET, CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCKS: tl.constexpr, STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+    """``[R, W]``: the rows' scores (``score_scale · q·k``) against the samples of the BLOCKS listed key
+    blocks from list position start."""
     PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
     SAMPLES: tl.constexpr = BLOCKS * PER_BLOCK
     sample_slot = tl.arange(0, SAMPLES) // PER_BLOCK                      # [W] list position of each sample
     blocks, ok = _list_blocks(LIST, start + sample_slot, n_slots, True)  # [W] key block of each sample
-    s = _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, score_scale,
-                        KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION, WHOLE)  # [R, W]
+    return _sampled_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, blocks, ok, SEQ_K, score_scale,
+                           KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, SAMPLES, STRIDE, DOT_PRECISION, WHOLE)
+
+
+@triton.jit
+def _add_step(s, shift, l_i, acc, start, rate, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+              STEPS: tl.constexpr, STRIDE: tl.constexpr):
+    """Adds a step's probabilities ``exp2(s · rate - shift)`` (s ``[R, W]``, shift ``[R]``) to the row sums
+    l_i and, summed per key block, into the step's (zero) columns of acc ``[R, ST, BLOCKS]``."""
+    PER_BLOCK: tl.constexpr = BLOCK_N // STRIDE
+    p = tl.exp2(s * rate - shift[:, None])                                # [R, W]
+    step_sums = tl.sum(tl.reshape(p, [ROWS, BLOCKS, PER_BLOCK]), 2)       # [R, BLOCKS]
+    this_step = tl.arange(0, STEPS)[None, :, None] == start // BLOCKS     # [1, ST, 1]
+    return l_i + tl.sum(p, 1), tl.where(this_step, step_sums[:, None, :], acc)
+
+
+@triton.jit
+def _rescaling_step(s, m_i, l_i, acc, start, rate, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCKS: tl.constexpr, STEPS: tl.constexpr, STRIDE: tl.constexpr):
+    """:func:`_add_step` against the running row maxima m_i (the scores' units), rescaling the sums
+    before as the maxima grow (as an attention accumulator is)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2((m_i - m_use) * rate)                                 # [R]
-    p = tl.exp2(s * rate - (m_use * rate)[:, None])                       # [R, W]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    step_sums = tl.sum(tl.reshape(p, [ROWS, BLOCKS, PER_BLOCK]), 2)       # [R, BLOCKS]
-    this_step = tl.arange(0, STEPS)[None, :, None] == start // BLOCKS     # [1, ST, 1]
-    acc = acc * alpha[:, None, None] + tl.where(this_step, step_sums[:, None, :], 0.0)
+    l_i, acc = _add_step(s, m_use * rate, l_i * alpha, acc * alpha[:, None, None], start, rate, ROWS, BLOCK_N,
+                         BLOCKS, STEPS, STRIDE)
     return m_new, l_i, acc
 
 
@@ -355,9 +374,14 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
                          FOLD_SCALE: tl.constexpr):
     """``[LIST_PAD]``: for each of the n_slots key blocks at LIST, the largest over the rows of its
     share of the row's sampled probability mass, in one pass: each step's sampled probabilities are
-    summed per block (BLOCKS <= LIST_PAD blocks a step) into that step's columns, and all columns are
-    rescaled as the row maxima grow (as an attention accumulator is). The steps within the first
-    n_whole entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
+    summed per block (BLOCKS <= LIST_PAD blocks a step) into that step's columns.
+
+    The probabilities are taken against each row's largest score of the first step (its listed blocks
+    come first in block order: every row that sees a sampled key sees the first block's), never
+    rescaled: a later score may pass it by about 2**120 before a sum overflows, and then the whole
+    list is taken again with running maxima (:func:`_rescaling_step`). Small shares lose nothing
+    against running maxima, which are never below the first step's. The steps within the first n_whole
+    entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
     router-and-top-k took 1.85 ms against 1.98 with every step masked for D128, 3.08 against 3.35
     for D64). FOLD_SCALE (qk_scale > 0) applies qk_scale in the exponent rather than to the scores (the
     fused router-and-top-k on an H200: 2.03 → 1.97 ms at 128K, D128; 1.37 → 1.33 at 8K, SmolLM2's shape)."""
@@ -367,18 +391,30 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
     if FOLD_SCALE:
         score_scale = 1.0
         rate = qk_scale
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)                      # [R] row maximum (score_scale units)
     l_i = tl.zeros([ROWS], tl.float32)                                    # [R] row sum
     acc = tl.zeros([ROWS, STEPS, BLOCKS], tl.float32)                     # [R, ST, BLOCKS] row sums per listed block
+    s = _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, 0, n_slots, SEQ_K, score_scale,
+                     KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION, False)
+    reference = tl.max(s, 1)                                              # [R] (scores' units)
+    shift = tl.where(reference == float("-inf"), 0.0, reference) * rate   # [R] (log2 units)
+    l_i, acc = _add_step(s, shift, l_i, acc, 0, rate, ROWS, BLOCK_N, BLOCKS, STEPS, STRIDE)
     whole_end = n_whole // BLOCKS * BLOCKS
-    for start in range(0, whole_end, BLOCKS):
-        m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
-                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, ROWS, BLOCK_N,
-                                   BLOCKS, STEPS, STRIDE, DOT_PRECISION, True)
-    for start in range(whole_end, n_slots, BLOCKS):
-        m_i, l_i, acc = _mass_step(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
-                                   score_scale, rate, KEY_OFFSET, m_i, l_i, acc, CAUSAL, HEAD_D, ROWS, BLOCK_N,
-                                   BLOCKS, STEPS, STRIDE, DOT_PRECISION, False)
+    for start in range(BLOCKS, whole_end, BLOCKS):
+        s = _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale,
+                         KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION, True)
+        l_i, acc = _add_step(s, shift, l_i, acc, start, rate, ROWS, BLOCK_N, BLOCKS, STEPS, STRIDE)
+    for start in range(tl.maximum(whole_end, BLOCKS), n_slots, BLOCKS):
+        s = _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale,
+                         KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION, False)
+        l_i, acc = _add_step(s, shift, l_i, acc, start, rate, ROWS, BLOCK_N, BLOCKS, STEPS, STRIDE)
+    if tl.max(l_i, 0) > 3.0e38:  # a sum overflowed: again, with running maxima
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)                  # [R] row maximum (scores' units)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, STEPS, BLOCKS], tl.float32)
+        for start in range(0, n_slots, BLOCKS):
+            s = _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
+                             score_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION, False)
+            m_i, l_i, acc = _rescaling_step(s, m_i, l_i, acc, start, rate, ROWS, BLOCK_N, BLOCKS, STEPS, STRIDE)
     mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [R, ST, BLOCKS]
     mass = tl.where((row_ok & (l_i > 0))[:, None, None], mass, 0.0)       # rows without keys drop out
     return tl.reshape(tl.max(mass, 0), [LIST_PAD])
@@ -965,6 +1001,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, rows, list_pad), LIST_PAD=list_pad,
             STRIDE=config.key_stride, DOT_PRECISION="tf32", FOLD_SCALE=scale > 0, num_warps=4,
             num_stages=1 if interpret else FUSED_SELECTION_STAGES,
+            maxnreg=FUSED_SELECTION_REGISTERS if rows * list_pad <= 4096 else None,
         )
         return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 

@@ -372,6 +372,31 @@ def test_one_pass_router_scores_the_blocks_every_row_sees_whole_without_masks_as
     assert_sampled_logits_close(got, want, torch.float16)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("second_jump", [0.0, 2.5])
+def test_one_pass_router_takes_later_blocks_that_outscore_its_first_step(causal, second_jump):
+    """The one-pass router takes probabilities against each row's largest score of its first step and
+    never rescales them: here keys past 600 score about 2**80 times higher than those before (the sums
+    stay finite), and with a second jump keys past 900 score 2**70 times higher again, which overflows
+    fp32 and sends the whole list through again with running maxima. Either way the logits are those
+    of PyTorch (which has no floor: the kernel reads shares below 2**-126 as 2**-126)."""
+    geometry = BlockGeometry(1100, 1100, 16, 16, causal, 0)
+    direction = randn(64)
+    q = direction + 0.3 * randn(1, 4, 1100, 64)
+    k = randn(1, 2, 1100, 64)
+    k[:, :, 600:] += 3.0 * direction
+    k[:, :, 900:] += second_jump * direction
+    q, k = q.half(), k.half()
+    shortlist = random_shortlist(geometry, 1, 4, listed=40)
+    got = sampled_key_logits_kernel(q, k, 0.3, geometry, 2, shortlist, interpret=INTERPRET)
+    want = sampled_key_logits(q, k, 0.3, geometry, 2, shortlist)
+    floor = math.log(2.0 ** -126)
+    want = want.where(want.isneginf() | (want > floor), torch.tensor(floor))
+    assert_sampled_logits_close(got, want, torch.float16)
+    late = want[..., -1, :]  # the last query block: every jump in its list
+    assert (late[..., 600 // 16 + 1:] > -10).any() and (late[..., :600 // 16] < -30).all()
+
+
 def shortlist_and_two_kernel_selection(q, k, geometry: BlockGeometry, config: SAAConfig):
     """``(shortlist, selection, logits)``: a maker of fresh copies of one random shortlist (the selection
     kernel over random logits; the fused kernel takes over its flags), the selection the router kernel
