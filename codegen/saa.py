@@ -378,8 +378,8 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
 
     The probabilities are taken against each row's largest score of the first step (its listed blocks
     come first in block order: every row that sees a sampled key sees the first block's), never
-    rescaled: a later score may pass it by about 2**120 before a sum overflows, and then the whole
-    list is taken again with running maxima (:func:`_rescaling_step`). Small shares lose nothing
+    rescaled. A later probability may reach about 2**120 before a row sum overflows; if one does, the
+    whole list is taken again with running maxima (:func:`_rescaling_step`). Small shares lose nothing
     against running maxima, which are never below the first step's. The steps within the first n_whole
     entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
     router-and-top-k took 1.85 ms against 1.98 with every step masked for D128, 3.08 against 3.35
