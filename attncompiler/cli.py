@@ -24,7 +24,10 @@ from typing import TextIO
 
 import torch
 
+from attncompiler.codegen.common import kernel_dir
+
 from . import cache, saa_calibrate, tuner
+from .gguf import checkpoints_dir
 from .options import OptionError, Options, cache_dir, triton_interpret
 from .report import Report, collect
 from .targets import Target, TargetError, hf_target, load_file_target
@@ -266,9 +269,9 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     tuning = [p for p in cache.tuning_dir().glob("*")] if cache.tuning_dir().is_dir() else []
-    kernels = cache_dir() / "kernels"
+    kernels = kernel_dir()
     kernel_files = list(kernels.glob("*.py")) if kernels.is_dir() else []
-    models = cache_dir() / "models"  # checkpoints converted from GGUF files (attncompiler.gguf)
+    models = checkpoints_dir()
     checkpoints = [p for p in models.iterdir() if p.is_dir()] if models.is_dir() else []
     for path in tuning:
         path.unlink()

@@ -31,6 +31,11 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def checkpoints_dir() -> Path:
+    """Where :func:`gguf_checkpoint` keeps its checkpoints, one directory each."""
+    return cache_dir() / "models"
+
+
 def gguf_checkpoint(path: str | os.PathLike) -> Path:
     """A transformers checkpoint (model and tokenizer) of the GGUF file's dequantized weights.
 
@@ -43,7 +48,7 @@ def gguf_checkpoint(path: str | os.PathLike) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, filename = os.path.split(os.path.abspath(path))
     stat = os.stat(path)
-    target = cache_dir() / "models" / f"{Path(filename).stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    target = checkpoints_dir() / f"{Path(filename).stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if (target / "config.json").is_file():
         return target
     print(f"converting {filename} to a checkpoint in {target} (once)", file=sys.stderr)

@@ -91,13 +91,13 @@ def _smollm2_windows(args: argparse.Namespace):
 
     if args.gguf:
         gguf = Path(args.gguf).absolute()
+        if not gguf.is_file():
+            raise CommandError(f"no GGUF file at {gguf}")
     else:
         try:
             gguf = smollm2_gguf()
         except FileNotFoundError as error:
             raise CommandError(f"{error}, or give --gguf") from None
-    if not gguf.is_file():
-        raise CommandError(f"no GGUF file at {gguf}")
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

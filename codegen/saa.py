@@ -350,6 +350,7 @@ def _add_step(s, shift, l_i, acc, start, rate, ROWS: tl.constexpr, BLOCK_N: tl.c
     p = tl.exp2(s * rate - shift[:, None])                                # [R, W]
     step_sums = tl.sum(tl.reshape(p, [ROWS, BLOCKS, PER_BLOCK]), 2)       # [R, BLOCKS]
     this_step = tl.arange(0, STEPS)[None, :, None] == start // BLOCKS     # [1, ST, 1]
+    # (the row sums from p, not from step_sums: that layout change took the router to 255 registers)
     return l_i + tl.sum(p, 1), tl.where(this_step, step_sums[:, None, :], acc)
 
 
