@@ -60,6 +60,13 @@ FUSED_SELECTION_REGISTERS = 128
 # ones by _top_k's bisection: on an H200 at 128K (48 candidates, a list of 64), ranking took the
 # kernel from 2.10 to 1.96 ms (D128) and from 3.65 to 3.32 (D64).
 RANKED_LIST = tl.constexpr(128)
+# Registers a thread of the attend pass with 2-byte inputs at head dims <= 64 and 8 warps: two programs an SM
+# (their 83 KB of shared memory fit twice), where ptxas would take 247 and fit one; no spills. On an H200
+# (attend ms, the same plan, random bf16 inputs), against the earlier 4 warps uncapped: 2.80 → 2.61 at
+# SmolLM2's 8K shape, 1.47 → 1.39 D64 32K, 6.08 → 5.79 D64 128K, 12.3 → 11.6 at SmolLM2's 32K shape; 8 warps
+# uncapped (or capped at 168) took 3.76, 2.05, 8.57 and 16.7. (At head dim 128 one program fills the shared
+# memory, and a cap of 128 spills.)
+SMALL_HEAD_ATTEND_REGISTERS = 128
 # Launch keys whose Gluon attend pass raised run this module's kernel.
 HOPPER_FORMS = FormFallback("using the Triton attend pass")
 
@@ -1030,8 +1037,9 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop), ``centroid_stages`` (the centroid loop) and ``key_tile``
     (keys an exact block's steps take, a power of two from 16 to ``block_n``) override the defaults:
-    4 warps per 64 query rows, :data:`EXACT_STAGES`, :data:`CENTROID_STAGES` and whole blocks. The exact
-    blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
+    4 warps per 64 query rows (with 2-byte inputs at head dims <= 64 capped at
+    :data:`SMALL_HEAD_ATTEND_REGISTERS` registers), :data:`EXACT_STAGES`, :data:`CENTROID_STAGES` and whole
+    blocks. The exact blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
 
     On an sm_90 GPU, inputs :func:`attncompiler.codegen.saa_hopper.hopper_attend_supported` accepts run
@@ -1072,6 +1080,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     grid = (geometry.num_m * batch * heads,)
     key_centroids, value_centroids = centroids.keys, centroids.values
     far = centroids.far or FarSums(key_centroids, value_centroids)       # (not read without far groups)
+    warps = num_warps or (4 if config.block_m <= 64 else 8)
 
     def launch(descriptors: list | None) -> None:
         keys, values, centroid_keys, centroid_values = descriptors or (k, v, key_centroids, value_centroids)
@@ -1089,8 +1098,8 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_TILE=key_tile, BLOCK_C=block_c, GROUPS=16,
             CENTROID_STAGES=1 if interpret else centroid_stages or CENTROID_STAGES,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=num_warps or (4 if config.block_m <= 64 or widest <= 64 else 8),
-            num_stages=1 if interpret else num_stages or EXACT_STAGES,
+            num_warps=warps, num_stages=1 if interpret else num_stages or EXACT_STAGES,
+            maxnreg=SMALL_HEAD_ATTEND_REGISTERS if warps == 8 and widest <= 64 and q.element_size() == 2 else None,
         )
 
     tiles = [[1, 1, key_tile, block_d], [1, 1, key_tile, block_dv], [1, 1, block_c, block_d],
