@@ -54,7 +54,8 @@ FUSED_SELECTION_STAGES = 2
 # Registers a thread of the fused router-and-top-k, where its block sums take at most 32 (scored rows
 # times list entries <= 4096, as at the default operating point): 4 programs an SM instead of the 3 its
 # 147 allow, the few spills outside its loop. On an H200 (router ms): 0.853 → 0.751 at SmolLM2's 8K
-# shape, 0.506 → 0.448 D64 32K, 0.317 → 0.295 D128 32K, 1.285 → 1.176 D128 128K.
+# shape, 0.506 → 0.448 D64 32K, 0.317 → 0.295 D128 32K, 1.285 → 1.176 D128 128K. At 96 (5 programs, spills in
+# the loop) D64 gained 2-3% and D128 lost up to 19%.
 FUSED_SELECTION_REGISTERS = 128
 # The fused router-and-top-k ranks lists of at most this many entries by one [N, N] comparison, longer
 # ones by _top_k's bisection: on an H200 at 128K (48 candidates, a list of 64), ranking took the
