@@ -68,6 +68,10 @@ RANKED_LIST = tl.constexpr(128)
 # uncapped (or capped at 168) took 3.76, 2.05, 8.57 and 16.7. (At head dim 128 one program fills the shared
 # memory, and a cap of 128 spills.)
 SMALL_HEAD_ATTEND_REGISTERS = 128
+# Near centroids a step of the attend pass: a query block has 16 to 47 of them at the default operating point
+# (near_blocks 16, far groups of 32). On an H200 (attend ms, the same plan), tiles of 32 against 64: 2.60 → 2.57
+# at SmolLM2's 8K shape, 1.38 → 1.37 D64 32K, 5.76 → 5.74 D64 128K; tiles of 16 no better.
+NEAR_CENTROID_TILE = 32
 # Launch keys whose Gluon attend pass raised run this module's kernel.
 HOPPER_FORMS = FormFallback("using the Triton attend pass")
 
@@ -1074,7 +1078,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     exact = selection.exact.view(torch.int8).contiguous()
     widest = max(head_d, head_dv)
     block_d, block_dv = _pow2_at_least(head_d), _pow2_at_least(head_dv)
-    block_c = 16 if interpret else 64                                     # centroids per step
+    block_c = 16 if interpret else NEAR_CENTROID_TILE                     # centroids per step
     key_tile = key_tile or config.block_n
     if key_tile < 16 or key_tile > config.block_n or config.block_n % key_tile:
         raise ValueError(f"key_tile must be a power of two from 16 to block_n={config.block_n}, got {key_tile}")
