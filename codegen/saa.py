@@ -68,7 +68,7 @@ RANKED_LIST = tl.constexpr(128)
 # uncapped (or capped at 168) took 3.76, 2.05, 8.57 and 16.7. (At head dim 128 one program fills the shared
 # memory, and a cap of 128 spills.)
 SMALL_HEAD_ATTEND_REGISTERS = 128
-# Near centroids a step of the attend pass: a query block has 16 to 47 of them at the default operating point
+# Near centroids a step of the attend pass: a query block has up to 47 of them at the default operating point
 # (near_blocks 16, far groups of 32). On an H200 (attend ms, the same plan), tiles of 32 against 64: 2.60 → 2.57
 # at SmolLM2's 8K shape, 1.38 → 1.37 D64 32K, 5.76 → 5.74 D64 128K; tiles of 16 no better.
 NEAR_CENTROID_TILE = 32
