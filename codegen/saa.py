@@ -883,13 +883,20 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
     return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
 
 
-def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int, rows: int, list_pad: int | None = None) -> int:
-    """Key blocks the router visits per step: 128 sampled keys, 64 in the one-pass form when it scores
-    fewer than 128 rows, or the ``list_pad`` listed blocks when fewer (the one-pass form's steps tile its
-    list). On an H200 at 64 rows (query_stride 2), 64 samples a step took the fused router-and-top-k's
-    planning from 2.22 to 2.07 ms at 128K (D128), 3.33 to 3.14 (D64), 1.25 to 1.12 at 8K (SmolLM2's
-    shape); at 128 rows they took it from 3.00 to 3.36 ms (D128, 128K)."""
-    samples = 64 if list_pad is not None and rows < 128 else 128
+def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int, rows: int, block_d: int,
+                             list_pad: int | None = None) -> int:
+    """Key blocks the router visits per step: 128 sampled keys, or in the one-pass form when it scores
+    fewer than 128 rows 4096 / rows of them (a step's scores stay 4096), at most 16384 / block_d (a step's
+    keys at most 32 KB in 2-byte inputs); or the ``list_pad`` listed blocks when fewer (the one-pass
+    form's steps tile its list). On an H200 at 64 rows (query_stride 2), 64 samples a step took the fused
+    router-and-top-k's planning from 2.22 to 2.07 ms at 128K (D128), 3.33 to 3.14 (D64), 1.25 to 1.12 at
+    8K (SmolLM2's shape); at 128 rows they took it from 3.00 to 3.36 ms (D128, 128K). Planning ms at
+    SmolLM2's 8K / 32K shapes, 64 samples a step against 4096 / rows: 32 rows, every 2nd key 1.605 /
+    8.039 against 1.375 / 6.748 (256 samples: 1.539 / 7.215); 32 rows, every 4th key 1.125 / 5.498
+    against 1.025 / 4.821; 16 rows, every key 1.637 / 8.174 against 1.489 / 7.280 (512: 1.927 / 9.160).
+    At D128, 16 heads, 128K: 32 rows 3.349 against 2.968 (every 2nd key), 2.345 against 2.177 (every
+    4th); 16 rows of every key took 3.805 with 256 samples against 3.565 with 128."""
+    samples = min(4096 // rows, 16384 // block_d) if list_pad is not None and rows < 128 else 128
     blocks = max(1, samples // (geometry.block_n // stride))
     return blocks if list_pad is None else min(blocks, list_pad)
 
@@ -916,7 +923,7 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
     list_pad = _pow2_at_least(list_width)
     one_pass = shortlist is not None and q.element_size() == 2
     rows = geometry.block_m // query_stride
-    blocks = _sampled_blocks_per_step(geometry, stride, rows, list_pad if one_pass else None)
+    blocks = _sampled_blocks_per_step(geometry, stride, rows, _pow2_at_least(dim), list_pad if one_pass else None)
     sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
         q, k, out, indices, counts, *q.stride(), *k.stride(),
         scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
@@ -1011,7 +1018,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
             config.top_k, config.tau or 0.0, CAUSAL=geometry.causal, USE_TAU=config.tau is not None, HEAD_D=dim,
             BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, ROWS=rows, BLOCK_N=geometry.block_n,
-            BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, rows, list_pad), LIST_PAD=list_pad,
+            BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, rows, _pow2_at_least(dim), list_pad),
+            LIST_PAD=list_pad,
             STRIDE=config.key_stride, DOT_PRECISION="tf32", FOLD_SCALE=scale > 0, num_warps=4,
             num_stages=1 if interpret else FUSED_SELECTION_STAGES,
             maxnreg=FUSED_SELECTION_REGISTERS if rows * list_pad <= 4096 else None,
