@@ -21,8 +21,8 @@ allowed blocks.
   last row) is scored: every 2nd row takes 36–39% off the kernel's time, for +1.16% perplexity at 8K on
   SmolLM2 against +0.84% with every row (GPU, bf16, blocks of 128, top 12 of 32 candidates, tau 0.96),
   +0.85% with 40 candidates and tau 0.97 (the default). As many pairs of every 2nd key and every 4th row
-  estimate better (+0.67% against +0.82%, at the same density), but plan in 1.46× the time at 8K on
-  SmolLM2's shape and 1.53× at 32K (H200, bf16): the kernel scores fewer rows less efficiently. With
+  estimate perplexity better (+0.67% against +0.82%, at the same density), but retrieve 20 of 25
+  passkeys against 25 and plan in 1.46× the time at 8K on SmolLM2's shape, 1.53× at 32K (H200, bf16). With
   ``candidates`` it scores only a shortlist: the forced blocks and the
   ``max(candidates, top_k)`` best by ``"mean-key"``; the others get -inf. Over 8 windows of 8192
   tokens (GPU, bf16, blocks of 64, top 24) that cost +0.02 points of perplexity at 96 candidates
