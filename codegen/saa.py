@@ -923,12 +923,13 @@ def sampled_key_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry:
     list_pad = _pow2_at_least(list_width)
     one_pass = shortlist is not None and q.element_size() == 2
     rows = geometry.block_m // query_stride
-    blocks = _sampled_blocks_per_step(geometry, stride, rows, _pow2_at_least(dim), list_pad if one_pass else None)
+    block_d = _pow2_at_least(dim)
+    blocks = _sampled_blocks_per_step(geometry, stride, rows, block_d, list_pad if one_pass else None)
     sampled_key_logits_kernel[(geometry.num_m, batch * heads)](
         q, k, out, indices, counts, *q.stride(), *k.stride(),
         scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,
         geometry.key_offset, list_width,
-        SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=_pow2_at_least(dim),
+        SHORTLIST=shortlist is not None, CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_D=block_d,
         BLOCK_M=geometry.block_m, ROWS=rows, BLOCK_N=geometry.block_n, BLOCKS=blocks,
         LANES=max(blocks, 16),
         LIST_PAD=list_pad, ONE_PASS=one_pass, STRIDE=stride,
@@ -1006,6 +1007,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
     list_pad = _pow2_at_least(list_width)
     query_stride = config.effective_query_stride
     rows = geometry.block_m // query_stride
+    block_d = _pow2_at_least(dim)
     launch = (q.dtype, dim, geometry.block_m, geometry.block_n, geometry.causal, config.key_stride,
               query_stride, list_pad, config.tau is not None)
     if indices.numel() == 0:
@@ -1017,9 +1019,8 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
             scale * LOG2E, heads, heads // k.shape[1], geometry.num_m, geometry.num_n, geometry.seq_q,
             geometry.seq_k, geometry.key_offset, list_width, width, config.sinks, config.local_blocks,
             config.top_k, config.tau or 0.0, CAUSAL=geometry.causal, USE_TAU=config.tau is not None, HEAD_D=dim,
-            BLOCK_D=_pow2_at_least(dim), BLOCK_M=geometry.block_m, ROWS=rows, BLOCK_N=geometry.block_n,
-            BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, rows, _pow2_at_least(dim), list_pad),
-            LIST_PAD=list_pad,
+            BLOCK_D=block_d, BLOCK_M=geometry.block_m, ROWS=rows, BLOCK_N=geometry.block_n,
+            BLOCKS=_sampled_blocks_per_step(geometry, config.key_stride, rows, block_d, list_pad), LIST_PAD=list_pad,
             STRIDE=config.key_stride, DOT_PRECISION="tf32", FOLD_SCALE=scale > 0, num_warps=4,
             num_stages=1 if interpret else FUSED_SELECTION_STAGES,
             maxnreg=FUSED_SELECTION_REGISTERS if rows * list_pad <= 4096 else None,
@@ -1050,7 +1051,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop), ``centroid_stages`` (the centroid loop) and ``key_tile``
     (keys an exact block's steps take, a power of two from 16 to ``block_n``) override the defaults:
-    4 warps per 64 query rows (with 2-byte inputs at head dims <= 64 capped at
+    4 warps for query blocks of up to 64 rows, else 8 (with 2-byte inputs at head dims <= 64 capped at
     :data:`SMALL_HEAD_ATTEND_REGISTERS` registers), :data:`EXACT_STAGES`, :data:`CENTROID_STAGES` and whole
     blocks. The exact blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
