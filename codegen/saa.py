@@ -808,6 +808,18 @@ def saa_attend_kernel(
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
 
+def attend_warps(block_m: int, widest_head_dim: int) -> int:
+    """The attend pass's default warps: 4 for query blocks of up to 64 rows, 16 for 256 rows or more at head dims
+    <= 64, else 8. On an H200 (attend ms, random bf16 inputs, the default operating point but ``block_m`` 256;
+    8 / 16 warps): 5.554 / 3.236 at SmolLM2's 8K shape, 2.960 / 1.733 D64 32K (128 rows with 8 warps: 2.545,
+    1.369), where 8 warps at 128 registers spill; at D128 8 warps took 1.351 ms against 9.906 with 16 (32K)."""
+    if block_m <= 64:
+        return 4
+    if block_m >= 256 and widest_head_dim <= 64:
+        return 16
+    return 8
+
+
 def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
@@ -1051,7 +1063,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
     ``num_stages`` (the exact blocks' loop), ``centroid_stages`` (the centroid loop) and ``key_tile``
     (keys an exact block's steps take, a power of two from 16 to ``block_n``) override the defaults:
-    4 warps for query blocks of up to 64 rows, else 8 (with 2-byte inputs at head dims <= 64 capped at
+    :func:`attend_warps` (8 warps with 2-byte inputs at head dims <= 64 capped at
     :data:`SMALL_HEAD_ATTEND_REGISTERS` registers), :data:`EXACT_STAGES`, :data:`CENTROID_STAGES` and whole
     blocks. The exact blocks and the centroids move by TMA where the GPU and the layouts allow it (``tma``: as in
     :func:`attncompiler.codegen.flash.launch_tma_or_pointers`), else by pointer loads.
@@ -1094,7 +1106,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
     grid = (geometry.num_m * batch * heads,)
     key_centroids, value_centroids = centroids.keys, centroids.values
     far = centroids.far or FarSums(key_centroids, value_centroids)       # (not read without far groups)
-    warps = num_warps or (4 if config.block_m <= 64 else 8)
+    warps = num_warps or attend_warps(config.block_m, widest)
 
     def launch(descriptors: list | None) -> None:
         keys, values, centroid_keys, centroid_values = descriptors or (k, v, key_centroids, value_centroids)

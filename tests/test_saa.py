@@ -565,15 +565,16 @@ def test_attend_pass_with_far_groups_refuses_centroids_without_their_sums():
 
 
 class AttendLaunches:
-    """Stands in for ``saa_attend_kernel`` and records whether each launch moved its tiles by TMA; with
-    ``fail_tma``, a TMA launch raises as a kernel that does not compile would."""
+    """Stands in for ``saa_attend_kernel`` and records whether each launch moved its tiles by TMA, and its
+    warps; with ``fail_tma``, a TMA launch raises as a kernel that does not compile would."""
 
     def __init__(self, real, fail_tma: bool = False):
-        self.real, self.fail_tma, self.tma = real, fail_tma, []
+        self.real, self.fail_tma, self.tma, self.warps = real, fail_tma, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.tma.append(kwargs["TMA"])
+            self.warps.append(kwargs["num_warps"])
             if kwargs["TMA"] and self.fail_tma:
                 raise RuntimeError("TMA lowering failed")
             return self.real[grid](*args, **kwargs)
@@ -588,6 +589,23 @@ def attend_once(q, k, v, config, form, tma):
     out = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config,
                                  interpret=INTERPRET, tma=tma)
     return out, selection, centroids, geometry
+
+
+@pytest.mark.parametrize("d, warps", [(64, 16), (128, 8)])
+def test_query_blocks_of_256_rows_take_16_warps_at_head_dims_up_to_64(d, warps, monkeypatch):
+    """256-row query blocks launch 16 warps at head dims <= 64 (at 8 their tiles spill) and 8 above; either
+    way the pass is as accurate as PyTorch."""
+    launches = AttendLaunches(saa_kernels.saa_attend_kernel)
+    monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
+    config = SAAConfig(block_m=256, block_n=64, min_keys=0, tau=None, top_k=2)
+    q, k, v = qkv(1, 4, 2, 700, 700, d, d, torch.float16)
+    out, selection, centroids, geometry = attend_once(q, k, v, config, "causal", tma=None)
+    assert launches.warps == [warps]
+    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
+                             config, torch.float64)
+    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=torch.float16)
+    assert_as_accurate_as_torch(out, exact, ours_torch.to(torch.float16))
+    assert selection.counts.sum() < geometry.allowed_total(4)  # some blocks enter through centroids
 
 
 @pytest.mark.parametrize("far", [{}, {"far_group": 2, "near_blocks": 1}])
