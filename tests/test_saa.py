@@ -66,6 +66,15 @@ def double(centroids: Centroids) -> Centroids:
     return replace(centroids, keys=centroids.keys.double(), values=centroids.values.double())
 
 
+def assert_attend_as_accurate_as_torch(out, q, k, v, centroids, selection, scale, geometry, config, dtype):
+    """The attend pass's output ``out`` against the fp64 reference on the same routing, as accurate as the
+    PyTorch reference computed in ``dtype``."""
+    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, scale, geometry,
+                             config, torch.float64)
+    ours_torch = attend_reference(q, k, v, centroids, selection, scale, geometry, config, compute_dtype=dtype)
+    assert_as_accurate_as_torch(out, exact, ours_torch.to(dtype))
+
+
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b, h, hk, sq, sk, d, dv, config", [
@@ -87,10 +96,7 @@ def test_kernel_matches_reference(form, dtype, b, h, hk, sq, sk, d, dv, config):
     poisoned = torch.full((b, h, sq, dv), math.nan, dtype=dtype, device=DEVICE)
     out, selection, centroids = saa_triton(q, k, v, 0.3, geometry, config, out=poisoned)
     assert out is poisoned
-    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
-                             config, torch.float64)
-    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=dtype)
-    assert_as_accurate_as_torch(out, exact, ours_torch.to(dtype))
+    assert_attend_as_accurate_as_torch(out, q, k, v, centroids, selection, 0.3, geometry, config, dtype)
     if not (form == "causal" and sq == 1):  # one query sees one key block
         assert selection.counts.sum() < geometry.allowed_total(b * h)  # some blocks enter through centroids
 
@@ -103,10 +109,7 @@ def test_kernel_scales_exact_scores_in_the_exponent_only_when_the_scale_is_posit
     q, k, v = qkv(1, 2, 1, 90, 90, 64, 64, torch.float16)
     geometry = geometry_of(q, k, config, True, False)
     out, selection, centroids = saa_triton(q, k, v, scale, geometry, config)
-    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, scale, geometry,
-                             config, torch.float64)
-    ours_torch = attend_reference(q, k, v, centroids, selection, scale, geometry, config, compute_dtype=torch.float16)
-    assert_as_accurate_as_torch(out, exact, ours_torch.to(torch.float16))
+    assert_attend_as_accurate_as_torch(out, q, k, v, centroids, selection, scale, geometry, config, torch.float16)
     assert selection.counts.sum() < geometry.allowed_total(2)
 
 
@@ -601,10 +604,7 @@ def test_query_blocks_of_256_rows_take_16_warps_at_head_dims_up_to_64(d, warps, 
     q, k, v = qkv(1, 4, 2, 700, 700, d, d, torch.float16)
     out, selection, centroids, geometry = attend_once(q, k, v, config, "causal", tma=None)
     assert launches.warps == [warps]
-    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
-                             config, torch.float64)
-    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=torch.float16)
-    assert_as_accurate_as_torch(out, exact, ours_torch.to(torch.float16))
+    assert_attend_as_accurate_as_torch(out, q, k, v, centroids, selection, 0.3, geometry, config, torch.float16)
     assert selection.counts.sum() < geometry.allowed_total(4)  # some blocks enter through centroids
 
 
@@ -623,10 +623,7 @@ def test_attend_moves_exact_blocks_and_centroids_by_tma_as_by_pointers(form, b, 
     by_tma, selection, centroids, geometry = attend_once(q, k, v, config, form, tma=True)
     by_pointers, *_ = attend_once(q, k, v, config, form, tma=False)
     assert launches.tma == [True, False]
-    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
-                             config, torch.float64)
-    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=torch.float16)
-    assert_as_accurate_as_torch(by_tma, exact, ours_torch.to(torch.float16))
+    assert_attend_as_accurate_as_torch(by_tma, q, k, v, centroids, selection, 0.3, geometry, config, torch.float16)
     torch.testing.assert_close(by_tma, by_pointers, rtol=0, atol=0 if INTERPRET else 1e-3)
 
 
@@ -643,10 +640,7 @@ def test_attend_takes_exact_blocks_in_key_tiles_as_it_takes_them_whole(form, far
     whole = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET)
     tiled = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, interpret=INTERPRET,
                                    key_tile=16)
-    exact = attend_reference(q.double(), k.double(), v.double(), double(centroids), selection, 0.3, geometry,
-                             config, torch.float64)
-    ours_torch = attend_reference(q, k, v, centroids, selection, 0.3, geometry, config, compute_dtype=torch.float16)
-    assert_as_accurate_as_torch(tiled, exact, ours_torch.to(torch.float16))
+    assert_attend_as_accurate_as_torch(tiled, q, k, v, centroids, selection, 0.3, geometry, config, torch.float16)
     torch.testing.assert_close(tiled, whole, rtol=0, atol=2e-3)
 
 
