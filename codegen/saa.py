@@ -35,6 +35,7 @@ from attncompiler.codegen.fallback import FormFallback
 from attncompiler.codegen.flash import launch_tma_or_pointers
 from attncompiler.codegen.saa_blocks import allowed_blocks, diagonal_block, full_blocks, keys_behind, keys_seen
 from attncompiler.codegen.saa_hopper import hopper_attend, hopper_attend_supported
+from attncompiler.codegen.saa_hopper_router import hopper_listed_logits, hopper_router_supported
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids, FarSums
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
@@ -61,6 +62,10 @@ FUSED_SELECTION_REGISTERS = 128
 # ones by _top_k's bisection: on an H200 at 128K (48 candidates, a list of 64), ranking took the
 # kernel from 2.10 to 1.96 ms (D128) and from 3.65 to 3.32 (D64).
 RANKED_LIST = tl.constexpr(128)
+# Warps of the selection from given logits (select_listed_kernel, after the Gluon router). On an H200 (the Gluon
+# router and this selection, the default operating point): 1 / 2 / 4 warps 0.565 / 0.603 / 0.720 ms at
+# SmolLM2's 8K shape, 2.723 / 2.895 / 3.378 at its 32K shape.
+SELECT_LISTED_WARPS = 1
 # Registers a thread of the attend pass with 2-byte inputs at head dims <= 64 and 8 warps: two programs an SM
 # (their 83 KB of shared memory fit twice), where ptxas would take 247 and fit one; no spills. On an H200
 # (attend ms, the same plan, random bf16 inputs), against the earlier 4 warps uncapped: 2.80 → 2.61 at
@@ -524,6 +529,32 @@ def sampled_key_logits_kernel(
 
 
 @triton.jit
+def _keep_listed(listed_logits, shortlist_row, n_slots, row, pid_m, IDX, CNT, EXACT, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET,
+                 MAX_EXACT, SINKS, LOCAL, TOP_K, TAU, CAUSAL: tl.constexpr, USE_TAU: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LIST_PAD: tl.constexpr):
+    """Query block ``row``'s selection from the logits ``[LP]`` of the n_slots key blocks of its shortlist
+    (in block order): the forced blocks and the TOP_K best of the rest (with USE_TAU, at most the TOP_K
+    best that bring the estimated mass to TAU), listed in block order at IDX with their count at CNT;
+    EXACT (holding the shortlist's flags) is left holding the kept ones."""
+    slots = tl.arange(0, LIST_PAD)
+    blocks, listed = _list_blocks(shortlist_row, slots, n_slots, True)   # [LP] in block order
+    _, forced = _forced_blocks(blocks, pid_m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL, BLOCK_M,
+                               BLOCK_N)
+    forced = forced & listed
+    logits = tl.where(listed, listed_logits, float("-inf"))               # [LP] (unlisted blocks: no mass)
+    priority = tl.where(forced, float("inf"), logits)
+    budget = TOP_K
+    if USE_TAU:
+        budget = _kept_by_mass(priority, logits, listed, forced, TOP_K, TAU, True, LIST_PAD)
+    if LIST_PAD <= RANKED_LIST:
+        keep = _top_k_by_rank(priority, forced, budget, LIST_PAD)
+    else:
+        keep = _top_k(priority, forced, budget, True)
+    _store_in_order(IDX + row * MAX_EXACT, CNT + row, blocks, keep, slots, MAX_EXACT)
+    tl.store(EXACT + row * NUM_N + blocks, keep.to(tl.int8), mask=listed)
+
+
+@triton.jit
 def sampled_key_selection_kernel(
     Q, K, LIST, LIST_CNT, IDX, CNT, EXACT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -550,22 +581,26 @@ def sampled_key_selection_kernel(
     best = _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok, shortlist_row,
                                 n_slots, n_whole, SEQ_K, qk_scale, KEY_OFFSET, CAUSAL, HEAD_D, ROWS, BLOCK_N,
                                 BLOCKS, LIST_PAD, STRIDE, DOT_PRECISION, FOLD_SCALE)  # [LP]
+    _keep_listed(_mass_logit(best), shortlist_row, n_slots, row, pid_m, IDX, CNT, EXACT, NUM_N, SEQ_Q, SEQ_K,
+                 KEY_OFFSET, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU, CAUSAL, USE_TAU, BLOCK_M, BLOCK_N, LIST_PAD)
+
+
+@triton.jit
+def select_listed_kernel(
+    LOGITS, LIST, LIST_CNT, IDX, CNT, EXACT,
+    NUM_M, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU,
+    CAUSAL: tl.constexpr, USE_TAU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LIST_PAD: tl.constexpr,
+):
+    """The top-k of :func:`sampled_key_selection_kernel` from given logits of the listed key blocks
+    (``LOGITS`` ``[B·H·num_m, LIST_PAD]``, in list order; program ids: query block, batch·head)."""
+    pid_m = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64) * NUM_M + pid_m                  # (b, h, query block)
+    n_slots = tl.load(LIST_CNT + row)
     slots = tl.arange(0, LIST_PAD)
-    blocks, listed = _list_blocks(shortlist_row, slots, n_slots, True)   # [LP] in block order
-    _, forced = _forced_blocks(blocks, pid_m, NUM_N, SEQ_Q, SEQ_K, KEY_OFFSET, SINKS, LOCAL, CAUSAL, BLOCK_M,
-                               BLOCK_N)
-    forced = forced & listed
-    logits = tl.where(listed, _mass_logit(best), float("-inf"))           # [LP] (unlisted blocks: no mass)
-    priority = tl.where(forced, float("inf"), logits)
-    budget = TOP_K
-    if USE_TAU:
-        budget = _kept_by_mass(priority, logits, listed, forced, TOP_K, TAU, True, LIST_PAD)
-    if LIST_PAD <= RANKED_LIST:
-        keep = _top_k_by_rank(priority, forced, budget, LIST_PAD)
-    else:
-        keep = _top_k(priority, forced, budget, True)
-    _store_in_order(IDX + row * MAX_EXACT, CNT + row, blocks, keep, slots, MAX_EXACT)
-    tl.store(EXACT + row * NUM_N + blocks, keep.to(tl.int8), mask=listed)
+    logits = tl.load(LOGITS + row * LIST_PAD + slots, mask=slots < n_slots, other=float("-inf"))
+    _keep_listed(logits, LIST + row * LIST_WIDTH, n_slots, row, pid_m, IDX, CNT, EXACT, NUM_N, SEQ_Q, SEQ_K,
+                 KEY_OFFSET, MAX_EXACT, SINKS, LOCAL, TOP_K, TAU, CAUSAL, USE_TAU, BLOCK_M, BLOCK_N, LIST_PAD)
 
 
 @triton.jit
@@ -1001,12 +1036,18 @@ def fuses_sampled_selection(q: torch.Tensor, config: SAAConfig) -> bool:
 
 
 def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
-                          config: SAAConfig, shortlist: Selection, interpret: bool = False) -> Selection:
+                          config: SAAConfig, shortlist: Selection, interpret: bool = False,
+                          hopper: bool | None = None) -> Selection:
     """The exact key blocks that :func:`select_blocks` picks from :func:`sampled_key_logits` of the
-    blocks ``shortlist`` lists, in one launch and without the ``[B, H, num_m, num_n]`` logits, where
+    blocks ``shortlist`` lists, without the ``[B, H, num_m, num_n]`` logits, where
     :func:`fuses_sampled_selection` holds. ``shortlist`` (its blocks in block order, as every
-    selection lists them) gives up its ``exact`` flags to the result. Where the fused kernel does
-    not compile for a launch shape, that shape takes the two kernels from then on (logged once)."""
+    selection lists them) gives up its ``exact`` flags to the result.
+
+    On an sm_90 GPU, inputs :func:`attncompiler.codegen.saa_hopper_router.hopper_router_supported` accepts
+    take the Gluon router's logits of the listed blocks and then :func:`select_listed` (``hopper``: None
+    where it applies, True insists, False never); elsewhere one fused Triton kernel routes and selects.
+    Where a form does not compile for a launch shape, that shape takes the next from then on (logged
+    once): the fused kernel, then the two kernels of :func:`sampled_key_logits` and :func:`select_blocks`."""
     if not fuses_sampled_selection(q, config):
         raise ValueError("the fused sampled-keys selection takes a top-k over a shortlist of fp16 or bf16 inputs")
     batch, heads, _, dim = q.shape
@@ -1043,12 +1084,47 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
         logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, shortlist, interpret, query_stride)
         return select_blocks(logits, geometry, config, interpret)
 
-    return FUSED_SELECTION.run(launch, fused, apart, "the fused SAA router-and-top-k kernel for %s", launch)
+    def triton_forms() -> Selection:
+        return FUSED_SELECTION.run(launch, fused, apart, "the fused SAA router-and-top-k kernel for %s", launch)
+
+    def gluon_form() -> Selection:
+        logits = hopper_listed_logits(q, k, scale, geometry, config, shortlist, list_pad)
+        return select_listed(logits, shortlist, geometry, config, indices, counts)
+
+    runs_gluon = not interpret and scale > 0 and hopper_router_supported(q, k, geometry, config, list_pad)
+    if hopper and not runs_gluon:
+        raise ValueError("the Gluon SAA router needs an sm_90 GPU, Gluon, fp16/bf16 inputs of head dim 64 or 128, "
+                         "64 scored rows a query block, 16 to 64 sampled keys a block, shortlists of at most 128, "
+                         "TMA-movable keys and a positive scale")
+    if hopper:
+        return gluon_form()
+    if runs_gluon and hopper is None:
+        return HOPPER_ROUTER.run(launch, gluon_form, triton_forms, "the Gluon SAA router for %s", launch)
+    return triton_forms()
+
+
+def select_listed(logits: torch.Tensor, shortlist: Selection, geometry: BlockGeometry, config: SAAConfig,
+                  indices: torch.Tensor, counts: torch.Tensor, interpret: bool = False) -> Selection:
+    """The selection :func:`sampled_key_selection` makes, from the logits ``[B, H, num_m, LIST_PAD]`` of the
+    key blocks ``shortlist`` lists (in list order), written into ``indices`` and ``counts``; the
+    shortlist gives up its ``exact`` flags to the result."""
+    batch, heads, num_m, list_pad = logits.shape
+    listed = shortlist.indices.contiguous()
+    select_listed_kernel[(num_m, batch * heads)](
+        logits, listed, shortlist.counts.contiguous(), indices, counts, shortlist.exact.view(torch.int8),
+        num_m, geometry.num_n, geometry.seq_q, geometry.seq_k, geometry.key_offset, listed.shape[-1],
+        indices.shape[-1], config.sinks, config.local_blocks, config.top_k, config.tau or 0.0,
+        CAUSAL=geometry.causal, USE_TAU=config.tau is not None, BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
+        LIST_PAD=list_pad, num_warps=1 if interpret else SELECT_LISTED_WARPS,
+    )
+    return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 
 
 # Launch shapes (dtype, head dim, block sizes, causal, key and query strides, list width, tau or not) whose
 # fused selection kernel raised route with sampled_key_logits and select_blocks.
 FUSED_SELECTION = FormFallback("routing with two kernels")
+# Launch shapes whose Gluon router raised route with the Triton kernels.
+HOPPER_ROUTER = FormFallback("routing with the Triton kernels")
 
 
 def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Centroids, selection: Selection,

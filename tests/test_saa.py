@@ -459,6 +459,27 @@ def test_fused_sampled_selection_ranks_a_short_list_and_bisects_a_long_one(candi
     assert not saa_kernels.FUSED_SELECTION.failed
 
 
+@pytest.mark.parametrize("sq, sk, causal, key_offset", [(77, 93, False, 0), (93, 73, True, -20), (160, 160, True, 0)])
+@pytest.mark.parametrize("top_k, tau", [(2, None), (3, 0.5)])
+def test_selection_from_the_listed_blocks_logits_keeps_what_the_fused_kernel_keeps(sq, sk, causal, key_offset,
+                                                                                   top_k, tau):
+    """``select_listed`` (the top-k after the Gluon router) over the router kernel's logits of each query
+    block's listed blocks, in list order: the same counts, lists and exact flags as the selection kernel."""
+    config = SAAConfig(**{**SMALL, "tau": tau}, sinks=1, local_blocks=2, top_k=top_k, router="sampled-keys",
+                       candidates=3, key_stride=4)
+    geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
+    q, k = randn(2, 4, sq, 32, dtype=torch.float16), randn(2, 2, sk, 32, dtype=torch.float16)
+    shortlist, want, logits = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    listed = shortlist()
+    list_pad = saa_kernels._pow2_at_least(listed.indices.shape[-1])
+    in_list_order = logits.gather(-1, listed.indices.long())               # [B, H, num_m, width]
+    given = torch.nn.functional.pad(in_list_order, (0, list_pad - in_list_order.shape[-1]), value=float("nan"))
+    indices, counts = torch.empty_like(want.indices), torch.empty_like(want.counts)
+    got = saa_kernels.select_listed(given, listed, geometry, config, indices, counts, interpret=INTERPRET)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+    assert torch.equal(got.exact, want.exact) and got.exact is listed.exact and got.indices is indices
+
+
 def test_a_fused_kernel_that_fails_to_compile_leaves_routing_to_the_two_kernels(monkeypatch, caplog):
     """Logged once per launch shape; the selection is the two kernels' (and later calls skip the fused one)."""
     class Failing:

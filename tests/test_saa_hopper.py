@@ -1,16 +1,19 @@
-"""SAA's Gluon attend pass for Hopper against the PyTorch oracle, as accurate as the Triton pass (sm_90 only)."""
+"""SAA's Gluon kernels for Hopper (sm_90 only): the attend pass against the PyTorch oracle, as accurate as the
+Triton pass; the router's logits and selections against the Triton router's."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from attncompiler.codegen.saa import HOPPER_FORMS, saa_attend
+from attncompiler.codegen import saa as saa_kernels
+from attncompiler.codegen.saa import HOPPER_FORMS, saa_attend, sampled_key_logits, sampled_key_selection
 from attncompiler.codegen.saa_hopper import hopper_attend_supported
+from attncompiler.codegen.saa_hopper_router import hopper_listed_logits, hopper_router_supported
 from attncompiler.saa import saa_plan
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import attend_reference
-from attncompiler.saa_routing import BlockGeometry
+from attncompiler.saa_routing import BlockGeometry, select_blocks
 from tolerance import assert_as_accurate_as_torch
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -76,3 +79,84 @@ def test_gluon_attend_pass_applies_only_where_it_runs():
     assert not hopper_attend_supported(q.float(), k.float(), v.float(), config)
     assert not hopper_attend_supported(q, k, v, replace(config, block_m=64))
     assert not hopper_attend_supported(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, config)
+
+
+def shortlist_of(q, geometry, config, seed=0):
+    """A fresh shortlist: the ``max(candidates, top_k)`` best key blocks of random mean-key logits (and the
+    forced ones), in block order."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(*q.shape[:2], geometry.num_m, geometry.num_n, device="cuda", generator=generator)
+    wide = replace(config, router="mean-key", top_k=max(config.candidates, config.top_k), tau=None, candidates=None)
+    return select_blocks(logits, geometry, wide)
+
+
+@pytest.mark.parametrize("d, dtype, key_stride, block_m, query_stride, sq, sk, causal, key_offset", [
+    (64, torch.bfloat16, 4, 128, 2, 8192, 8192, True, 0),       # the default, SmolLM2's head dim
+    (128, torch.bfloat16, 4, 128, 2, 3000, 3000, True, 0),      # ragged last blocks
+    (64, torch.float16, 2, 128, 2, 1000, 5000, True, 4000),     # bottom-right, 64 samples a block
+    (128, torch.float16, 8, 64, 1, 2500, 3100, False, 0),       # not causal, 16 samples a block, every row
+    (64, torch.bfloat16, 4, 256, 4, 4095, 4095, True, 0),       # query blocks of 256, every 4th row
+])
+def test_gluon_router_logits_are_the_triton_routers(d, dtype, key_stride, block_m, query_stride, sq, sk, causal,
+                                                    key_offset):
+    """The Gluon router's logits of each query block's listed blocks equal the Triton router kernel's
+    (fp32 sums in another order), and the selection made from them keeps what the fused Triton kernel
+    keeps wherever no two logits tie to within that rounding."""
+    config = replace(SAAConfig(), block_m=block_m, key_stride=key_stride, query_stride=query_stride)
+    geometry = BlockGeometry(sq, sk, block_m, 128, causal, key_offset)
+    q, k, _ = inputs(2, 6, 2, sq, sk, d, dtype)
+    scale = d ** -0.5
+    listed = shortlist_of(q, geometry, config)
+    list_pad = saa_kernels._pow2_at_least(listed.indices.shape[-1])
+    assert hopper_router_supported(q, k, geometry, config, list_pad)
+    got = hopper_listed_logits(q, k, scale, geometry, config, listed, list_pad)[..., :listed.indices.shape[-1]]
+    want = sampled_key_logits(q, k, scale, geometry, key_stride, listed, query_stride=query_stride)
+    want = want.gather(-1, listed.indices.long())
+    in_list = torch.arange(listed.indices.shape[-1], device="cuda") < listed.counts[..., None]
+    assert torch.isfinite(got[in_list]).all()
+    assert (got[in_list] - want[in_list]).abs().max().item() < 1e-4
+    gluon = sampled_key_selection(q, k, scale, geometry, config, shortlist_of(q, geometry, config), hopper=True)
+    fused = sampled_key_selection(q, k, scale, geometry, config, shortlist_of(q, geometry, config), hopper=False)
+    same = (gluon.indices == fused.indices).all(-1) & (gluon.counts == fused.counts)
+    assert same.float().mean().item() > 0.999
+
+
+def test_gluon_router_takes_later_blocks_that_outscore_its_first_step():
+    """Sampled scores of a later listed block (key block 10, scaled 60-fold) so far above the first step's
+    that sums against the first step's maxima overflow fp32: the rows' largest scores are taken first and
+    the logits are the Triton router's still."""
+    config = SAAConfig()
+    geometry = BlockGeometry(4096, 4096, 128, 128, True)
+    q, k, _ = inputs(1, 4, 2, 4096, 4096, 64, torch.bfloat16)
+    k[:, :, 1280:1408] *= 60
+    rows = q[:, :, 4095:4096].float()                                   # the last query block's last row
+    first, later = (rows @ k[:, :, keys].float().repeat_interleave(2, 1).transpose(-1, -2)
+                    for keys in (slice(0, 256, 4), slice(1280, 1408, 4)))  # the first step's blocks, block 10
+    assert ((later.amax(-1) - first.amax(-1)) * 0.125).max().item() > 89  # e**89 > fp32's largest
+    listed = shortlist_of(q, geometry, config)
+    list_pad = saa_kernels._pow2_at_least(listed.indices.shape[-1])
+    got = hopper_listed_logits(q, k, 0.125, geometry, config, listed, list_pad)[..., :listed.indices.shape[-1]]
+    want = sampled_key_logits(q, k, 0.125, geometry, 4, listed, query_stride=2).gather(-1, listed.indices.long())
+    in_list = torch.arange(listed.indices.shape[-1], device="cuda") < listed.counts[..., None]
+    late = listed.indices[..., -1, :] == 10                                # the last query block lists block 10
+    assert late.any() and (want[..., -1, :][late & in_list[..., -1, :]] > -1).all()
+    assert torch.isfinite(got[in_list]).all() and (got[in_list] - want[in_list]).abs().max().item() < 0.05
+
+
+def test_gluon_router_is_the_default_where_it_runs():
+    """Without ``hopper`` the Gluon router routes the default operating point (no fallback recorded), and it
+    refuses what it does not compute when insisted on."""
+    config = SAAConfig()
+    geometry = BlockGeometry(8192, 8192, 128, 128, True)
+    q, k, _ = inputs(1, 8, 2, 8192, 8192, 64, torch.bfloat16, heads_last=True)
+    failed = set(saa_kernels.HOPPER_ROUTER.failed)
+    default = sampled_key_selection(q, k, 0.125, geometry, config, shortlist_of(q, geometry, config))
+    insisted = sampled_key_selection(q, k, 0.125, geometry, config, shortlist_of(q, geometry, config), hopper=True)
+    assert saa_kernels.HOPPER_ROUTER.failed == failed
+    assert torch.equal(default.indices, insisted.indices) and torch.equal(default.counts, insisted.counts)
+    odd = replace(config, query_stride=1)                                  # 128 scored rows
+    assert not hopper_router_supported(q, k, geometry, odd, 64)
+    with pytest.raises(ValueError, match="Gluon SAA router"):
+        sampled_key_selection(q, k, 0.125, geometry, odd, shortlist_of(q, geometry, odd), hopper=True)
+    assert not hopper_router_supported(q[..., :32].contiguous(), k[..., :32].contiguous(), geometry, config, 64)
+    assert not hopper_router_supported(q.float(), k.float(), geometry, config, 64)
