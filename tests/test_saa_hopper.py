@@ -122,13 +122,15 @@ def test_gluon_router_logits_are_the_triton_routers(d, dtype, key_stride, block_
 
 
 def test_gluon_router_takes_later_blocks_that_outscore_its_first_step():
-    """Sampled scores of a later listed block (key block 10, scaled 60-fold) so far above the first step's
-    that sums against the first step's maxima overflow fp32: the rows' largest scores are taken first and
-    the logits are the Triton router's still."""
+    """Sampled scores of a later listed block (key block 10: positive queries, its keys positive and 60-fold)
+    so far above the first step's that sums against the first step's maxima overflow fp32: the rows'
+    largest scores are taken first and the logits are the Triton router's still."""
     config = SAAConfig()
     geometry = BlockGeometry(4096, 4096, 128, 128, True)
+    torch.manual_seed(0)
     q, k, _ = inputs(1, 4, 2, 4096, 4096, 64, torch.bfloat16)
-    k[:, :, 1280:1408] *= 60
+    q = q.abs() + 0.5
+    k[:, :, 1280:1408] = k[:, :, 1280:1408].abs() * 60
     rows = q[:, :, 4095:4096].float()                                   # the last query block's last row
     first, later = (rows @ k[:, :, keys].float().repeat_interleave(2, 1).transpose(-1, -2)
                     for keys in (slice(0, 256, 4), slice(1280, 1408, 4)))  # the first step's blocks, block 10
