@@ -50,7 +50,8 @@ def hopper_attend_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             centroids: Centroids | None = None) -> bool:
     """Whether :func:`hopper_attend` runs these inputs: Gluon present, an sm_90 GPU, 2-byte inputs of
     one dtype, head dims of 128 for keys and values (where it measured faster than the Triton pass;
-    at 64 it took 8–17% longer than the Triton pass at 8 warps), query and key blocks of 128, and
+    at 64 it took 8–17% longer than the Triton pass at 8 warps, and 10–16% longer in ring tiles of 64 keys
+    with two programs an SM), query and key blocks of 128, and
     tensors TMA can move (16-byte aligned, contiguous head dim), the centroids' too when given (in the
     inputs' dtype)."""
     if not HAS_GLUON or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
