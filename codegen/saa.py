@@ -1104,7 +1104,7 @@ def sampled_key_selection(q: torch.Tensor, k: torch.Tensor, scale: float, geomet
 
 
 def select_listed(logits: torch.Tensor, shortlist: Selection, geometry: BlockGeometry, config: SAAConfig,
-                  indices: torch.Tensor, counts: torch.Tensor, interpret: bool = False) -> Selection:
+                  indices: torch.Tensor, counts: torch.Tensor) -> Selection:
     """The selection :func:`sampled_key_selection` makes, from the logits ``[B, H, num_m, LIST_PAD]`` of the
     key blocks ``shortlist`` lists (in list order), written into ``indices`` and ``counts``; the
     shortlist gives up its ``exact`` flags to the result."""
@@ -1115,7 +1115,7 @@ def select_listed(logits: torch.Tensor, shortlist: Selection, geometry: BlockGeo
         num_m, geometry.num_n, geometry.seq_q, geometry.seq_k, geometry.key_offset, listed.shape[-1],
         indices.shape[-1], config.sinks, config.local_blocks, config.top_k, config.tau or 0.0,
         CAUSAL=geometry.causal, USE_TAU=config.tau is not None, BLOCK_M=geometry.block_m, BLOCK_N=geometry.block_n,
-        LIST_PAD=list_pad, num_warps=1 if interpret else SELECT_LISTED_WARPS,
+        LIST_PAD=list_pad, num_warps=SELECT_LISTED_WARPS,
     )
     return Selection(indices, counts, shortlist.exact, shortlist.allowed, shortlist.full)
 

@@ -475,7 +475,7 @@ def test_selection_from_the_listed_blocks_logits_keeps_what_the_fused_kernel_kee
     in_list_order = logits.gather(-1, listed.indices.long())               # [B, H, num_m, width]
     given = torch.nn.functional.pad(in_list_order, (0, list_pad - in_list_order.shape[-1]), value=float("nan"))
     indices, counts = torch.empty_like(want.indices), torch.empty_like(want.counts)
-    got = saa_kernels.select_listed(given, listed, geometry, config, indices, counts, interpret=INTERPRET)
+    got = saa_kernels.select_listed(given, listed, geometry, config, indices, counts)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
     assert torch.equal(got.exact, want.exact) and got.exact is listed.exact and got.indices is indices
 
