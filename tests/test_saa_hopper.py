@@ -90,6 +90,19 @@ def shortlist_of(q, geometry, config, seed=0):
     return select_blocks(logits, geometry, wide)
 
 
+def listed_logits(q, k, scale, geometry, config, listed):
+    """``(gluon, triton, in_list)``: the Gluon router's and the Triton router kernel's logits of the blocks
+    ``listed`` lists, in list order, and which entries are listed (the Gluon router runs these inputs)."""
+    width = listed.indices.shape[-1]
+    list_pad = saa_kernels._pow2_at_least(width)
+    assert hopper_router_supported(q, k, geometry, config, list_pad)
+    gluon = hopper_listed_logits(q, k, scale, geometry, config, listed, list_pad)[..., :width]
+    triton_logits = sampled_key_logits(q, k, scale, geometry, config.key_stride, listed,
+                                       query_stride=config.effective_query_stride)
+    in_list = torch.arange(width, device="cuda") < listed.counts[..., None]
+    return gluon, triton_logits.gather(-1, listed.indices.long()), in_list
+
+
 @pytest.mark.parametrize("d, dtype, key_stride, block_m, query_stride, sq, sk, causal, key_offset", [
     (64, torch.bfloat16, 4, 128, 2, 8192, 8192, True, 0),       # the default, SmolLM2's head dim
     (128, torch.bfloat16, 4, 128, 2, 3000, 3000, True, 0),      # ragged last blocks
@@ -106,13 +119,7 @@ def test_gluon_router_logits_are_the_triton_routers(d, dtype, key_stride, block_
     geometry = BlockGeometry(sq, sk, block_m, 128, causal, key_offset)
     q, k, _ = inputs(2, 6, 2, sq, sk, d, dtype)
     scale = d ** -0.5
-    listed = shortlist_of(q, geometry, config)
-    list_pad = saa_kernels._pow2_at_least(listed.indices.shape[-1])
-    assert hopper_router_supported(q, k, geometry, config, list_pad)
-    got = hopper_listed_logits(q, k, scale, geometry, config, listed, list_pad)[..., :listed.indices.shape[-1]]
-    want = sampled_key_logits(q, k, scale, geometry, key_stride, listed, query_stride=query_stride)
-    want = want.gather(-1, listed.indices.long())
-    in_list = torch.arange(listed.indices.shape[-1], device="cuda") < listed.counts[..., None]
+    got, want, in_list = listed_logits(q, k, scale, geometry, config, shortlist_of(q, geometry, config))
     assert torch.isfinite(got[in_list]).all()
     assert (got[in_list] - want[in_list]).abs().max().item() < 1e-4
     gluon = sampled_key_selection(q, k, scale, geometry, config, shortlist_of(q, geometry, config), hopper=True)
@@ -136,10 +143,7 @@ def test_gluon_router_takes_later_blocks_that_outscore_its_first_step():
                     for keys in (slice(0, 256, 4), slice(1280, 1408, 4)))  # the first step's blocks, block 10
     assert ((later.amax(-1) - first.amax(-1)) * 0.125).max().item() > 89  # e**89 > fp32's largest
     listed = shortlist_of(q, geometry, config)
-    list_pad = saa_kernels._pow2_at_least(listed.indices.shape[-1])
-    got = hopper_listed_logits(q, k, 0.125, geometry, config, listed, list_pad)[..., :listed.indices.shape[-1]]
-    want = sampled_key_logits(q, k, 0.125, geometry, 4, listed, query_stride=2).gather(-1, listed.indices.long())
-    in_list = torch.arange(listed.indices.shape[-1], device="cuda") < listed.counts[..., None]
+    got, want, in_list = listed_logits(q, k, 0.125, geometry, config, listed)
     late = listed.indices[..., -1, :] == 10                                # the last query block lists block 10
     assert late.any() and (want[..., -1, :][late & in_list[..., -1, :]] > -1).all()
     assert torch.isfinite(got[in_list]).all() and (got[in_list] - want[in_list]).abs().max().item() < 0.05
