@@ -77,6 +77,12 @@ SMALL_HEAD_ATTEND_REGISTERS = 128
 # (near_blocks 16, far groups of 32). On an H200 (attend ms, the same plan), tiles of 32 against 64: 2.60 → 2.57
 # at SmolLM2's 8K shape, 1.38 → 1.37 D64 32K, 5.76 → 5.74 D64 128K; tiles of 16 no better.
 NEAR_CENTROID_TILE = 32
+# Elements of a tile per warp in the pooling and centroid kernels (one block of rows a program, streamed once):
+# one warp for SAA's blocks of 128 rows at head dims up to 128. On an H200 (ms, random bf16 inputs, 1 / 4 warps):
+# centroids 0.204 / 0.239 at SmolLM2's 32K shape (30 × 3 kv heads, D64), 0.279 / 0.327 D64 128K (32 heads),
+# 0.278 / 0.341 D128 128K (16 heads); query means 0.275 / 0.319 at SmolLM2's 32K shape (9 heads), 0.137 / 0.162
+# D64 128K, 0.138 / 0.149 D128 128K. Two warps fell between, eight were slower.
+STREAM_TILE_PER_WARP = 16384
 # Launch keys whose Gluon attend pass raised run this module's kernel.
 HOPPER_FORMS = FormFallback("using the Triton attend pass")
 
@@ -859,6 +865,11 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
+def _stream_warps(rows: int, width: int) -> int:
+    """Warps of a program that streams a ``[rows, width]`` tile: one per STREAM_TILE_PER_WARP elements, 1 to 8."""
+    return max(1, min(8, rows * width // STREAM_TILE_PER_WARP))
+
+
 def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     """fp32 means ``[B, H, groups, D]`` of runs of ``group`` (a power of two) consecutive rows of
     ``x`` ``[B, H, S, D]``; runs past the end give 0."""
@@ -870,7 +881,7 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
         return out
     saa_pool_kernel[(filled, batch * heads)](
         x, out, *x.stride(), *out.stride(), heads, seq, dim,
-        GROUP=group, BLOCK_D=_pow2_at_least(dim, floor=1),
+        GROUP=group, BLOCK_D=_pow2_at_least(dim, floor=1), num_warps=_stream_warps(group, dim),
     )
     return out
 
@@ -925,6 +936,7 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
             *block_keys.stride(), kv_heads, seq_k, head_d, head_dv, sum_rows,
             CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=_pow2_at_least(head_d, floor=1),
             BLOCK_DV=_pow2_at_least(head_dv, floor=1), WITH_SUMS=grouped,
+            num_warps=_stream_warps(config.sub_block, max(head_d, head_dv)),
         )
     far = FarSums.of_blocks(block_sums, config.far_group) if grouped else None
     return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
