@@ -879,9 +879,10 @@ def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
                                                               device=x.device)
     if filled == 0 or batch * heads == 0:
         return out
+    block_d = _pow2_at_least(dim, floor=1)
     saa_pool_kernel[(filled, batch * heads)](
         x, out, *x.stride(), *out.stride(), heads, seq, dim,
-        GROUP=group, BLOCK_D=_pow2_at_least(dim, floor=1), num_warps=_stream_warps(group, dim),
+        GROUP=group, BLOCK_D=block_d, num_warps=_stream_warps(group, block_d),
     )
     return out
 
@@ -931,12 +932,12 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
     block_sums = (torch.empty if sum_rows == geometry.num_n else torch.zeros)(
         batch, kv_heads, sum_rows, head_d + head_dv, dtype=torch.float32, device=k.device)
     if keys.numel() or values.numel():
+        block_d, block_dv = _pow2_at_least(head_d, floor=1), _pow2_at_least(head_dv, floor=1)
         saa_centroid_kernel[(geometry.num_n, batch * kv_heads)](
             k, v, keys, values, block_keys, block_sums, *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
             *block_keys.stride(), kv_heads, seq_k, head_d, head_dv, sum_rows,
-            CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=_pow2_at_least(head_d, floor=1),
-            BLOCK_DV=_pow2_at_least(head_dv, floor=1), WITH_SUMS=grouped,
-            num_warps=_stream_warps(config.sub_block, max(head_d, head_dv)),
+            CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=block_d, BLOCK_DV=block_dv, WITH_SUMS=grouped,
+            num_warps=_stream_warps(config.sub_block, max(block_d, block_dv)),
         )
     far = FarSums.of_blocks(block_sums, config.far_group) if grouped else None
     return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
