@@ -30,10 +30,10 @@ except ImportError:  # a Triton without Gluon: the Triton router serves every GP
 
 from attncompiler.codegen.flash import _tma_strides
 from attncompiler.codegen.saa_blocks import keys_seen
+from attncompiler.codegen.saa_hopper import LOG2E
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_routing import BlockGeometry, Selection
 
-LOG2E = 1.4426950408889634
 ROWS = 64        # scored rows a query block: one warpgroup's product
 # Ring slots of a step's sampled keys. On an H200 (the default operating point, random bf16 inputs), 2 slots
 # took 0.523 ms at SmolLM2's 8K shape and 2.655 at its 32K shape, 3 slots 0.566 and 2.856. Products issued
