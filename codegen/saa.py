@@ -34,14 +34,13 @@ import triton.language as tl
 from attncompiler.codegen.fallback import FormFallback
 from attncompiler.codegen.flash import launch_tma_or_pointers
 from attncompiler.codegen.saa_blocks import allowed_blocks, diagonal_block, full_blocks, keys_behind, keys_seen
-from attncompiler.codegen.saa_hopper import hopper_attend, hopper_attend_supported
+from attncompiler.codegen.saa_hopper import LOG2E, hopper_attend, hopper_attend_supported
 from attncompiler.codegen.saa_hopper_router import hopper_listed_logits, hopper_router_supported
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids, FarSums
 from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
 
 
-LOG2E = 1.4426950408889634
 # Pipeline depths of the attend pass: its routed key blocks and its centroid loop (which streams in
 # order). On an H200 at 32K and 128K tokens (D128 and D64), 2 and 2 were fastest of 1-2 and 1-4:
 # 7.12 ms at 128K (D128), against 7.21 with 3 centroid stages and 8.96 with one stage for both
