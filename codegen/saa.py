@@ -240,10 +240,11 @@ def _top_k(priority, forced, TOP_K, USE_TOP_K: tl.constexpr):
     want = tl.sum(candidate.to(tl.int32), 0)
     if USE_TOP_K:
         want = tl.minimum(want, tl.sum(forced.to(tl.int32), 0) + TOP_K)
-    threshold = tl.zeros([], tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        trial = threshold | tl.full([], 1 << bit, tl.uint32)
-        threshold = tl.where(tl.sum((ordinal >= trial).to(tl.int32), 0) >= want, trial, threshold)
+    threshold = tl.zeros([], tl.uint32)                                  # (0: every candidate is above it)
+    if want < tl.sum(candidate.to(tl.int32), 0):                          # (else every candidate is kept)
+        for bit in tl.static_range(31, -1, -1):
+            trial = threshold | tl.full([], 1 << bit, tl.uint32)
+            threshold = tl.where(tl.sum((ordinal >= trial).to(tl.int32), 0) >= want, trial, threshold)
     above = candidate & (ordinal > threshold)
     tie = candidate & (ordinal == threshold)
     return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= want - tl.sum(above.to(tl.int32), 0)))
@@ -772,7 +773,10 @@ def saa_attend_kernel(
 
     # Exact key blocks, listed in block order: those every row sees whole first, without masks (but
     # the ragged last block's, when SEQ_K is not a multiple of BLOCK_N), then the last `partial`, the
-    # causal blocks that some row sees only in part (forced, so all listed).
+    # causal blocks that some row sees only in part (forced, so all listed), masked. One loop with a
+    # branch for the mask pipelines them all: two loops each filled and drained their own pipeline,
+    # and took 4% longer at SmolLM2's 8K and 32K shapes on an H200 (attend ms 1.94 / 9.58 against
+    # 2.03 / 9.95, the same outputs).
     exact_rate = qk_scale if FOLD_SCALE else 1.0
     num_exact = tl.load(CNT + row)
     first_row = pid_m * BLOCK_M
@@ -784,17 +788,8 @@ def saa_attend_kernel(
         partial = tl.minimum(allowed_blocks(last_row, KEY_OFFSET, SEQ_K, BLOCK_N) - full, num_exact)
     # Each exact block in TILES steps of KEY_TILE keys.
     TILES: tl.constexpr = BLOCK_N // KEY_TILE
-    for i in range(0, (num_exact - partial) * TILES):
-        start = tl.load(IDX + row * MAX_EXACT + i // TILES) * BLOCK_N + (i % TILES) * KEY_TILE
-        offs_n = start + tl.arange(0, KEY_TILE)                           # [KT]
-        b_kt, b_v = _key_block(K, V, b, kh, start, offs_n, offs_n < SEQ_K, offs_d, offs_dv, stride_kb,
-                               stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D,
-                               HEAD_DV, KEY_TILE, BLOCK_D, BLOCK_DV, TMA)  # [BD, KT], [KT, BDV]
-        s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, KT]
-        if not EVEN_N:
-            s = tl.where((offs_n < SEQ_K)[None, :], s, float("-inf"))
-        m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
-    for i in range((num_exact - partial) * TILES, num_exact * TILES):
+    whole_steps = (num_exact - partial) * TILES
+    for i in range(0, num_exact * TILES):
         start = tl.load(IDX + row * MAX_EXACT + i // TILES) * BLOCK_N + (i % TILES) * KEY_TILE
         offs_n = start + tl.arange(0, KEY_TILE)                           # [KT]
         col_ok = offs_n < SEQ_K
@@ -802,8 +797,11 @@ def saa_attend_kernel(
                                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_D, HEAD_DV,
                                KEY_TILE, BLOCK_D, BLOCK_DV, TMA)          # [BD, KT], [KT, BDV]
         s = _exact_scores(b_q, b_kt, qk_scale, FOLD_SCALE, DOT_PRECISION)  # [BM, KT]
-        visible = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
-        m_i, l_i, acc = _fold(tl.where(visible, s, float("-inf")), b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
+        if i >= whole_steps:                                              # a partly seen block
+            s = tl.where(col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET), s, float("-inf"))
+        elif not EVEN_N:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _fold(s, b_v, m_i, l_i, acc, DOT_PRECISION, exact_rate)
 
     # Centroids of the full key blocks (seen whole by every row of the query block) that were not
     # computed exactly: one per group of FAR_GROUP blocks before far_end, one per run of SUB keys after it.
