@@ -237,11 +237,12 @@ def _top_k(priority, forced, TOP_K, USE_TOP_K: tl.constexpr):
     priority, found bit by bit, is the threshold (32 counts instead of a sort)."""
     ordinal = (_order_bits(priority) ^ -2147483648).to(tl.uint32, bitcast=True)  # [N] in the same order, unsigned
     candidate = priority > float("-inf")
-    want = tl.sum(candidate.to(tl.int32), 0)
+    candidates = tl.sum(candidate.to(tl.int32), 0)
+    want = candidates
     if USE_TOP_K:
         want = tl.minimum(want, tl.sum(forced.to(tl.int32), 0) + TOP_K)
     threshold = tl.zeros([], tl.uint32)                                  # (0: every candidate is above it)
-    if want < tl.sum(candidate.to(tl.int32), 0):                          # (else every candidate is kept)
+    if want < candidates:                                                 # (else every candidate is kept)
         for bit in tl.static_range(31, -1, -1):
             trial = threshold | tl.full([], 1 << bit, tl.uint32)
             threshold = tl.where(tl.sum((ordinal >= trial).to(tl.int32), 0) >= want, trial, threshold)

@@ -46,6 +46,11 @@ CONSUMER_REGS = 232    # registers per thread of each consumer warpgroup (setmax
 PRODUCER_REGS = 40     # and of the producer
 
 
+def gluon_runs_on(device: torch.device) -> bool:
+    """Whether this module's and the router's Gluon kernels can run on ``device``: Gluon present, an sm_90 GPU."""
+    return HAS_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def hopper_attend_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SAAConfig,
                             centroids: Centroids | None = None) -> bool:
     """Whether :func:`hopper_attend` runs these inputs: Gluon present, an sm_90 GPU, 2-byte inputs of
@@ -54,7 +59,7 @@ def hopper_attend_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     with two programs an SM), query and key blocks of 128, and
     tensors TMA can move (16-byte aligned, contiguous head dim), the centroids' too when given (in the
     inputs' dtype)."""
-    if not HAS_GLUON or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not gluon_runs_on(q.device):
         return False
     tensors = [q, k, v] + ([centroids.keys, centroids.values] if centroids is not None else [])
     if q.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in tensors):

@@ -30,7 +30,7 @@ except ImportError:  # a Triton without Gluon: the Triton router serves every GP
 
 from attncompiler.codegen.flash import _tma_strides
 from attncompiler.codegen.saa_blocks import keys_seen
-from attncompiler.codegen.saa_hopper import LOG2E
+from attncompiler.codegen.saa_hopper import LOG2E, gluon_runs_on
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_routing import BlockGeometry, Selection
 
@@ -55,7 +55,7 @@ def hopper_router_supported(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeo
     """Whether :func:`hopper_listed_logits` runs these inputs: Gluon present, an sm_90 GPU, fp16/bf16 q and
     k of one dtype and head dim 64 or 128, 64 scored rows a query block, 16 to 64 sampled keys a key
     block, shortlists of at most 128 entries, and the sampled keys movable by TMA."""
-    if not HAS_GLUON or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not gluon_runs_on(q.device):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or q.shape[-1] not in (64, 128):
         return False

@@ -13,7 +13,7 @@ from attncompiler.codegen.saa_hopper_router import hopper_listed_logits, hopper_
 from attncompiler.saa import saa_plan
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import attend_reference
-from attncompiler.saa_routing import BlockGeometry, select_blocks
+from attncompiler.saa_routing import BlockGeometry, select_blocks, shortlist_config
 from tolerance import assert_as_accurate_as_torch
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -86,8 +86,7 @@ def shortlist_of(q, geometry, config, seed=0):
     forced ones), in block order."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
     logits = torch.randn(*q.shape[:2], geometry.num_m, geometry.num_n, device="cuda", generator=generator)
-    wide = replace(config, router="mean-key", top_k=max(config.candidates, config.top_k), tau=None, candidates=None)
-    return select_blocks(logits, geometry, wide)
+    return select_blocks(logits, geometry, shortlist_config(config))
 
 
 def listed_logits(q, k, scale, geometry, config, listed):
