@@ -593,12 +593,13 @@ class AttendLaunches:
     warps; with ``fail_tma``, a TMA launch raises as a kernel that does not compile would."""
 
     def __init__(self, real, fail_tma: bool = False):
-        self.real, self.fail_tma, self.tma, self.warps = real, fail_tma, [], []
+        self.real, self.fail_tma, self.tma, self.warps, self.last_first = real, fail_tma, [], [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.tma.append(kwargs["TMA"])
             self.warps.append(kwargs["num_warps"])
+            self.last_first.append(kwargs["LAST_FIRST"])
             if kwargs["TMA"] and self.fail_tma:
                 raise RuntimeError("TMA lowering failed")
             return self.real[grid](*args, **kwargs)
@@ -684,6 +685,45 @@ def test_attend_takes_tma_by_default_on_hopper(monkeypatch):
     q, k, v = qkv(1, 4, 2, 300, 300, 128, 128, torch.bfloat16)
     attend_once(q, k, v, SAAConfig(**SMALL, top_k=2), "causal", tma=None)
     assert launches.tma == [True]
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.get_device_capability()[0] < 9, reason="the default launch on Hopper")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("form, sq, sk", [("causal", 1000, 1000), ("causal", 1024, 1024), ("bottom-right", 700, 1100),
+                                          ("full", 900, 1100)])
+def test_the_triton_pass_at_the_default_blocks_compiles_at_any_length(d, form, sq, sk, monkeypatch):
+    """The Triton pass's launch at the default blocks of 128 (8 warps; 128 registers at D64) compiles on
+    Hopper with a ragged last key block as without, moves its tiles by TMA and is as accurate as PyTorch
+    in bf16. A call this small takes every head's last query blocks first when causal, with the output
+    of the launch in block order."""
+    launches = AttendLaunches(saa_kernels.saa_attend_kernel)
+    monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
+    monkeypatch.setattr(flash.TMA_FORMS, "failed", set())
+    config = SAAConfig(min_keys=0, top_k=2, tau=None)
+    q, k, v = qkv(1, 4, 2, sq, sk, d, d, torch.bfloat16)
+    causal, bottom_right, _ = CAUSAL_FORMS[form]
+    geometry = geometry_of(q, k, config, causal, bottom_right)
+    selection, centroids = saa_plan(q, k, v, 0.3, geometry, config)
+    out = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, hopper=False)
+    assert launches.tma == [True] and launches.last_first == [causal]
+    assert_attend_as_accurate_as_torch(out, q, k, v, centroids, selection, 0.3, geometry, config, torch.bfloat16)
+    assert selection.counts.sum() < geometry.allowed_total(4)  # some blocks enter through centroids
+    monkeypatch.setattr(saa_kernels, "last_blocks_first", lambda k, v, causal: False)
+    in_order = saa_kernels.saa_attend(q, k, v, centroids, selection, 0.3, geometry, config, hopper=False)
+    torch.testing.assert_close(in_order, out, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the L2 cache is a GPU's")
+def test_last_query_blocks_go_first_where_keys_and_values_fit_in_half_the_l2_cache():
+    """Causal calls whose keys and values take at most half the L2 cache take the last query blocks first;
+    larger and non-causal calls keep the block order."""
+    half_l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size // 2
+    keys = half_l2 // (2 * 64 * 2)                                  # keys and values of head dim 64, bf16
+    k, v = (torch.empty(1, 1, keys, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    assert saa_kernels.last_blocks_first(k, v, causal=True)
+    assert not saa_kernels.last_blocks_first(k, v, causal=False)
+    k, v = (torch.empty(1, 1, keys + 64, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    assert not saa_kernels.last_blocks_first(k, v, causal=True)
 
 
 def test_an_attend_tma_form_that_fails_falls_back_to_pointer_loads(monkeypatch, caplog):
