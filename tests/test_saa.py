@@ -694,8 +694,8 @@ def test_attend_takes_tma_by_default_on_hopper(monkeypatch):
 def test_the_triton_pass_at_the_default_blocks_compiles_at_any_length(d, form, sq, sk, monkeypatch):
     """The Triton pass's launch at the default blocks of 128 (8 warps; 128 registers at D64) compiles on
     Hopper with a ragged last key block as without, moves its tiles by TMA and is as accurate as PyTorch
-    in bf16. A call this small takes every head's last query blocks first when causal, with the output
-    of the launch in block order."""
+    in bf16. A call this small takes every head's last query blocks first when causal, and gives the
+    output the launch in block order gives."""
     launches = AttendLaunches(saa_kernels.saa_attend_kernel)
     monkeypatch.setattr(saa_kernels, "saa_attend_kernel", launches)
     monkeypatch.setattr(flash.TMA_FORMS, "failed", set())
