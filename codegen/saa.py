@@ -1,8 +1,8 @@
 """SAA Triton kernels: block means, block logits, block selection, and one attend-and-aggregate pass.
 
-``saa_pool_kernel`` averages runs of consecutive rows (the mean query of each query block, for
-routing); ``saa_centroid_kernel`` gives each key block's key and value centroids and its mean key
-in one pass over the keys and values. ``mean_key_logits_kernel`` gives the ``"mean-key"`` logits (each
+``saa_means_kernel`` averages each query block's rows (its mean query, for routing) and gives each key
+block's key and value centroids and its mean key, in one launch that streams queries, keys and values
+once. ``mean_key_logits_kernel`` gives the ``"mean-key"`` logits (each
 mean query against each mean key) tile by tile, skipping the tiles no row sees (PyTorch form:
 :func:`attncompiler.saa_routing.mean_key_logits`). ``sampled_key_logits_kernel`` gives the ``"sampled-keys"``
 router's logits: for each scored query row (the last of each run of ``query_stride``), its scores
@@ -87,29 +87,6 @@ HOPPER_FORMS = FormFallback("using the Triton attend pass")
 
 
 @triton.jit
-def saa_pool_kernel(
-    X, OUT,
-    stride_xb, stride_xh, stride_xs, stride_xd,
-    stride_ob, stride_oh, stride_og, stride_od,
-    H, SEQ, HEAD_D,
-    GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_g = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start = pid_g * GROUP
-    offs_s = start + tl.arange(0, GROUP)                                  # [G]
-    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
-    p_x = X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd
-    b_x = tl.load(p_x, mask=(offs_s[:, None] < SEQ) & (offs_d[None, :] < HEAD_D), other=0.0)  # [G, BD]
-    count = tl.maximum(tl.minimum(SEQ - start, GROUP), 1)
-    b_mean = tl.sum(b_x.to(tl.float32), 0) / count                        # [BD]
-    p_o = OUT + b * stride_ob + h * stride_oh + pid_g * stride_og + offs_d * stride_od
-    tl.store(p_o, b_mean, mask=offs_d < HEAD_D)
-
-
-@triton.jit
 def mean_key_logits_kernel(
     QM, KM, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -149,23 +126,33 @@ def mean_key_logits_kernel(
 
 
 @triton.jit
-def saa_centroid_kernel(
-    K, V, KC, VC, KM, SUMS,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_cb, stride_ch, stride_cn, stride_cd,
-    stride_wb, stride_wh, stride_wn, stride_wd,
-    stride_mb, stride_mh, stride_mn, stride_md,
-    H, SEQ, HEAD_D, HEAD_DV, SUM_ROWS,
-    CENTROIDS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    WITH_SUMS: tl.constexpr,
-):
-    """One key block: the mean key and value of each of its CENTROIDS runs of SUB keys (in KC's and
-    VC's dtype; 0 for a run past SEQ) and the block's mean key in fp32 (KM, for routing). WITH_SUMS,
-    also the fp32 sums of its centroids times the keys behind each, keys then values (SUMS
+def _pool_rows(X, OUT, pid_g, pid_bh, stride_xb, stride_xh, stride_xs, stride_xd, stride_ob, stride_oh, stride_og,
+               stride_od, H, SEQ, HEAD_D, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The fp32 mean of run pid_g of GROUP rows of head pid_bh of X (of its rows before SEQ) at OUT."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = pid_g * GROUP
+    offs_s = start + tl.arange(0, GROUP)                                  # [G]
+    offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
+    p_x = X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd
+    b_x = tl.load(p_x, mask=(offs_s[:, None] < SEQ) & (offs_d[None, :] < HEAD_D), other=0.0)  # [G, BD]
+    count = tl.maximum(tl.minimum(SEQ - start, GROUP), 1)
+    b_mean = tl.sum(b_x.to(tl.float32), 0) / count                        # [BD]
+    p_o = OUT + b * stride_ob + h * stride_oh + pid_g * stride_og + offs_d * stride_od
+    tl.store(p_o, b_mean, mask=offs_d < HEAD_D)
+
+
+@triton.jit
+def _block_centroids(K, V, KC, VC, KM, SUMS, pid_n, pid_bh,
+                     stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_cb, stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd,
+                     stride_mb, stride_mh, stride_mn, stride_md, H, SEQ, HEAD_D, HEAD_DV, SUM_ROWS,
+                     CENTROIDS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     WITH_SUMS: tl.constexpr):
+    """Key block pid_n of kv head pid_bh: the mean key and value of each of its CENTROIDS runs of SUB keys
+    (in KC's and VC's dtype; 0 for a run past SEQ) and the block's mean key in fp32 (KM, for routing).
+    WITH_SUMS, also the fp32 sums of its centroids times the keys behind each, keys then values (SUMS
     ``[B·H, SUM_ROWS, D + Dv]``, the far groups' terms)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
@@ -202,6 +189,36 @@ def saa_centroid_kernel(
         p_sums = SUMS + (pid_bh.to(tl.int64) * SUM_ROWS + pid_n) * (HEAD_D + HEAD_DV)
         tl.store(p_sums + offs_d, key_terms, mask=offs_d < HEAD_D)
         tl.store(p_sums + HEAD_D + offs_dv, value_terms, mask=offs_dv < HEAD_DV)
+
+
+@triton.jit
+def saa_means_kernel(
+    Q, QM, K, V, KC, VC, KM, SUMS,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_ob, stride_oh, stride_og, stride_od,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_cb, stride_ch, stride_cn, stride_cd,
+    stride_wb, stride_wh, stride_wn, stride_wd,
+    stride_mb, stride_mh, stride_mn, stride_md,
+    H, SEQ_Q, HEAD_QD, NUM_M, POOL_PROGRAMS, KV_H, SEQ_K, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS,
+    BLOCK_M: tl.constexpr, BLOCK_QD: tl.constexpr, CENTROIDS: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_SUMS: tl.constexpr,
+):
+    """SAA's block means in one launch (a 1-D grid): the first POOL_PROGRAMS programs pool a query block of
+    one head each (its mean query, fp32, at QM), the others take a key block of one kv head each (its
+    centroids, mean key and sums: :func:`_block_centroids`). Both stream their rows once."""
+    pid = tl.program_id(0)
+    if pid < POOL_PROGRAMS:
+        _pool_rows(Q, QM, pid % NUM_M, pid // NUM_M, stride_qb, stride_qh, stride_qs, stride_qd, stride_ob,
+                   stride_oh, stride_og, stride_od, H, SEQ_Q, HEAD_QD, BLOCK_M, BLOCK_QD)
+    else:
+        pid -= POOL_PROGRAMS
+        _block_centroids(K, V, KC, VC, KM, SUMS, pid % NUM_N, pid // NUM_N, stride_kb, stride_kh, stride_kn,
+                         stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, stride_ch, stride_cn,
+                         stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, stride_mb, stride_mh, stride_mn,
+                         stride_md, KV_H, SEQ_K, HEAD_D, HEAD_DV, SUM_ROWS, CENTROIDS, SUB, BLOCK_D, BLOCK_DV,
+                         WITH_SUMS)
 
 
 @triton.jit
@@ -901,23 +918,6 @@ def _stream_warps(rows: int, width: int) -> int:
     return max(1, min(8, rows * width // STREAM_TILE_PER_WARP))
 
 
-def pool_means(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
-    """fp32 means ``[B, H, groups, D]`` of runs of ``group`` (a power of two) consecutive rows of
-    ``x`` ``[B, H, S, D]``; runs past the end give 0."""
-    batch, heads, seq, dim = x.shape
-    filled = math.ceil(seq / group)
-    out = (torch.empty if filled == groups else torch.zeros)(batch, heads, groups, dim, dtype=torch.float32,
-                                                              device=x.device)
-    if filled == 0 or batch * heads == 0:
-        return out
-    block_d = _pow2_at_least(dim, floor=1)
-    saa_pool_kernel[(filled, batch * heads)](
-        x, out, *x.stride(), *out.stride(), heads, seq, dim,
-        GROUP=group, BLOCK_D=block_d, num_warps=_stream_warps(group, block_d),
-    )
-    return out
-
-
 # Tile of the "mean-key" logits kernel (query blocks × key blocks), its head-dim chunk and its
 # products' precision: on an H200 at 128K, tf32x3 took 0.10 ms (D128) and 0.07 (D64) against 0.24
 # and 0.19 in fp32 ("ieee") and baddbmm's 0.18 and 0.27, within 4.8e-7 of baddbmm's logits.
@@ -946,13 +946,17 @@ def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, geometry: Bloc
     return out
 
 
-def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, config: SAAConfig) -> Centroids:
-    """The centroids of keys ``[B, Hk, Sk, D]`` and values ``[B, Hk, Sk, Dv]``: ``config.centroids`` per key
-    block, in k's and v's dtype, and each key block's fp32 mean key, in one launch; with far groups
-    (``config.far_group > 1``), also their sums (:class:`FarSums`). PyTorch form:
-    :func:`attncompiler.saa_reference.centroids_reference`."""
-    batch, kv_heads, seq_k, head_d = k.shape
+def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry,
+                config: SAAConfig) -> tuple[torch.Tensor, Centroids]:
+    """Queries ``[B, H, Sq, D]``' fp32 block means ``[B, H, num_m, D]`` (for routing), and the centroids of keys
+    ``[B, Hk, Sk, D]`` and values ``[B, Hk, Sk, Dv]``: ``config.centroids`` per key block, in k's and v's
+    dtype, with each key block's fp32 mean key and, with far groups (``config.far_group > 1``), their sums
+    (:class:`FarSums`); in one launch. PyTorch forms: :func:`attncompiler.saa_reference.pool_reference`
+    and :func:`attncompiler.saa_reference.centroids_reference`."""
+    batch, heads, seq_q, head_qd = q.shape
+    _, kv_heads, seq_k, head_d = k.shape
     head_dv = v.shape[-1]
+    q_means = torch.empty(batch, heads, geometry.num_m, head_qd, dtype=torch.float32, device=q.device)
     runs = geometry.num_n * config.centroids
     keys = torch.empty(batch, kv_heads, runs, head_d, dtype=k.dtype, device=k.device)
     values = torch.empty(batch, kv_heads, runs, head_dv, dtype=v.dtype, device=v.device)
@@ -962,16 +966,21 @@ def block_centroids(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, c
     # (rows past the last key block stay 0: whole far groups sum without a pad)
     block_sums = (torch.empty if sum_rows == geometry.num_n else torch.zeros)(
         batch, kv_heads, sum_rows, head_d + head_dv, dtype=torch.float32, device=k.device)
-    if keys.numel() or values.numel():
-        block_d, block_dv = _pow2_at_least(head_d, floor=1), _pow2_at_least(head_dv, floor=1)
-        saa_centroid_kernel[(geometry.num_n, batch * kv_heads)](
-            k, v, keys, values, block_keys, block_sums, *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
-            *block_keys.stride(), kv_heads, seq_k, head_d, head_dv, sum_rows,
-            CENTROIDS=config.centroids, SUB=config.sub_block, BLOCK_D=block_d, BLOCK_DV=block_dv, WITH_SUMS=grouped,
-            num_warps=_stream_warps(config.sub_block, max(block_d, block_dv)),
+    pool_programs = geometry.num_m * batch * heads
+    programs = pool_programs + geometry.num_n * batch * kv_heads
+    if programs and (q_means.numel() or keys.numel() or values.numel()):
+        block_qd, block_d, block_dv = (_pow2_at_least(d, floor=1) for d in (head_qd, head_d, head_dv))
+        saa_means_kernel[(programs,)](
+            q, q_means, k, v, keys, values, block_keys, block_sums, *q.stride(), *q_means.stride(), *k.stride(),
+            *v.stride(), *keys.stride(), *values.stride(), *block_keys.stride(),
+            heads, seq_q, head_qd, geometry.num_m, pool_programs, kv_heads, seq_k, head_d, head_dv, geometry.num_n,
+            sum_rows, BLOCK_M=config.block_m, BLOCK_QD=block_qd, CENTROIDS=config.centroids, SUB=config.sub_block,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, WITH_SUMS=grouped,
+            num_warps=max(_stream_warps(config.block_m, block_qd), _stream_warps(config.sub_block,
+                                                                                 max(block_d, block_dv))),
         )
     far = FarSums.of_blocks(block_sums, config.far_group) if grouped else None
-    return Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
+    return q_means, Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
 
 
 def _sampled_blocks_per_step(geometry: BlockGeometry, stride: int, rows: int, block_d: int,
@@ -1177,7 +1186,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
                centroid_stages: int | None = None, tma: bool | None = None,
                key_tile: int | None = None, hopper: bool | None = None) -> torch.Tensor:
     """The attend-and-aggregate pass: q ``[B, H, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]``, and
-    the centroids of runs of ``config.sub_block`` keys from :func:`block_centroids` (with the far
+    the centroids of runs of ``config.sub_block`` keys from :func:`block_means` (with the far
     groups' sums when ``config.far_group > 1``).
 
     Returns ``[B, H, Sq, Dv]`` in v's dtype (written into ``out`` when given). ``num_warps``,
@@ -1200,7 +1209,7 @@ def saa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centroids: Cen
         return out
     if config.far_group > 1 and centroids.far is None:
         raise ValueError(f"far groups of {config.far_group} key blocks need their sums: make the centroids "
-                         "with block_centroids under the same operating point")
+                         "with block_means under the same operating point")
     overridden = any(x is not None for x in (num_warps, num_stages, centroid_stages, tma, key_tile))
     if hopper or (hopper is None and not interpret and not overridden):
         if scale > 0 and hopper_attend_supported(q, k, v, config, centroids):

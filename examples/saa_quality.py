@@ -111,9 +111,9 @@ PARTS = ("pool", "router", "select", "attend")
 
 @contextlib.contextmanager
 def pytorch_parts(parts):
-    """While entered, SAA's kernel path runs ``parts`` (of :data:`PARTS`) in PyTorch: the centroid
-    pooling, the routers' logits, the block selection, the attend pass. Where perplexity on the GPU
-    differs from CPU's, handing over one part at a time shows which kernel moves it."""
+    """While entered, SAA's kernel path runs ``parts`` (of :data:`PARTS`) in PyTorch: the block means
+    (mean queries and centroids), the routers' logits, the block selection, the attend pass. Where
+    perplexity on the GPU differs from CPU's, handing over one part at a time shows which kernel moves it."""
     if not parts:  # nothing to swap: leave the kernels unimported (importing decides interpreter or GPU)
         yield
         return
@@ -127,7 +127,9 @@ def pytorch_parts(parts):
         return result if out is None else out.copy_(result)
 
     swaps = {
-        "pool": {"pool_means": saa_reference.pool_reference, "block_centroids": saa_reference.centroids_reference},
+        "pool": {"block_means": lambda q, k, v, geometry, config: (
+            saa_reference.pool_reference(q, config.block_m, geometry.num_m),
+            saa_reference.centroids_reference(k, v, geometry, config))},
         # (the fused router-and-top-k kernel is both router and select: handing either over turns it off)
         "router": {"sampled_key_logits": dropping_interpret(saa_routing.sampled_key_logits),
                    "fuses_sampled_selection": lambda q, config: False},

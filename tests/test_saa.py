@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from attncompiler.codegen import flash
 from attncompiler.codegen import saa as saa_kernels
-from attncompiler.codegen.saa import block_centroids, pool_means, sampled_key_selection
+from attncompiler.codegen.saa import block_means, sampled_key_selection
 from attncompiler.codegen.saa import sampled_key_logits as sampled_key_logits_kernel
 from attncompiler.codegen.saa import select_blocks as select_blocks_kernel
 from attncompiler.options import OptionError, Options, triton_interpret
@@ -537,22 +537,28 @@ def test_the_kernel_path_fuses_the_default_router_and_selection_for_2_byte_input
     assert torch.equal(out, apart_out)
 
 
-def test_pool_means_short_last_run():
-    x = randn(2, 3, 37, 80)
-    torch.testing.assert_close(pool_means(x, 16, 4), pool_reference(x, 16, 4))
-    assert torch.equal(pool_means(x, 16, 4)[:, :, 3], torch.zeros(2, 3, 80, device=DEVICE))  # a run past the end
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_block_centroids_in_the_inputs_dtype_with_fp32_block_means(dtype):
-    """One launch gives each key block's run means (in k's and v's dtype, 0 for runs past the last key)
-    and its fp32 mean key, as the PyTorch form does; a short last block averages only its keys."""
+def test_block_means_pool_queries_and_keys_in_one_launch(dtype, monkeypatch):
+    """One launch gives each query block's fp32 mean query (a short last block averages its rows), each key
+    block's run means (in k's and v's dtype, 0 for runs past the last key) and its fp32 mean key, as the
+    PyTorch forms do; a short last block averages only its keys."""
     config = SAAConfig(**SMALL, centroids=4)
+    q = randn(2, 6, 45, 80, dtype=dtype)
     k, v = randn(2, 3, 37, 80, dtype=dtype), randn(2, 3, 37, 48, dtype=dtype)
-    geometry = BlockGeometry(37, 37, 16, 16, True)
-    got = block_centroids(k, v, geometry, config)
+    geometry = BlockGeometry(45, 37, 16, 16, True)
+    kernel, grids = saa_kernels.saa_means_kernel, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(saa_kernels, "saa_means_kernel", Recorded())
+    q_means, got = block_means(q, k, v, geometry, config)
+    assert grids == [(3 * 2 * 6 + 3 * 2 * 3,)]  # query blocks of 6 heads, then key blocks of 3 kv heads
+    torch.testing.assert_close(q_means, pool_reference(q, 16, 3))
     want = centroids_reference(k, v, geometry, config)
-    assert got.keys.dtype == got.values.dtype == dtype and got.block_keys.dtype == torch.float32
+    assert q_means.dtype == got.block_keys.dtype == torch.float32 and got.keys.dtype == got.values.dtype == dtype
     torch.testing.assert_close(got.keys, want.keys.to(dtype))
     torch.testing.assert_close(got.values, want.values.to(dtype))
     torch.testing.assert_close(got.block_keys, want.block_keys)
@@ -567,7 +573,7 @@ def test_block_centroids_sum_each_key_block_and_far_group(centroids, far_group):
     config = SAAConfig(**SMALL, centroids=centroids, far_group=far_group)
     k, v = randn(2, 3, 37, 80, dtype=torch.float16), randn(2, 3, 37, 48, dtype=torch.float16)
     geometry = BlockGeometry(37, 37, 16, 16, True)  # 3 key blocks, the last of 5 keys
-    got = block_centroids(k, v, geometry, config)
+    got = block_means(k, k, v, geometry, config)[1]
     want = far_sums_reference(got.keys, got.values, got.counts, geometry, config)
     assert got.far.blocks.shape == (2, 3, 4, 128) and got.far.groups.shape == (2, 3, 4 // far_group, 128)
     torch.testing.assert_close(got.far.blocks, want.blocks)
@@ -575,7 +581,7 @@ def test_block_centroids_sum_each_key_block_and_far_group(centroids, far_group):
     assert not got.far.blocks[:, :, 3].any()
     exact_sums = torch.cat([k, v], -1).float().unflatten(-2, (-1, 37)).sum(-2)       # [2, 3, 1, 128]
     torch.testing.assert_close(got.far.blocks.sum(-2, keepdim=True), exact_sums, atol=0.05, rtol=1e-3)
-    assert block_centroids(k, v, geometry, replace(config, far_group=1)).far is None
+    assert block_means(k, k, v, geometry, replace(config, far_group=1))[1].far is None
 
 
 def test_attend_pass_with_far_groups_refuses_centroids_without_their_sums():

@@ -76,7 +76,7 @@ def test_pytorch_parts_hand_stages_of_the_kernel_path_to_pytorch(monkeypatch, pa
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 160, 32, device=device) for _ in range(3))
     config = SAAConfig(block_m=16, block_n=16, top_k=2, local_blocks=1, centroids=2, router="sampled-keys", key_stride=4)
-    before = {name: getattr(kernels, name) for name in ("pool_means", "block_centroids", "sampled_key_logits", "select_blocks",
+    before = {name: getattr(kernels, name) for name in ("block_means", "sampled_key_logits", "select_blocks",
                                                        "saa_attend")}
     calls = []
     monkeypatch.setattr(kernels, "saa_attend_kernel", _Counting(kernels.saa_attend_kernel, calls))
