@@ -918,12 +918,31 @@ def _stream_warps(rows: int, width: int) -> int:
     return max(1, min(8, rows * width // STREAM_TILE_PER_WARP))
 
 
-# Tile of the "mean-key" logits kernel (query blocks × key blocks), its head-dim chunk and its
+# Tiles of the "mean-key" logits kernel (query blocks × key blocks), its head-dim chunk and its
 # products' precision: on an H200 at 128K, tf32x3 took 0.10 ms (D128) and 0.07 (D64) against 0.24
 # and 0.19 in fp32 ("ieee") and baddbmm's 0.18 and 0.27, within 4.8e-7 of baddbmm's logits.
-MEAN_KEY_TILE = 64
+# A launch takes the largest tile whose grid has a program for every SM, else the smallest (the logits
+# are the same bit for bit). On an H200 at SmolLM2's shapes (ms, 30 layers as one batch / as 30 calls of
+# batch 1 in one CUDA graph), tiles of 64 / 32 / 16: 8K 0.012 / 0.015 / 0.020 and 0.185 / 0.140 / 0.117;
+# 32K 0.049 / 0.092 / 0.183 and 0.214 / 0.193 / 0.265.
+MEAN_KEY_TILES = (64, 32, 16)
 MEAN_KEY_CHUNK_D = 32
 MEAN_KEY_PRECISION = "tf32x3"
+
+
+def _mean_key_tile(num_m: int, num_n: int, batch_heads: int, device: torch.device) -> int:
+    """The tile of :data:`MEAN_KEY_TILES` a mean-key launch takes: the largest whose grid has a program for
+    each SM of a CUDA ``device`` (the first elsewhere), else the smallest."""
+    if device.type != "cuda":
+        return MEAN_KEY_TILES[0]
+    sms = _multiprocessors(device)
+    return next((tile for tile in MEAN_KEY_TILES
+                 if triton.cdiv(num_m, tile) * triton.cdiv(num_n, tile) * batch_heads >= sms), MEAN_KEY_TILES[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, geometry: BlockGeometry,
@@ -936,7 +955,7 @@ def mean_key_logits(q_means: torch.Tensor, k_means: torch.Tensor, geometry: Bloc
     out = torch.empty(batch, heads, num_m, geometry.num_n, dtype=torch.float32, device=q_means.device)
     if out.numel() == 0:
         return out
-    tile = MEAN_KEY_TILE
+    tile = _mean_key_tile(num_m, geometry.num_n, batch * heads, q_means.device)
     mean_key_logits_kernel[(triton.cdiv(geometry.num_n, tile), triton.cdiv(num_m, tile), batch * heads)](
         q_means, k_means, out, *q_means.stride(), *k_means.stride(), *out.stride(),
         scale, heads, heads // k_means.shape[1], num_m, geometry.num_n, geometry.seq_q, geometry.seq_k,

@@ -205,9 +205,12 @@ def test_selection_kernel_reads_no_logit_of_a_block_that_no_row_sees(knobs):
                                                         (1500, 1500, True, 0), (1200, 1500, True, 300),
                                                         (16, 1500, False, 0)])
 @pytest.mark.parametrize("h, hk, d", [(4, 2, 80), (2, 2, 16)])
-def test_mean_key_logits_kernel_matches_pytorch_where_some_row_sees_the_block(sq, sk, causal, key_offset, h, hk, d):
-    """``scale · q̄·k̄ + log n`` in fp32, in tiles of 64 × 64 blocks (several here, some past the diagonal,
-    which causal calls skip), GQA, head dims in chunks of 32 and a ragged last key block."""
+@pytest.mark.parametrize("tile", [64, 16])
+def test_mean_key_logits_kernel_matches_pytorch_where_some_row_sees_the_block(sq, sk, causal, key_offset, h, hk, d,
+                                                                              tile, monkeypatch):
+    """``scale · q̄·k̄ + log n`` in fp32, in tiles of 64 × 64 or 16 × 16 blocks (several here, some past the
+    diagonal, which causal calls skip), GQA, head dims in chunks of 32 and a ragged last key block."""
+    monkeypatch.setattr(saa_kernels, "MEAN_KEY_TILES", (tile,))
     geometry = BlockGeometry(sq, sk, 16, 16, causal, key_offset)
     q_means, k_means = randn(2, h, geometry.num_m, d), randn(2, hk, geometry.num_n, d)
     got = saa_kernels.mean_key_logits(q_means, k_means, geometry, 0.3)
@@ -215,6 +218,18 @@ def test_mean_key_logits_kernel_matches_pytorch_where_some_row_sees_the_block(sq
     seen = torch.arange(geometry.num_n, device=DEVICE) < geometry.allowed_blocks(DEVICE)[:, None]  # [M, N]
     assert got.shape == want.shape and seen.all() != causal  # causal calls here have blocks no row sees
     torch.testing.assert_close(got[..., seen], want[..., seen], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_key_launches_take_the_largest_tile_whose_grid_fills_the_gpu(monkeypatch):
+    """64 × 64 tiles where their programs cover the SMs (a model's 30 layers in one call), smaller ones for
+    a layer's call alone (one head's 64 query blocks: 1 program of 64, 4 of 32, 16 of 16); 64 off CUDA."""
+    monkeypatch.setattr(saa_kernels, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert saa_kernels._mean_key_tile(64, 64, 30 * 9, cuda) == 64
+    assert saa_kernels._mean_key_tile(64, 64, 9, cuda) == 16
+    assert saa_kernels._mean_key_tile(64, 64, 40, cuda) == 32
+    assert saa_kernels._mean_key_tile(256, 256, 9, cuda) == 64
+    assert saa_kernels._mean_key_tile(64, 64, 9, torch.device("cpu")) == 64
 
 
 @pytest.mark.parametrize("stride", [1, 4, 16])
