@@ -66,7 +66,7 @@ def pool_reference(x: torch.Tensor, group: int, groups: int) -> torch.Tensor:
 
 def centroids_reference(k: torch.Tensor, v: torch.Tensor, geometry: BlockGeometry, config: SAAConfig) -> Centroids:
     """The centroids (fp32), the mean key of each key block and, with far groups, their sums (the
-    PyTorch form of :func:`attncompiler.codegen.saa.block_centroids`)."""
+    PyTorch form of the centroids from :func:`attncompiler.codegen.saa.block_means`)."""
     groups = geometry.num_n * config.centroids
     counts = group_counts(geometry.seq_k, config.sub_block, groups, k.device)
     keys, values = pool_reference(k, config.sub_block, groups), pool_reference(v, config.sub_block, groups)

@@ -582,7 +582,7 @@ def test_block_means_pool_queries_and_keys_in_one_launch(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("centroids, far_group", [(1, 2), (4, 4)])
-def test_block_centroids_sum_each_key_block_and_far_group(centroids, far_group):
+def test_block_means_sum_each_key_block_and_far_group(centroids, far_group):
     """With far groups, the same launch sums each key block's centroids times the keys behind each
     (fp32, keys then values), and the groups sum their blocks; rows past the last block are 0."""
     config = SAAConfig(**SMALL, centroids=centroids, far_group=far_group)
