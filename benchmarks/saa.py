@@ -187,13 +187,19 @@ def random_inputs(seq: int, head_dim: int, kv_heads: int | None) -> tuple[torch.
     return q, k, v
 
 
+def repeated_heads(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with each head repeated for the query heads that share it (the SDPA peers' inputs)."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    return tuple(t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+
+
 def measure(q, k, v, config: SAAConfig, sweep: bool = False, profile_plan: bool = False) -> dict:
     """Milliseconds of each implementation on q ``[B, H, S, D]``, k, v ``[B, Hk, S, D]`` (None where
     it cannot run; ``"saa-graph"``: SAA replayed from a CUDA graph), SAA's density and its relative
     error against the first dense peer that ran."""
     scale = q.shape[-1] ** -0.5
-    repeated = (k, v) if k.shape[1] == q.shape[1] else [t.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-                                                        for t in (k, v)]
+    repeated = repeated_heads(q, k, v)
     result: dict = {"density": None, "error": None, "plan": None, "attend": None, "saa-graph": None}
     outputs = {}
     for name, fn in implementations(scale, config).items():
@@ -220,8 +226,7 @@ def per_layer(q, k, v, config: SAAConfig) -> dict:
     one after another with batch 1, as a model calls them, replayed from one CUDA graph (None where one
     cannot run)."""
     scale = q.shape[-1] ** -0.5
-    group = q.shape[1] // k.shape[1]
-    repeated = [t.repeat_interleave(group, dim=1) for t in (k, v)]
+    repeated = repeated_heads(q, k, v)
     result = {}
     for name, fn in implementations(scale, config).items():
         keys, values = repeated if name.startswith("sdpa") else (k, v)

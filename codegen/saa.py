@@ -987,7 +987,7 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
         batch, kv_heads, sum_rows, head_d + head_dv, dtype=torch.float32, device=k.device)
     pool_programs = geometry.num_m * batch * heads
     programs = pool_programs + geometry.num_n * batch * kv_heads
-    if programs and (q_means.numel() or keys.numel() or values.numel()):
+    if q_means.numel() or keys.numel() or values.numel():
         block_qd, block_d, block_dv = (_pow2_at_least(d, floor=1) for d in (head_qd, head_d, head_dv))
         saa_means_kernel[(programs,)](
             q, q_means, k, v, keys, values, block_keys, block_sums, *q.stride(), *q_means.stride(), *k.stride(),
