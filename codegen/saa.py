@@ -143,16 +143,16 @@ def _pool_rows(X, OUT, pid_g, pid_bh, stride_xb, stride_xh, stride_xs, stride_xd
 
 
 @triton.jit
-def _block_centroids(K, V, KC, VC, KM, SUMS, pid_n, pid_bh,
+def _block_centroids(K, V, KC, VC, KM, SUMS, FAR, ARRIVED, pid_n, pid_bh,
                      stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_cb, stride_ch, stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd,
-                     stride_mb, stride_mh, stride_mn, stride_md, H, SEQ, HEAD_D, HEAD_DV, SUM_ROWS,
+                     stride_mb, stride_mh, stride_mn, stride_md, H, SEQ, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS,
                      CENTROIDS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     WITH_SUMS: tl.constexpr):
+                     WITH_SUMS: tl.constexpr, FAR_GROUP: tl.constexpr):
     """Key block pid_n of kv head pid_bh: the mean key and value of each of its CENTROIDS runs of SUB keys
     (in KC's and VC's dtype; 0 for a run past SEQ) and the block's mean key in fp32 (KM, for routing).
     WITH_SUMS, also the fp32 sums of its centroids times the keys behind each, keys then values (SUMS
-    ``[B·H, SUM_ROWS, D + Dv]``, the far groups' terms)."""
+    ``[B·H, SUM_ROWS, D + Dv]``, the far groups' terms), and their far group's (:func:`_far_group_sum`)."""
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)                                        # [BD]
@@ -189,11 +189,37 @@ def _block_centroids(K, V, KC, VC, KM, SUMS, pid_n, pid_bh,
         p_sums = SUMS + (pid_bh.to(tl.int64) * SUM_ROWS + pid_n) * (HEAD_D + HEAD_DV)
         tl.store(p_sums + offs_d, key_terms, mask=offs_d < HEAD_D)
         tl.store(p_sums + HEAD_D + offs_dv, value_terms, mask=offs_dv < HEAD_DV)
+        _far_group_sum(SUMS, FAR, ARRIVED, pid_n, pid_bh, offs_d, offs_dv, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS, FAR_GROUP)
+
+
+@triton.jit
+def _far_group_sum(SUMS, FAR, ARRIVED, pid_n, pid_bh, offs_d, offs_dv, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS,
+                   FAR_GROUP: tl.constexpr):
+    """Once key block pid_n has stored its sums: if it is the last of its group's blocks to arrive (counted
+    at ARRIVED ``[B·H·G]``, zeros at the launch), the group's sum, its blocks' rows added in block order
+    (so the same whichever arrives last), at FAR ``[B·H, G, D + Dv]``. No program waits for another. On an
+    H200 this took SmolLM2's 30 per-layer calls at 8K from 3.97 to 3.89 ms against a PyTorch reduction
+    after the launch (0.35 → 0.30 ms for the launch and the reduction alone)."""
+    group = pid_n // FAR_GROUP
+    num_groups = SUM_ROWS // FAR_GROUP
+    tl.debug_barrier()                                                    # every thread's sums are stored
+    arrived = tl.atomic_add(ARRIVED + pid_bh.to(tl.int64) * num_groups + group, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.minimum(NUM_N - group * FAR_GROUP, FAR_GROUP) - 1:
+        rows = group * FAR_GROUP + tl.arange(0, FAR_GROUP)               # [F] key blocks of the group
+        p_rows = SUMS + (pid_bh.to(tl.int64) * SUM_ROWS + rows[:, None]) * (HEAD_D + HEAD_DV)
+        row_ok = rows[:, None] < NUM_N
+        keys = tl.load(p_rows + offs_d[None, :], mask=row_ok & (offs_d[None, :] < HEAD_D), other=0.0,
+                       cache_modifier=".cg")                              # [F, BD] (from L2: other SMs wrote them)
+        values = tl.load(p_rows + HEAD_D + offs_dv[None, :], mask=row_ok & (offs_dv[None, :] < HEAD_DV),
+                         other=0.0, cache_modifier=".cg")                 # [F, BDV]
+        p_far = FAR + (pid_bh.to(tl.int64) * num_groups + group) * (HEAD_D + HEAD_DV)
+        tl.store(p_far + offs_d, tl.sum(keys, 0), mask=offs_d < HEAD_D)
+        tl.store(p_far + HEAD_D + offs_dv, tl.sum(values, 0), mask=offs_dv < HEAD_DV)
 
 
 @triton.jit
 def saa_means_kernel(
-    Q, QM, K, V, KC, VC, KM, SUMS,
+    Q, QM, K, V, KC, VC, KM, SUMS, FAR, ARRIVED,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_ob, stride_oh, stride_og, stride_od,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -203,22 +229,23 @@ def saa_means_kernel(
     stride_mb, stride_mh, stride_mn, stride_md,
     H, SEQ_Q, HEAD_QD, NUM_M, POOL_PROGRAMS, KV_H, SEQ_K, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS,
     BLOCK_M: tl.constexpr, BLOCK_QD: tl.constexpr, CENTROIDS: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_SUMS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_SUMS: tl.constexpr, FAR_GROUP: tl.constexpr,
 ):
     """SAA's block means in one launch (a 1-D grid): the first POOL_PROGRAMS programs pool a query block of
     one head each (its mean query, fp32, at QM), the others take a key block of one kv head each (its
-    centroids, mean key and sums: :func:`_block_centroids`). Both stream their rows once."""
+    centroids, mean key and sums, and the last of a far group its group's sum: :func:`_block_centroids`).
+    Both stream their rows once."""
     pid = tl.program_id(0)
     if pid < POOL_PROGRAMS:
         _pool_rows(Q, QM, pid % NUM_M, pid // NUM_M, stride_qb, stride_qh, stride_qs, stride_qd, stride_ob,
                    stride_oh, stride_og, stride_od, H, SEQ_Q, HEAD_QD, BLOCK_M, BLOCK_QD)
     else:
         pid -= POOL_PROGRAMS
-        _block_centroids(K, V, KC, VC, KM, SUMS, pid % NUM_N, pid // NUM_N, stride_kb, stride_kh, stride_kn,
-                         stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, stride_ch, stride_cn,
-                         stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, stride_mb, stride_mh, stride_mn,
-                         stride_md, KV_H, SEQ_K, HEAD_D, HEAD_DV, SUM_ROWS, CENTROIDS, SUB, BLOCK_D, BLOCK_DV,
-                         WITH_SUMS)
+        _block_centroids(K, V, KC, VC, KM, SUMS, FAR, ARRIVED, pid % NUM_N, pid // NUM_N, stride_kb, stride_kh,
+                         stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, stride_ch,
+                         stride_cn, stride_cd, stride_wb, stride_wh, stride_wn, stride_wd, stride_mb, stride_mh,
+                         stride_mn, stride_md, KV_H, SEQ_K, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS, CENTROIDS, SUB,
+                         BLOCK_D, BLOCK_DV, WITH_SUMS, FAR_GROUP)
 
 
 @triton.jit
@@ -981,24 +1008,26 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
     values = torch.empty(batch, kv_heads, runs, head_dv, dtype=v.dtype, device=v.device)
     block_keys = torch.empty(batch, kv_heads, geometry.num_n, head_d, dtype=torch.float32, device=k.device)
     grouped = config.far_group > 1
-    sum_rows = math.ceil(geometry.num_n / config.far_group) * config.far_group if grouped else 0
-    # (rows past the last key block stay 0: whole far groups sum without a pad)
-    block_sums = (torch.empty if sum_rows == geometry.num_n else torch.zeros)(
-        batch, kv_heads, sum_rows, head_d + head_dv, dtype=torch.float32, device=k.device)
+    far_groups = math.ceil(geometry.num_n / config.far_group) if grouped else 0
+    sum_rows = far_groups * config.far_group
+    block_sums = torch.empty(batch, kv_heads, sum_rows, head_d + head_dv, dtype=torch.float32, device=k.device)
+    group_sums = torch.empty(batch, kv_heads, far_groups, head_d + head_dv, dtype=torch.float32, device=k.device)
+    arrived = torch.zeros(batch * kv_heads * far_groups, dtype=torch.int32, device=k.device)
     pool_programs = geometry.num_m * batch * heads
     programs = pool_programs + geometry.num_n * batch * kv_heads
     if q_means.numel() or keys.numel() or values.numel():
         block_qd, block_d, block_dv = (_pow2_at_least(d, floor=1) for d in (head_qd, head_d, head_dv))
         saa_means_kernel[(programs,)](
-            q, q_means, k, v, keys, values, block_keys, block_sums, *q.stride(), *q_means.stride(), *k.stride(),
-            *v.stride(), *keys.stride(), *values.stride(), *block_keys.stride(),
+            q, q_means, k, v, keys, values, block_keys, block_sums, group_sums, arrived,
+            *q.stride(), *q_means.stride(), *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
+            *block_keys.stride(),
             heads, seq_q, head_qd, geometry.num_m, pool_programs, kv_heads, seq_k, head_d, head_dv, geometry.num_n,
             sum_rows, BLOCK_M=config.block_m, BLOCK_QD=block_qd, CENTROIDS=config.centroids, SUB=config.sub_block,
-            BLOCK_D=block_d, BLOCK_DV=block_dv, WITH_SUMS=grouped,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, WITH_SUMS=grouped, FAR_GROUP=config.far_group,
             num_warps=max(_stream_warps(config.block_m, block_qd), _stream_warps(config.sub_block,
                                                                                  max(block_d, block_dv))),
         )
-    far = FarSums.of_blocks(block_sums, config.far_group) if grouped else None
+    far = FarSums(block_sums, group_sums) if grouped else None
     return q_means, Centroids(keys, values, group_counts(seq_k, config.sub_block, runs, k.device), block_keys, far)
 
 
