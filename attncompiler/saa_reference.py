@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 class FarSums:
     """The far groups' terms, fp32, keys then values along the last dim (``D + Dv``): per key block
     ``[B, Hk, G·F, D + Dv]`` and per group of F key blocks ``[B, Hk, G, D + Dv]``, the sum of its
-    centroids times the keys behind each (per-block rows past the last key block: 0 here, unwritten by
-    the kernel, read by neither)."""
+    centroids times the keys behind each (per-block rows past the last key block: 0 from
+    :func:`far_sums_reference`, unwritten by the kernel, and read by neither)."""
 
     blocks: torch.Tensor
     groups: torch.Tensor
