@@ -308,16 +308,24 @@ def _top_k_of_ranked(priority, ranked, want, N: tl.constexpr):
 
 
 @triton.jit
+def _mass_terms(priority, logits, is_allowed, forced):
+    """``tau``'s estimated masses before their order: ``(routed, top, weight, total, forced_mass)``, which
+    entries are routed (a finite priority), the largest allowed logit (0 if none), each allowed entry's
+    ``exp(logit - top)`` (0 elsewhere), their sum, and the forced entries' share of it."""
+    routed = (priority < float("inf")) & (priority > float("-inf"))
+    top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)
+    total = tl.sum(weight, 0)
+    return routed, top, weight, total, tl.sum(tl.where(forced, weight, 0.0), 0) / total
+
+
+@triton.jit
 def _kept_by_ranked_mass(priority, ranked, logits, is_allowed, forced, TOP_K, TAU, N: tl.constexpr):
     """What :func:`_kept_by_mass` counts (with a top-k), from ``ranked`` (the priorities sorted, largest
     first: the forced ones, then the routed ones, whose masses so come in the same order as sorting them
     would put them)."""
-    routed = (priority < float("inf")) & (priority > float("-inf"))
-    top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)              # [N]
-    total = tl.sum(weight, 0)
-    forced_mass = tl.sum(tl.where(forced, weight, 0.0), 0) / total
+    routed, top, weight, total, forced_mass = _mass_terms(priority, logits, is_allowed, forced)
     n_routed = tl.sum(routed.to(tl.int32), 0)
     rank = tl.arange(0, N)
     routed_logits = tl.gather(ranked, tl.minimum(rank + tl.sum(forced.to(tl.int32), 0), N - 1), 0)  # [N]
@@ -675,12 +683,7 @@ def _kept_by_mass(priority, logits, is_allowed, forced, TOP_K, TAU, USE_TOP_K: t
     estimated mass before each (the softmax of the logits over the allowed blocks, the forced ones'
     included) stays below TAU; at most TOP_K with USE_TOP_K. Blocks of equal priority have equal
     masses, so sorting the routed masses alone gives the count."""
-    routed = (priority < float("inf")) & (priority > float("-inf"))
-    top = tl.max(tl.where(is_allowed, logits, float("-inf")), 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.where(is_allowed, tl.exp(logits - top), 0.0)              # [NP]
-    total = tl.sum(weight, 0)
-    forced_mass = tl.sum(tl.where(forced, weight, 0.0), 0) / total
+    routed, _, weight, total, forced_mass = _mass_terms(priority, logits, is_allowed, forced)
     routed_mass = tl.sort(tl.where(routed, weight, 0.0) / total, 0, descending=True)  # [NP] largest first
     before = forced_mass + tl.cumsum(routed_mass, 0) - routed_mass
     rank = tl.arange(0, N_PAD)
