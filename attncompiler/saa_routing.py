@@ -277,11 +277,19 @@ def sampled_shortlist(q_means: torch.Tensor, k_means: torch.Tensor, scale: float
     return kernels.choose(kernels.mean_key(q_means, k_means, geometry, scale), geometry, shortlist_config(config))
 
 
+def shortlist_size(config: SAAConfig) -> int | None:
+    """How many key blocks the ``"sampled-keys"`` shortlist takes besides the forced ones, ``max(candidates,
+    top_k)``; None where no shortlist is taken. A query block that sees no more key blocks than that has
+    them all listed, whatever its mean query."""
+    if config.router != "sampled-keys" or config.candidates is None:
+        return None
+    return max(config.candidates, config.top_k or 0)
+
+
 def shortlist_config(config: SAAConfig) -> SAAConfig:
-    """The selection that shortlists ``max(candidates, top_k)`` key blocks by ``"mean-key"`` (besides the forced
+    """The selection that shortlists :func:`shortlist_size` key blocks by ``"mean-key"`` (besides the forced
     ones)."""
-    return dataclasses.replace(config, router="mean-key", top_k=max(config.candidates, config.top_k or 0), tau=None,
-                               candidates=None)
+    return dataclasses.replace(config, router="mean-key", top_k=shortlist_size(config), tau=None, candidates=None)
 
 
 def selection_width(geometry: BlockGeometry, config: SAAConfig) -> int:

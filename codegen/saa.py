@@ -38,7 +38,7 @@ from attncompiler.codegen.saa_hopper import LOG2E, hopper_attend, hopper_attend_
 from attncompiler.codegen.saa_hopper_router import hopper_listed_logits, hopper_router_supported
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_reference import Centroids, FarSums
-from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width
+from attncompiler.saa_routing import BlockGeometry, Selection, group_counts, selection_width, shortlist_size
 
 
 # Pipeline depths of the attend pass: its routed key blocks and its centroid loop (which streams in
@@ -124,7 +124,7 @@ def mean_key_logits_kernel(
 @triton.jit
 def _pool_rows(X, OUT, pid_g, pid_bh, stride_xb, stride_xh, stride_xs, stride_xd, stride_ob, stride_oh, stride_og,
                stride_od, H, SEQ, HEAD_D, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The fp32 mean of run pid_g of GROUP rows of head pid_bh of X (of its rows before SEQ) at OUT."""
+    """The fp32 mean of run pid_g of GROUP rows of head pid_bh of X (of its rows before SEQ; 0 if none) at OUT."""
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     start = pid_g * GROUP
@@ -223,18 +223,23 @@ def saa_means_kernel(
     stride_cb, stride_ch, stride_cn, stride_cd,
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_mb, stride_mh, stride_mn, stride_md,
-    H, SEQ_Q, HEAD_QD, NUM_M, POOL_PROGRAMS, KV_H, SEQ_K, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS,
-    BLOCK_M: tl.constexpr, BLOCK_QD: tl.constexpr, CENTROIDS: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_SUMS: tl.constexpr, FAR_GROUP: tl.constexpr,
+    H, SEQ_Q, HEAD_QD, NUM_M, POOL_PROGRAMS, KV_H, SEQ_K, HEAD_D, HEAD_DV, NUM_N, SUM_ROWS, KEY_OFFSET, UNPOOLED,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_QD: tl.constexpr, CENTROIDS: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_SUMS: tl.constexpr,
+    FAR_GROUP: tl.constexpr,
 ):
     """SAA's block means in one launch (a 1-D grid): the first POOL_PROGRAMS programs pool a query block of
-    one head each (its mean query, fp32, at QM), the others take a key block of one kv head each (its
-    centroids, mean key and sums, and the last of a far group its group's sum: :func:`_block_centroids`).
-    Both stream their rows once."""
+    one head each (its mean query, fp32, at QM; 0, unread, where the query block sees at most UNPOOLED
+    key blocks), the others take a key block of one kv head each (its centroids, mean key and sums, and
+    the last of a far group its group's sum: :func:`_block_centroids`). Both stream their rows once."""
     pid = tl.program_id(0)
     if pid < POOL_PROGRAMS:
-        _pool_rows(Q, QM, pid % NUM_M, pid // NUM_M, stride_qb, stride_qh, stride_qs, stride_qd, stride_ob,
-                   stride_oh, stride_og, stride_od, H, SEQ_Q, HEAD_QD, BLOCK_M, BLOCK_QD)
+        m = pid % NUM_M
+        seen = NUM_N
+        if CAUSAL:
+            seen = allowed_blocks(tl.minimum((m + 1) * BLOCK_M, SEQ_Q) - 1, KEY_OFFSET, SEQ_K, CENTROIDS * SUB)
+        _pool_rows(Q, QM, m, pid // NUM_M, stride_qb, stride_qh, stride_qs, stride_qd, stride_ob,
+                   stride_oh, stride_og, stride_od, H, tl.where(seen > UNPOOLED, SEQ_Q, 0), HEAD_QD, BLOCK_M, BLOCK_QD)
     else:
         pid -= POOL_PROGRAMS
         _block_centroids(K, V, KC, VC, KM, SUMS, FAR, ARRIVED, pid % NUM_N, pid // NUM_N, stride_kb, stride_kh,
@@ -471,13 +476,14 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
 
     The probabilities are taken against each row's largest score of the first step (its listed blocks
     come first in block order: every row that sees a sampled key sees the first block's), never
-    rescaled. A later probability may reach about 2**120 before a row sum overflows; if one does, the
-    whole list is taken again with running maxima (:func:`_rescaling_step`). Small shares lose nothing
-    against running maxima, which are never below the first step's. The steps within the first n_whole
-    entries (blocks every row sees whole) take no masks (on an H200 at 128K, the fused
-    router-and-top-k took 1.85 ms against 1.98 with every step masked for D128, 3.08 against 3.35
-    for D64). FOLD_SCALE (qk_scale > 0) applies qk_scale in the exponent rather than to the scores (the
-    fused router-and-top-k on an H200: 2.03 → 1.97 ms at 128K, D128; 1.37 → 1.33 at 8K, SmolLM2's shape)."""
+    rescaled. A later probability may reach about 2**115 before a row sum passes 2**126, where its
+    reciprocal would flush to 0; if one does, the whole list is taken again with running maxima
+    (:func:`_rescaling_step`). Small shares lose nothing against running maxima, which are never below
+    the first step's. The steps within the first n_whole entries (blocks every row sees whole) take no
+    masks (on an H200 at 128K, the fused router-and-top-k took 1.85 ms against 1.98 with every step
+    masked for D128, 3.08 against 3.35 for D64). FOLD_SCALE (qk_scale > 0) applies qk_scale in the
+    exponent rather than to the scores (the fused router-and-top-k on an H200: 2.03 → 1.97 ms at 128K,
+    D128; 1.37 → 1.33 at 8K, SmolLM2's shape)."""
     STEPS: tl.constexpr = LIST_PAD // BLOCKS
     score_scale = qk_scale
     rate = 1.0
@@ -500,7 +506,7 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
         s = _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K, score_scale,
                          KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION, False)
         l_i, acc = _add_step(s, shift, l_i, acc, start, rate, ROWS, BLOCK_N, BLOCKS, STEPS, STRIDE)
-    if tl.max(l_i, 0) > 3.0e38:  # a sum overflowed: again, with running maxima
+    if tl.max(l_i, 0) > 8.5e37:  # a sum passed 2**126: again, with running maxima
         m_i = tl.full([ROWS], float("-inf"), tl.float32)                  # [R] row maximum (scores' units)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, STEPS, BLOCKS], tl.float32)
@@ -508,9 +514,8 @@ def _listed_block_masses(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, row_ok
             s = _step_scores(b_q, K_bh, stride_kn, stride_kd, offs_r, offs_d, LIST, start, n_slots, SEQ_K,
                              score_scale, KEY_OFFSET, CAUSAL, HEAD_D, BLOCK_N, BLOCKS, STRIDE, DOT_PRECISION, False)
             m_i, l_i, acc = _rescaling_step(s, m_i, l_i, acc, start, rate, ROWS, BLOCK_N, BLOCKS, STEPS, STRIDE)
-    mass = acc / tl.maximum(l_i, 1e-30)[:, None, None]                    # [R, ST, BLOCKS]
-    mass = tl.where((row_ok & (l_i > 0))[:, None, None], mass, 0.0)       # rows without keys drop out
-    return tl.reshape(tl.max(mass, 0), [LIST_PAD])
+    share = tl.where(row_ok & (l_i > 0), 1.0 / tl.maximum(l_i, 1e-30), 0.0)  # [R] (rows without keys drop out)
+    return tl.reshape(tl.max(acc * share[:, None, None], 0), [LIST_PAD])
 
 
 @triton.jit
@@ -1015,8 +1020,11 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
     """Queries ``[B, H, Sq, D]``' fp32 block means ``[B, H, num_m, D]`` (for routing), and the centroids of keys
     ``[B, Hk, Sk, D]`` and values ``[B, Hk, Sk, Dv]``: ``config.centroids`` per key block, in k's and v's
     dtype, with each key block's fp32 mean key and, with far groups (``config.far_group > 1``), their sums
-    (:class:`FarSums`); in one launch. PyTorch forms: :func:`attncompiler.saa_reference.pool_reference`
-    and :func:`attncompiler.saa_reference.centroids_reference`."""
+    (:class:`FarSums`); in one launch. A query block that sees no more key blocks than the shortlist takes
+    (:func:`attncompiler.saa_routing.shortlist_size`) has them all listed: its mean is 0, its rows unread (on an
+    H200 the launch took 0.087 ms against 0.127 on SmolLM2's 30 layers at 8K, 0.420 against 0.460 at 32K). PyTorch
+    forms:
+    :func:`attncompiler.saa_reference.pool_reference` and :func:`attncompiler.saa_reference.centroids_reference`."""
     batch, heads, seq_q, head_qd = q.shape
     _, kv_heads, seq_k, head_d = k.shape
     head_dv = v.shape[-1]
@@ -1032,6 +1040,7 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
     group_sums = torch.empty(batch, kv_heads, far_groups, head_d + head_dv, dtype=torch.float32, device=k.device)
     arrived = torch.zeros(batch * kv_heads * far_groups, dtype=torch.int32, device=k.device)
     pool_programs = geometry.num_m * batch * heads
+    unpooled = -1 if shortlist_size(config) is None else shortlist_size(config)  # (key blocks a query block sees)
     programs = pool_programs + geometry.num_n * batch * kv_heads
     if q_means.numel() or keys.numel() or values.numel():
         block_qd, block_d, block_dv = (_pow2_at_least(d, floor=1) for d in (head_qd, head_d, head_dv))
@@ -1040,7 +1049,8 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
             *q.stride(), *q_means.stride(), *k.stride(), *v.stride(), *keys.stride(), *values.stride(),
             *block_keys.stride(),
             heads, seq_q, head_qd, geometry.num_m, pool_programs, kv_heads, seq_k, head_d, head_dv, geometry.num_n,
-            sum_rows, BLOCK_M=config.block_m, BLOCK_QD=block_qd, CENTROIDS=config.centroids, SUB=config.sub_block,
+            sum_rows, geometry.key_offset, unpooled, CAUSAL=geometry.causal, BLOCK_M=config.block_m,
+            BLOCK_QD=block_qd, CENTROIDS=config.centroids, SUB=config.sub_block,
             BLOCK_D=block_d, BLOCK_DV=block_dv, WITH_SUMS=grouped, FAR_GROUP=config.far_group,
             num_warps=max(_stream_warps(config.block_m, block_qd), _stream_warps(config.sub_block,
                                                                                  max(block_d, block_dv))),

@@ -10,7 +10,7 @@ come from one warpgroup product; each row's probabilities are summed per block i
 sums of the others. The row totals are the sums of those columns, taken once at the end.
 
 As in the Triton loop, the probabilities are taken against each row's largest score of the first
-step, never rescaled; if a row's total overflows, the pass runs again against the rows' largest
+step, never rescaled; if a row's total passes 2**126, the pass runs again against the rows' largest
 scores (a pass for them first). The selection that follows (:func:`attncompiler.codegen.saa.select_listed`)
 is the Triton kernels' own.
 """
@@ -216,7 +216,7 @@ if HAS_GLUON:
         _sampled_pass(q_smem, k_smem, sums_smem, bars, k_desc, LIST_ROW, n_slots, n_whole, 0, no_shift, rows, b, kh,
                       qk_scale, SEQ_K, KEY_OFFSET, 0, CAUSAL, HEAD_D, BLOCK_N, STRIDE, BLOCKS, STAGES, s_layout)
         acc, l_i = _listed_sums(sums_smem, n_slots, STEPS, ROWS, BLOCKS, sums_layout)
-        if gl.max(l_i, 0) > 3.0e38:  # a sum overflowed: the rows' largest scores, then the sums against them
+        if gl.max(l_i, 0) > 8.5e37:  # a sum passed 2**126: the rows' largest scores, then the sums against them
             gl.thread_barrier()                                           # (every warp has read the sums)
             n_steps = gl.cdiv(n_slots, BLOCKS)
             m_i = _sampled_pass(q_smem, k_smem, sums_smem, bars, k_desc, LIST_ROW, n_slots, n_whole, n_steps,
@@ -227,8 +227,8 @@ if HAS_GLUON:
                           rows, b, kh, qk_scale, SEQ_K, KEY_OFFSET, 2, CAUSAL, HEAD_D, BLOCK_N, STRIDE, BLOCKS,
                           STAGES, s_layout)
             acc, l_i = _listed_sums(sums_smem, n_slots, STEPS, ROWS, BLOCKS, sums_layout)
-        mass = gl.where((l_i > 0)[None, :, None], acc / gl.maximum(l_i, 1e-30)[None, :, None], 0.0)
-        best = gl.max(mass, 1)                                            # [ST, BLOCKS] largest share over the rows
+        share = gl.where(l_i > 0, 1.0 / gl.maximum(l_i, 1e-30), 0.0)   # [R] (a product a share, not a division)
+        best = gl.max(acc * share[None, :, None], 1)                      # [ST, BLOCKS] largest share over the rows
         out_layout: gl.constexpr = gl.SliceLayout(1, sums_layout)
         offs = (gl.arange(0, STEPS, layout=gl.SliceLayout(1, out_layout))[:, None] * BLOCKS
                 + gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, out_layout))[None, :])

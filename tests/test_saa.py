@@ -25,7 +25,7 @@ from attncompiler.saa_ops import GRAPHED, SAA_CALLS, SAA_SITES, SHORT_CALLS, rel
 from attncompiler.saa_reference import (Centroids, attend_reference, centroids_reference, far_sums_reference,
                                         pool_reference, saa_reference)
 from attncompiler.saa_routing import (BlockGeometry, Selection, far_end, mean_key_logits, sampled_key_logits,
-                                     select_blocks, shortlist_config)
+                                     sampled_shortlist, select_blocks, shortlist_config)
 from tolerance import assert_as_accurate_as_torch
 
 INTERPRET = triton_interpret()
@@ -557,7 +557,7 @@ def test_block_means_pool_queries_and_keys_in_one_launch(dtype, monkeypatch):
     """One launch gives each query block's fp32 mean query (a short last block averages its rows), each key
     block's run means (in k's and v's dtype, 0 for runs past the last key) and its fp32 mean key, as the
     PyTorch forms do; a short last block averages only its keys."""
-    config = SAAConfig(**SMALL, centroids=4)
+    config = SAAConfig(**SMALL, centroids=4, candidates=None)
     q = randn(2, 6, 45, 80, dtype=dtype)
     k, v = randn(2, 3, 37, 80, dtype=dtype), randn(2, 3, 37, 48, dtype=dtype)
     geometry = BlockGeometry(45, 37, 16, 16, True)
@@ -579,6 +579,28 @@ def test_block_means_pool_queries_and_keys_in_one_launch(dtype, monkeypatch):
     torch.testing.assert_close(got.block_keys, want.block_keys)
     assert torch.equal(got.counts, want.counts) and got.counts[-3:].tolist() == [1, 0, 0]
     assert not got.keys[:, :, -2:].any() and not got.values[:, :, -2:].any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_means_leave_unread_the_queries_the_shortlist_does_not_need(causal):
+    """A query block that sees no more key blocks than the shortlist takes has them all listed, so its
+    mean is 0 and its rows are not read (NaN there stays out); the shortlist is the one the true means
+    give. Not causal, every query block sees all six key blocks and is pooled."""
+    config = SAAConfig(**SMALL, top_k=1, candidates=2)
+    q, k, v = qkv(1, 4, 2, 96, 96, 32, 32, torch.float16)
+    geometry = BlockGeometry(96, 96, 16, 16, causal)
+    pooled = pool_reference(q, 16, 6)
+    unread = 2 if causal else 0
+    q[:, :, :16 * unread] = float("nan")
+    q_means, centroids = block_means(q, k, v, geometry, config)
+    assert torch.equal(q_means[:, :, :unread], torch.zeros_like(q_means[:, :, :unread]))
+    torch.testing.assert_close(q_means[:, :, unread:], pooled[:, :, unread:])
+    if causal:
+        true_means = torch.cat([pooled[:, :, :unread], q_means[:, :, unread:]], 2)
+        got = sampled_shortlist(q_means, centroids.block_keys, 0.2, geometry, config)
+        want = sampled_shortlist(true_means, centroids.block_keys, 0.2, geometry, config)
+        assert torch.equal(got.exact, want.exact) and torch.equal(got.counts, want.counts)
+        assert got.counts[..., :2].tolist() == [[[1, 2]] * 4]
 
 
 @pytest.mark.parametrize("centroids, far_group", [(1, 2), (4, 4)])
