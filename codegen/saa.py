@@ -1022,9 +1022,9 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
     dtype, with each key block's fp32 mean key and, with far groups (``config.far_group > 1``), their sums
     (:class:`FarSums`); in one launch. A query block that sees no more key blocks than the shortlist takes
     (:func:`attncompiler.saa_routing.shortlist_size`) has them all listed: its mean is 0, its rows unread (on an
-    H200 the launch took 0.087 ms against 0.127 on SmolLM2's 30 layers at 8K, 0.420 against 0.460 at 32K). PyTorch
-    forms:
-    :func:`attncompiler.saa_reference.pool_reference` and :func:`attncompiler.saa_reference.centroids_reference`."""
+    H200 the launch took 0.087 ms against 0.127 on SmolLM2's 30 layers at 8K, 0.420 against 0.460 at 32K).
+    PyTorch forms: :func:`attncompiler.saa_reference.pool_reference` and
+    :func:`attncompiler.saa_reference.centroids_reference`."""
     batch, heads, seq_q, head_qd = q.shape
     _, kv_heads, seq_k, head_d = k.shape
     head_dv = v.shape[-1]
@@ -1040,7 +1040,7 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
     group_sums = torch.empty(batch, kv_heads, far_groups, head_d + head_dv, dtype=torch.float32, device=k.device)
     arrived = torch.zeros(batch * kv_heads * far_groups, dtype=torch.int32, device=k.device)
     pool_programs = geometry.num_m * batch * heads
-    unpooled = -1 if shortlist_size(config) is None else shortlist_size(config)  # (key blocks a query block sees)
+    unpooled = -1 if shortlist_size(config) is None else shortlist_size(config)  # pooled: blocks seeing more
     programs = pool_programs + geometry.num_n * batch * kv_heads
     if q_means.numel() or keys.numel() or values.numel():
         block_qd, block_d, block_dv = (_pow2_at_least(d, floor=1) for d in (head_qd, head_d, head_dv))

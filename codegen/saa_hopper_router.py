@@ -227,7 +227,7 @@ if HAS_GLUON:
                           rows, b, kh, qk_scale, SEQ_K, KEY_OFFSET, 2, CAUSAL, HEAD_D, BLOCK_N, STRIDE, BLOCKS,
                           STAGES, s_layout)
             acc, l_i = _listed_sums(sums_smem, n_slots, STEPS, ROWS, BLOCKS, sums_layout)
-        share = gl.where(l_i > 0, 1.0 / gl.maximum(l_i, 1e-30), 0.0)   # [R] (a product a share, not a division)
+        share = gl.where(l_i > 0, 1.0 / gl.maximum(l_i, 1e-30), 0.0)   # [R] rows' reciprocals (0: no keys)
         best = gl.max(acc * share[None, :, None], 1)                      # [ST, BLOCKS] largest share over the rows
         out_layout: gl.constexpr = gl.SliceLayout(1, sums_layout)
         offs = (gl.arange(0, STEPS, layout=gl.SliceLayout(1, out_layout))[:, None] * BLOCKS
