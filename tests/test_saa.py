@@ -82,7 +82,7 @@ def assert_attend_as_accurate_as_torch(out, q, k, v, centroids, selection, scale
     (2, 4, 2, 45, 61, 80, 64, SAAConfig(**SMALL, top_k=1, sinks=0, local_blocks=1, centroids=4)),
     (1, 3, 1, 113, 70, 128, 128, SAAConfig(block_m=32, block_n=16, top_k=None, tau=0.5, centroids=2)),
     (1, 2, 1, 1, 50, 64, 32, SAAConfig(**SMALL, top_k=1, local_blocks=0, centroids=2)),
-    (1, 4, 2, 300, 300, 64, 64, SAAConfig(**SMALL, top_k=1, far_group=4, near_blocks=2)),
+    (1, 2, 1, 300, 300, 64, 64, SAAConfig(**SMALL, top_k=1, far_group=4, near_blocks=2)),
     (1, 2, 1, 200, 250, 64, 32, SAAConfig(**{**SMALL, "tau": 0.5}, top_k=None, centroids=2, far_group=2,
                                           near_blocks=0)),
 ])
@@ -538,7 +538,7 @@ def test_the_kernel_path_fuses_the_default_router_and_selection_for_2_byte_input
     selection and output that the router and selection kernels give apart."""
     causal, bottom_right, _ = CAUSAL_FORMS[form]
     config = SAAConfig(**SMALL, top_k=2, centroids=2, router="sampled-keys", candidates=3, key_stride=4)
-    q, k, v = qkv(2, 4, 2, 77, 93, 64, 64, dtype=torch.float16)
+    q, k, v = qkv(1, 4, 2, 77, 93, 64, 64, dtype=torch.float16)
     geometry = geometry_of(q, k, config, causal, bottom_right)
     fused_calls = []
     fused = saa_kernels.sampled_key_selection
