@@ -7,7 +7,16 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("ATTNCOMPILER_CACHE_DIR", tempfile.mkdtemp(prefix="attncompiler-test-cache-"))
+_cache = os.environ.setdefault("ATTNCOMPILER_CACHE_DIR", tempfile.mkdtemp(prefix="attncompiler-test-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker keeps its own tuning results and kernels (a test that clears its tuning results must not
+    # clear another worker's mid-test); the models converted from GGUF files stay shared (25 s each).
+    _own = os.path.join(_cache, os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.path.join(_cache, "models"), exist_ok=True)
+    os.makedirs(_own, exist_ok=True)
+    if not os.path.lexists(os.path.join(_own, "models")):
+        os.symlink(os.path.join(_cache, "models"), os.path.join(_own, "models"))
+    os.environ["ATTNCOMPILER_CACHE_DIR"] = _own
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/
 
