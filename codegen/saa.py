@@ -1040,7 +1040,8 @@ def block_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Blo
     group_sums = torch.empty(batch, kv_heads, far_groups, head_d + head_dv, dtype=torch.float32, device=k.device)
     arrived = torch.zeros(batch * kv_heads * far_groups, dtype=torch.int32, device=k.device)
     pool_programs = geometry.num_m * batch * heads
-    unpooled = -1 if shortlist_size(config) is None else shortlist_size(config)  # pooled: blocks seeing more
+    listed = shortlist_size(config)
+    unpooled = -1 if listed is None else listed                          # query blocks seeing more are pooled
     programs = pool_programs + geometry.num_n * batch * kv_heads
     if q_means.numel() or keys.numel() or values.numel():
         block_qd, block_d, block_dv = (_pow2_at_least(d, floor=1) for d in (head_qd, head_d, head_dv))
