@@ -1,5 +1,5 @@
-"""Block geometry shared by SAA's Triton kernels and its Gluon attend pass: which keys a query row
-sees, and which key blocks a query block sees in full, in part, or holds its diagonal in."""
+"""Block geometry shared by SAA's Triton and Gluon kernels: which keys a query row sees, which key blocks
+a query block sees in full, in part, or holds its diagonal in, and which query block a program takes."""
 
 import triton
 import triton.language as tl
@@ -38,3 +38,14 @@ def diagonal_block(last_row, KEY_OFFSET, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr, BLO
 def keys_behind(first_key, SEQ_K, RUN: tl.constexpr):
     """Keys of the run of RUN keys from first_key that exist (0 past SEQ_K)."""
     return tl.minimum(tl.maximum(SEQ_K - first_key, 0), RUN)
+
+
+@triton.jit
+def query_block_program(pid, NUM_M, LAST_FIRST: tl.constexpr):
+    """``(query block, batch·head)`` of program ``pid`` of a 1-D grid of ``NUM_M`` × batch·heads: query blocks
+    in order, one head after another; or with LAST_FIRST, every head's last query block, then every
+    head's one before, and so on."""
+    if LAST_FIRST:
+        heads = tl.num_programs(0) // NUM_M
+        return NUM_M - 1 - pid // heads, pid % heads
+    return pid % NUM_M, pid // NUM_M

@@ -29,7 +29,7 @@ except ImportError:  # a Triton without Gluon: the Triton router serves every GP
     HAS_GLUON = False
 
 from attncompiler.codegen.flash import _tma_strides
-from attncompiler.codegen.saa_blocks import keys_seen
+from attncompiler.codegen.saa_blocks import keys_seen, query_block_program
 from attncompiler.codegen.saa_hopper import LOG2E, gluon_runs_on
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_routing import BlockGeometry, Selection
@@ -163,9 +163,10 @@ if HAS_GLUON:
         qk_scale, H, GROUP, NUM_M, SEQ_Q, SEQ_K, KEY_OFFSET, LIST_WIDTH,
         CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
         BLOCK_N: gl.constexpr, STRIDE: gl.constexpr, LIST_PAD: gl.constexpr, BLOCKS: gl.constexpr,
-        STAGES: gl.constexpr,
+        STAGES: gl.constexpr, LAST_FIRST: gl.constexpr,
     ):
-        """One query block's logits (program ids: query block, batch·head) of the ``CNT`` key blocks listed
+        """One query block's logits (a program of a 1-D grid, its query block and batch·head by
+        :func:`query_block_program`) of the ``CNT`` key blocks listed
         in ``LIST`` ``[B·H·num_m, LIST_WIDTH]``, in list order at ``OUT`` ``[B·H·num_m, LIST_PAD]``: the log
         of each block's largest share of a scored row's sampled mass (shares below 2**-126 read as
         2**-126). The ROWS scored rows are the last of each run of BLOCK_M / ROWS rows (a ragged last
@@ -174,8 +175,7 @@ if HAS_GLUON:
         PER_BLOCK: gl.constexpr = BLOCK_N // STRIDE
         STEPS: gl.constexpr = LIST_PAD // BLOCKS
         RUN: gl.constexpr = BLOCK_M // ROWS
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
+        pid_m, pid_bh = query_block_program(gl.program_id(0), NUM_M, LAST_FIRST)
         b = pid_bh // H
         kh = (pid_bh % H) // GROUP
         row = pid_bh.to(gl.int64) * NUM_M + pid_m                         # (b, h, query block)
@@ -236,9 +236,11 @@ if HAS_GLUON:
 
 
 def hopper_listed_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometry: BlockGeometry,
-                         config: SAAConfig, shortlist: Selection, list_pad: int) -> torch.Tensor:
+                         config: SAAConfig, shortlist: Selection, list_pad: int,
+                         last_first: bool = False) -> torch.Tensor:
     """``[B, H, num_m, list_pad]`` fp32: the ``"sampled-keys"`` logits of the key blocks ``shortlist`` lists,
-    in list order (undefined past each list's count), on inputs :func:`hopper_router_supported` accepts."""
+    in list order (undefined past each list's count), on inputs :func:`hopper_router_supported` accepts;
+    ``last_first``: the programs take every head's last query blocks first."""
     batch, heads, _, dim = q.shape
     per_block = geometry.block_n // config.key_stride
     listed, counts = shortlist.indices.contiguous(), shortlist.counts.contiguous()
@@ -248,11 +250,11 @@ def hopper_listed_logits(q: torch.Tensor, k: torch.Tensor, scale: float, geometr
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if k.dtype == torch.float16 else gl.bfloat16)
     descriptor = TensorDescriptor(sampled, list(sampled.shape),
                                   list(_tma_strides(sampled.shape, sampled.stride(), sampled.dtype)), block, layout)
-    hopper_router_kernel[(geometry.num_m, batch * heads)](
+    hopper_router_kernel[(geometry.num_m * batch * heads,)](
         q, descriptor, listed, counts, out, *q.stride(), scale * LOG2E, heads, heads // k.shape[1], geometry.num_m,
         geometry.seq_q, geometry.seq_k, geometry.key_offset, listed.shape[-1],
         CAUSAL=geometry.causal, HEAD_D=dim, BLOCK_M=geometry.block_m, ROWS=ROWS, BLOCK_N=geometry.block_n,
         STRIDE=config.key_stride, LIST_PAD=list_pad, BLOCKS=max(1, SAMPLES // per_block), STAGES=STAGES,
-        num_warps=4,
+        LAST_FIRST=last_first, num_warps=4,
     )
     return out

@@ -453,6 +453,33 @@ def test_fused_sampled_selection_keeps_what_the_router_and_selection_kernels_kee
         assert (got.counts < listed.counts).any()
 
 
+@pytest.mark.parametrize("sq, sk, key_offset", [(93, 73, -20), (160, 160, 0)])
+def test_fused_sampled_selection_is_the_same_with_the_last_query_blocks_first(monkeypatch, sq, sk, key_offset):
+    """The fused kernel's programs taking every head's last query blocks first (as one layer's causal call
+    on a GPU does) select what they select in block order."""
+    config = SAAConfig(**{**SMALL, "tau": 0.5}, sinks=1, local_blocks=2, top_k=3, router="sampled-keys",
+                       candidates=3, key_stride=4)
+    geometry = BlockGeometry(sq, sk, 16, 16, True, key_offset)
+    q, k = randn(2, 4, sq, 32, dtype=torch.float16), randn(2, 2, sk, 32, dtype=torch.float16)
+    shortlist, want, _ = shortlist_and_two_kernel_selection(q, k, geometry, config)
+    launches = []
+    real = saa_kernels.sampled_key_selection_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["LAST_FIRST"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(saa_kernels, "sampled_key_selection_kernel", Recorded())
+    monkeypatch.setattr(saa_kernels, "routes_last_blocks_first", lambda k, causal, key_stride: causal)
+    got = sampled_key_selection(q, k, 0.3, geometry, config, shortlist(), interpret=INTERPRET)
+    assert launches == [True]
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+    assert torch.equal(got.exact, want.exact)
+
+
 @pytest.mark.parametrize("candidates, tau", [(40, None), (130, None), (40, 0.15), (130, 0.05)])
 def test_fused_sampled_selection_ranks_a_short_list_and_bisects_a_long_one(candidates, tau):
     """Lists of up to 128 entries (here 64 wide) keep their top-k by rank, longer ones (256 wide) by
@@ -768,6 +795,20 @@ def test_last_query_blocks_go_first_where_keys_and_values_fit_in_half_the_l2_cac
     assert not saa_kernels.last_blocks_first(k, v, causal=False)
     k, v = (torch.empty(1, 1, keys + 64, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
     assert not saa_kernels.last_blocks_first(k, v, causal=True)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the L2 cache is a GPU's")
+def test_the_router_takes_the_last_query_blocks_first_where_its_sampled_keys_fit_in_a_quarter_of_the_l2_cache():
+    """Causal calls whose every key_stride-th key takes at most a quarter of the L2 cache route the last query
+    blocks first; larger and non-causal calls keep the block order."""
+    quarter_l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size // 4
+    keys = 4 * quarter_l2 // (64 * 2)                               # every 4th key of head dim 64, bf16
+    k = torch.empty(1, 1, keys, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert saa_kernels.routes_last_blocks_first(k, causal=True, key_stride=4)
+    assert not saa_kernels.routes_last_blocks_first(k, causal=False, key_stride=4)
+    assert not saa_kernels.routes_last_blocks_first(k, causal=True, key_stride=2)
+    k = torch.empty(1, 1, keys + 64, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert not saa_kernels.routes_last_blocks_first(k, causal=True, key_stride=4)
 
 
 def test_an_attend_tma_form_that_fails_falls_back_to_pointer_loads(monkeypatch, caplog):

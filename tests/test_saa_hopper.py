@@ -112,15 +112,19 @@ def listed_logits(q, k, scale, geometry, config, listed):
 def test_gluon_router_logits_are_the_triton_routers(d, dtype, key_stride, block_m, query_stride, sq, sk, causal,
                                                     key_offset):
     """The Gluon router's logits of each query block's listed blocks equal the Triton router kernel's
-    (fp32 sums in another order), and the selection made from them keeps what the fused Triton kernel
-    keeps wherever no two logits tie to within that rounding."""
+    (fp32 sums in another order), whichever query blocks its programs take first, and the selection made
+    from them keeps what the fused Triton kernel keeps wherever no two logits tie to within that rounding."""
     config = replace(SAAConfig(), block_m=block_m, key_stride=key_stride, query_stride=query_stride)
     geometry = BlockGeometry(sq, sk, block_m, 128, causal, key_offset)
     q, k, _ = inputs(2, 6, 2, sq, sk, d, dtype)
     scale = d ** -0.5
-    got, want, in_list = listed_logits(q, k, scale, geometry, config, shortlist_of(q, geometry, config))
+    listed = shortlist_of(q, geometry, config)
+    got, want, in_list = listed_logits(q, k, scale, geometry, config, listed)
     assert torch.isfinite(got[in_list]).all()
     assert (got[in_list] - want[in_list]).abs().max().item() < 1e-4
+    last_first = hopper_listed_logits(q, k, scale, geometry, config, listed, saa_kernels._pow2_at_least(
+        listed.indices.shape[-1]), last_first=True)[..., :got.shape[-1]]
+    assert torch.equal(last_first[in_list], got[in_list])                 # the programs' order changes nothing
     gluon = sampled_key_selection(q, k, scale, geometry, config, shortlist_of(q, geometry, config), hopper=True)
     fused = sampled_key_selection(q, k, scale, geometry, config, shortlist_of(q, geometry, config), hopper=False)
     same = (gluon.indices == fused.indices).all(-1) & (gluon.counts == fused.counts)
