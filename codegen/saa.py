@@ -814,10 +814,7 @@ def last_blocks_first(k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
     batch (189 MB), attend pass alone: 2.03 → 2.21 at 8K. (The Gluon pass at D128 keeps block order: last
     blocks first took 4–17% longer there where this rule declines, 34 to 268 MB, and 2–4% longer where it
     holds, 16 MB: 8 calls of 32 heads with 4 kv heads at 8K, 4.14–4.17 → 4.22–4.24 ms.)"""
-    if not causal or k.device.type != "cuda":
-        return False
-    size = k.numel() * k.element_size() + v.numel() * v.element_size()
-    return 2 * size <= torch.cuda.get_device_properties(k.device).L2_cache_size
+    return causal and _fits_in_l2(k, k.numel() * k.element_size() + v.numel() * v.element_size(), share=2)
 
 
 def routes_last_blocks_first(k: torch.Tensor, causal: bool, key_stride: int) -> bool:
@@ -833,10 +830,12 @@ def routes_last_blocks_first(k: torch.Tensor, causal: bool, key_stride: int) -> 
     15.24–15.34. Interleaving the heads costs the cache its locality where many heads' keys are sampled:
     one call of batch 1 with 32 heads of D64 at 32K (32 MB sampled) took 0.318 → 0.335 ms, while SmolLM2's 30
     layers as one batch at 8K (22.5 MB) took 0.563 → 0.554 and 16 MB of keys 0.671 → 0.660."""
-    if not causal or k.device.type != "cuda":
-        return False
-    sampled = k.numel() * k.element_size() // key_stride
-    return 4 * sampled <= torch.cuda.get_device_properties(k.device).L2_cache_size
+    return causal and _fits_in_l2(k, k.numel() * k.element_size() // key_stride, share=4)
+
+
+def _fits_in_l2(t: torch.Tensor, size: int, share: int) -> bool:
+    """Whether ``size`` bytes fit in 1/``share`` of the L2 cache of CUDA tensor ``t``'s GPU (False off CUDA)."""
+    return t.device.type == "cuda" and share * size <= torch.cuda.get_device_properties(t.device).L2_cache_size
 
 
 @triton.jit
