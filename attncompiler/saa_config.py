@@ -6,7 +6,8 @@ block computes exactly (the fewest routed blocks whose estimated mass reaches ``
 ``local_blocks`` diagonal blocks, which are always exact), how many centroids stand in for each
 remaining key block (and, beyond ``near_blocks`` of the diagonal, for each group of ``far_group``
 key blocks), and the error budget ``max_error``: the largest relative error (Frobenius norm,
-against dense attention) a site may show on its first call before it falls back to dense.
+against dense attention) a site may show on its first call; over it, the site tries up to ``denser``
+denser operating points (:meth:`SAAConfig.denser_points`) before it falls back to dense.
 ``router`` picks the training-free block estimate (:mod:`attncompiler.saa_routing`); ``graphs``
 replays a GPU's calls from CUDA graphs (:mod:`attncompiler.saa_graphs`).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
@@ -49,6 +50,7 @@ class SAAConfig:
     candidates: int | None = 40  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 8192         # calls with fewer keys run dense attention (faster there than SAA's planning)
+    denser: int = 2              # denser points a site over max_error tries before dense attention (denser_points)
     graphs: bool = True          # on a GPU, replay each input layout's calls from a CUDA graph (saa_graphs)
 
     def __post_init__(self) -> None:
@@ -56,7 +58,7 @@ class SAAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not _is_pow2(value) or value < 16:
                 raise SAAConfigError(f"SAA {name} must be a power of two >= 16, got {value!r}")
-        for name in ("sinks", "local_blocks", "min_keys", "near_blocks"):
+        for name in ("sinks", "local_blocks", "min_keys", "near_blocks", "denser"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SAAConfigError(f"SAA {name} must be an integer >= 0, got {value!r}")
@@ -116,6 +118,22 @@ class SAAConfig:
     def effective_query_stride(self) -> int:
         """The ``query_stride`` in effect: as given, or 2 (1 where ``block_m`` is 16)."""
         return self.query_stride if self.query_stride is not None else min(2, self.block_m // 16)
+
+    def denser_points(self) -> list["SAAConfig"]:
+        """The operating points a site whose first call exceeds ``max_error`` tries, in order (``denser`` of
+        them): each keeps twice the routed blocks of the one before (``top_k``, at least 1) and leaves out half
+        its estimated mass (``1 - tau``); the rest as here. Denser points try none further."""
+        points, point = [], self
+        for _ in range(self.denser):
+            point = replace(point, top_k=None if point.top_k is None else max(1, 2 * point.top_k),
+                            tau=None if point.tau is None else 1 - (1 - point.tau) / 2, denser=0)
+            points.append(point)
+        return points
+
+    def routing(self) -> str:
+        """The knobs :meth:`denser_points` moves, as text: e.g. "top_k 24, tau 0.985"."""
+        return ", ".join(f"{name} {value:.4g}" for name, value in (("top_k", self.top_k), ("tau", self.tau))
+                         if value is not None)
 
     @property
     def sub_block(self) -> int:

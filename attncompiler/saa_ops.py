@@ -1,22 +1,22 @@
 """The ``attncompiler::saa_attention`` custom op: SAA within an error budget, else dense attention.
 
-``saa_attention(q, k, v, program, config, site, kernel, zero_empty_rows)`` computes attention for a score program
-that SAA applies to (:func:`attncompiler.saa.saa_applicable`) at the operating point ``config``
-(:meth:`SAAConfig.to_json` text); rows that see no key are NaN, or zeros with ``zero_empty_rows``
-(as in :mod:`attncompiler.ops`). Calls in which, under a ``finfo.min``-like fill, some row sees
-no key (:meth:`attncompiler.saa.SAAProgram.averages_empty_rows`) run dense attention, and so do
-calls with fewer than the operating point's ``min_keys`` keys (decoding steps, short prompts). The first
-call for a ``site`` also computes dense attention and measures SAA's relative error against it
-(Frobenius norm); above the budget ``max_error``, or if SAA fails, the site runs dense attention
-from then on and the reason is logged once. On a GPU the first call also times one more SAA call
-and one more dense call (host included, as a model runs them) for the report's speedup, and warns
-where SAA was the slower. Later calls on a GPU replay, per input layout, a CUDA graph of the whole
-SAA call (:data:`GRAPHED`; the operating point's ``graphs``), so that a short call costs the host one
-launch rather than a dozen; where the first call's replay took longer than the host took to issue the
-call without a graph (the GPU bounds the call, and the graph's input copies add to it), that layout
-runs without one. Per-site measurements are kept in :data:`SAA_SITES` (short calls in
-:data:`SHORT_CALLS`), and every call is counted in :data:`SAA_CALLS` as "saa" or "dense". Forward
-only: SAA sites are for inference.
+``saa_attention(q, k, v, program, config, site, kernel, zero_empty_rows)`` computes attention for a score
+program that SAA applies to (:func:`attncompiler.saa.saa_applicable`) at the operating point ``config``
+(:meth:`SAAConfig.to_json` text); rows that see no key are NaN, or zeros with ``zero_empty_rows`` (as in
+:mod:`attncompiler.ops`). Calls in which, under a ``finfo.min``-like fill, some row sees no key
+(:meth:`attncompiler.saa.SAAProgram.averages_empty_rows`) run dense attention, and so do calls with fewer than
+the operating point's ``min_keys`` keys (decoding steps, short prompts). The first call for a ``site`` also
+computes dense attention and measures SAA's relative error against it (Frobenius norm); above the budget
+``max_error`` the site tries the operating point's denser points (:meth:`SAAConfig.denser_points`) on the same
+inputs and runs the first within the budget from then on. Where none is, or if SAA fails, the site runs dense
+attention from then on and the reason is logged once. On a GPU the first call also times one more SAA call and
+one more dense call (host included, as a model runs them) for the report's speedup, and warns where SAA was
+the slower. Later calls on a GPU replay, per input layout, a CUDA graph of the whole SAA call
+(:data:`GRAPHED`; the operating point's ``graphs``), so that a short call costs the host one launch rather
+than a dozen; where the first call's replay took longer than the host took to issue the call without a graph
+(the GPU bounds the call, and the graph's input copies add to it), that layout runs without one. Per-site
+measurements are kept in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is counted in
+:data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class SiteRecord:
     saa_ms: float | None = None    # one warm SAA call, host included (on TIMED_DEVICES)
     dense_ms: float | None = None  # one warm dense call, the same way
     graphed: bool | None = None    # whether later calls replay a CUDA graph (None: not for this device or config)
+    point: str | None = None       # the denser operating point (SAAConfig JSON) the site runs, if not the given one
+    given_error: float | None = None  # the given operating point's error, where the site runs a denser one
 
     @property
     def speedup(self) -> float | None:
@@ -70,6 +72,9 @@ class SiteRecord:
             measured += f", speedup {self.speedup:.2f}x" + (" (CUDA graph)" if self.graphed else "")
         if self.fallback is not None:
             return f"dense after fallback: {self.fallback}" + (f" ({measured})" if measured else "")
+        if self.point is not None:
+            return (f"saa at the denser {_config(self.point).routing()} (the given point's error "
+                    f"{self.given_error:.3g}): {measured}")
         return f"saa: {measured}"
 
 
@@ -149,6 +154,26 @@ def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense,
                     "SAA off here", site, record.saa_ms, record.dense_ms, record.speedup)
 
 
+def _denser_point(record: SiteRecord, given: SAAConfig, run_at, exact: torch.Tensor) -> torch.Tensor | None:
+    """Where the ``given`` operating point exceeded its budget on a site's first call: the output at the first
+    of its denser points within the budget, run by ``run_at(point)``, recorded in ``record`` (as the site's
+    point from then on); None where none is (``record`` keeps the given point's density and error)."""
+    for point in given.denser_points():
+        out, stats = run_at(point)
+        error = relative_error(out, exact)
+        if error <= given.max_error:
+            record.point, record.given_error = point.to_json(), record.error
+            record.density, record.error = stats.density, error
+            return out
+    return None
+
+
+def _tried(given: SAAConfig) -> str:
+    """The denser points a site tried before it fell back, as text ("" where it tried none)."""
+    points = given.denser_points()
+    return f", and so did the denser {' and '.join(p.routing() for p in points)}" if points else ""
+
+
 def _fall_back(site: str, record: SiteRecord, reason: str) -> None:
     record.fallback = reason
     log.warning("attncompiler: SAA site %s runs dense attention: %s", site, reason)
@@ -177,11 +202,13 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
 
+    if record.point is not None:
+        config, operating_point = record.point, _config(record.point)
     graphed = q.device.type == "cuda" and operating_point.graphs and kernel != "reference"
     layout_key = (program, config, kernel, zero_empty_rows)
 
-    def run_saa(q=q, k=k, v=v):
-        return saa_forward(q, k, v, form.scale, form.causal, operating_point, bottom_right=form.bottom_right,
+    def run_saa(q=q, k=k, v=v, point=None):  # (at the site's operating point by default, once it is chosen)
+        return saa_forward(q, k, v, form.scale, form.causal, point or operating_point, bottom_right=form.bottom_right,
                            zero_empty_rows=zero_empty_rows, kernel=kernel)
 
     def saa_output(q, k, v):
@@ -192,16 +219,23 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
             out, stats = run_saa()
         else:
             out = GRAPHED(layout_key, (q, k, v), saa_output)
+        if first:
+            exact = _dense(q, k, v, program, kernel, zero_empty_rows)
+            record.density, record.error = stats.density, relative_error(out, exact)
+            if not record.error <= operating_point.max_error:
+                out = _denser_point(record, operating_point, lambda point: run_saa(point=point), exact)
     except Exception as e:  # a kernel that cannot compile or launch: keep the model running
         _fall_back(site, record, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
     if first:
-        exact = _dense(q, k, v, program, kernel, zero_empty_rows)
-        record.density, record.error = stats.density, relative_error(out, exact)
-        if not record.error <= operating_point.max_error:
+        if out is None:
             _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
-                                     f"{operating_point.max_error:.3g} (density {record.density:.2f})")
+                                     f"{operating_point.max_error:.3g} (density {record.density:.2f})"
+                                     + _tried(operating_point))
             return exact
+        if record.point is not None:
+            config, operating_point = record.point, _config(record.point)
+            layout_key = (program, config, kernel, zero_empty_rows)
         if q.device.type in TIMED_DEVICES:
             saa_ms, record.graphed = _saa_milliseconds(run_saa, (layout_key, (q, k, v), saa_output) if graphed
                                                        else None, q.device)

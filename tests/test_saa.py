@@ -952,6 +952,7 @@ def test_the_shortlist_holds_at_least_top_k_blocks_and_only_sampled_keys_uses_it
     ({"max_error": 0}, "max_error"),
     ({"sinks": -1}, "sinks"),
     ({"min_keys": -1}, "min_keys must be an integer >= 0"),
+    ({"denser": -1}, "denser must be an integer >= 0"),
     ({"graphs": 1}, "graphs must be True or False"),
     ({"router": "every-key"}, r"router must be one of \[.sampled-keys., .mean-key.\]"),
     ({"key_stride": 3}, "key_stride must be a power of two"),
@@ -973,6 +974,15 @@ def test_saa_option_gives_an_operating_point():
     assert Options.resolve({}).saa is None
     assert Options.resolve({"saa": {"top_k": 4}}).saa == SAAConfig(top_k=4)
     assert SAAConfig.from_json(SAAConfig(tau=0.9, top_k=None).to_json()) == SAAConfig(tau=0.9, top_k=None)
+
+
+def test_denser_points_double_the_routed_blocks_and_halve_the_mass_left_out():
+    first, second = SAAConfig().denser_points()
+    assert (first.top_k, first.tau, second.top_k, second.tau) == (24, pytest.approx(0.985), 48, pytest.approx(0.9925))
+    assert first.denser == second.denser == 0 and replace(first, top_k=12, tau=0.97, denser=2) == SAAConfig()
+    assert [p.top_k for p in SAAConfig(top_k=0, tau=None, denser=3).denser_points()] == [1, 2, 4]
+    assert [p.tau for p in SAAConfig(top_k=None, tau=0.9, denser=1).denser_points()] == [pytest.approx(0.95)]
+    assert SAAConfig(denser=0).denser_points() == [] and first.routing() == "top_k 24, tau 0.985"
 
 
 def test_default_query_stride_scores_every_other_row_where_blocks_allow():
@@ -1033,11 +1043,45 @@ def test_gate_rejects_an_operating_point_over_budget(gate, caplog):
         outs = [op(q, k, v, program, config.to_json(), "graph0:site", "auto") for _ in range(2)]
     record = gate["graph0:site"]
     assert record.fallback.startswith("relative error") and "exceeds max_error 0.01" in record.fallback
-    assert record.error > 0.01 and record.density < 1
+    assert record.fallback.endswith(", and so did the denser top_k 1 and top_k 2")
+    assert record.error > 0.01 and record.density < 1 and record.point is None
     assert sum("runs dense attention" in r.message for r in caplog.records) == 1
     assert SAA_CALLS == {"dense": 2}
     for out in outs:
         assert relative_error(out, dense) < 1e-5
+
+
+def test_gate_runs_the_first_denser_point_within_budget(gate):
+    """An operating point over its budget whose first denser point is within it: the site runs that point from
+    its first call on, and says so."""
+    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    given = SAAConfig(**SMALL, top_k=1, sinks=0, local_blocks=0)
+    denser = given.denser_points()[0]
+    dense = attention_reference(q, k, v, [], program)
+    (given_out, _), (denser_out, denser_stats) = (saa_forward(q, k, v, 0.125, True, c) for c in (given, denser))
+    given_error, denser_error = relative_error(given_out, dense), relative_error(denser_out, dense)
+    assert denser_error < given_error
+    config = replace(given, max_error=(given_error + denser_error) / 2)
+    op = torch.ops.attncompiler.saa_attention
+    outs = [op(q, k, v, program, config.to_json(), "graph0:site", "auto") for _ in range(2)]
+    record = gate["graph0:site"]
+    assert record.fallback is None and record.point == replace(denser, max_error=config.max_error).to_json()
+    assert record.error == pytest.approx(denser_error) and record.given_error == pytest.approx(given_error)
+    assert record.density == pytest.approx(denser_stats.density) and record.density < 1
+    assert record.describe().startswith(f"saa at the denser top_k 2 (the given point's error {given_error:.3g}): ")
+    assert SAA_CALLS == {"saa": 2, "dense": 1}
+    for out in outs:
+        torch.testing.assert_close(out, denser_out, rtol=0, atol=0)
+
+
+def test_gate_without_denser_points_falls_back_at_once(gate):
+    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    config = SAAConfig(**SMALL, top_k=0, sinks=0, local_blocks=0, max_error=0.01, denser=0)
+    torch.ops.attncompiler.saa_attention(q, k, v, program, config.to_json(), "graph0:site", "auto")
+    record = gate["graph0:site"]
+    assert record.fallback.startswith("relative error") and record.fallback.endswith(f"(density {record.density:.2f})")
 
 
 def test_gate_falls_back_for_programs_saa_cannot_compute(gate):
