@@ -64,8 +64,9 @@ class SiteRecord:
         return self.dense_ms / self.saa_ms if self.saa_ms and self.dense_ms else None
 
     def describe(self) -> str:
-        """What the gate measured and decided: "saa: density …, error …[, speedup …x (CUDA graph)]", or
-        "dense after fallback: reason (what was measured)"."""
+        """What the gate measured and decided: "saa: density …, error …[, speedup …x (CUDA graph)]", "saa at the
+        denser top_k …, tau … (the given point's error …): density …", or "dense after fallback: reason (what was
+        measured)"."""
         measured = ", ".join(f"{name} {value:.3g}" for name, value in
                              (("density", self.density), ("error", self.error)) if value is not None)
         if self.speedup is not None:
@@ -174,6 +175,11 @@ def _tried(given: SAAConfig) -> str:
     return f", and so did the denser {' and '.join(p.routing() for p in points)}" if points else ""
 
 
+def _failure(e: Exception) -> str:
+    """An SAA kernel's failure, as a fallback reason: its type and first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _fall_back(site: str, record: SiteRecord, reason: str) -> None:
     record.fallback = reason
     log.warning("attncompiler: SAA site %s runs dense attention: %s", site, reason)
@@ -219,20 +225,23 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
             out, stats = run_saa()
         else:
             out = GRAPHED(layout_key, (q, k, v), saa_output)
-        if first:
-            exact = _dense(q, k, v, program, kernel, zero_empty_rows)
-            record.density, record.error = stats.density, relative_error(out, exact)
-            if not record.error <= operating_point.max_error:
-                out = _denser_point(record, operating_point, lambda point: run_saa(point=point), exact)
     except Exception as e:  # a kernel that cannot compile or launch: keep the model running
-        _fall_back(site, record, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _fall_back(site, record, _failure(e))
         return _dense(q, k, v, program, kernel, zero_empty_rows)
     if first:
-        if out is None:
-            _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
-                                     f"{operating_point.max_error:.3g} (density {record.density:.2f})"
-                                     + _tried(operating_point))
-            return exact
+        exact = _dense(q, k, v, program, kernel, zero_empty_rows)
+        record.density, record.error = stats.density, relative_error(out, exact)
+        if not record.error <= operating_point.max_error:
+            try:
+                out = _denser_point(record, operating_point, lambda point: run_saa(point=point), exact)
+            except Exception as e:
+                _fall_back(site, record, f"{_failure(e)} (at a denser point)")
+                return exact
+            if out is None:
+                _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
+                                         f"{operating_point.max_error:.3g} (density {record.density:.2f})"
+                                         + _tried(operating_point))
+                return exact
         if record.point is not None:
             config, operating_point = record.point, _config(record.point)
             layout_key = (program, config, kernel, zero_empty_rows)

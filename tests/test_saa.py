@@ -1075,6 +1075,26 @@ def test_gate_runs_the_first_denser_point_within_budget(gate):
         torch.testing.assert_close(out, denser_out, rtol=0, atol=0)
 
 
+def test_a_denser_point_that_fails_leaves_the_site_dense(gate, monkeypatch):
+    """A kernel that raises at a denser point: the site runs dense attention (the first call's dense output) and
+    says why; dense attention ran once."""
+    import attncompiler.saa_ops as saa_ops
+
+    def saa_or_failure(q, k, v, scale, causal, config, **kwargs):
+        if config.top_k > 0:
+            raise RuntimeError("no kernel for this list width")
+        return saa_forward(q, k, v, scale, causal, config, **kwargs)
+
+    monkeypatch.setattr(saa_ops, "saa_forward", saa_or_failure)
+    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    config = SAAConfig(**SMALL, top_k=0, sinks=0, local_blocks=0, max_error=0.01)
+    out = torch.ops.attncompiler.saa_attention(q, k, v, program, config.to_json(), "graph0:site", "auto")
+    assert gate["graph0:site"].fallback == "RuntimeError: no kernel for this list width (at a denser point)"
+    assert SAA_CALLS == {"dense": 1}
+    torch.testing.assert_close(out, attention_reference(q, k, v, [], program), atol=1e-5, rtol=1e-5)
+
+
 def test_gate_without_denser_points_falls_back_at_once(gate):
     q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
     program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
