@@ -155,24 +155,22 @@ def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense,
                     "SAA off here", site, record.saa_ms, record.dense_ms, record.speedup)
 
 
-def _denser_point(record: SiteRecord, given: SAAConfig, run_at, exact: torch.Tensor) -> torch.Tensor | None:
+def _denser_point(record: SiteRecord, given: SAAConfig, run_at, exact: torch.Tensor) -> tuple[torch.Tensor | None,
+                                                                                                str]:
     """Where the ``given`` operating point exceeded its budget on a site's first call: the output at the first
     of its denser points within the budget, run by ``run_at(point)``, recorded in ``record`` (as the site's
-    point from then on); None where none is (``record`` keeps the given point's density and error)."""
+    point from then on), or None where none is (``record`` keeps the given point's density and error); and
+    the points tried over budget, as text for the fallback reason ("" where none was)."""
+    over = []
     for point in given.denser_points():
         out, stats = run_at(point)
         error = relative_error(out, exact)
         if error <= given.max_error:
             record.point, record.given_error = point.to_json(), record.error
             record.density, record.error = stats.density, error
-            return out
-    return None
-
-
-def _tried(given: SAAConfig) -> str:
-    """The denser points a site tried before it fell back, as text ("" where it tried none)."""
-    points = given.denser_points()
-    return f", and so did the denser {' and '.join(p.routing() for p in points)}" if points else ""
+            return out, ""
+        over.append(f"{point.routing()} (error {error:.3g}, density {stats.density:.2f})")
+    return None, f", and so did the denser {' and '.join(over)}" if over else ""
 
 
 def _failure(e: Exception) -> str:
@@ -233,14 +231,13 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
         record.density, record.error = stats.density, relative_error(out, exact)
         if not record.error <= operating_point.max_error:
             try:
-                out = _denser_point(record, operating_point, lambda point: run_saa(point=point), exact)
+                out, tried = _denser_point(record, operating_point, lambda point: run_saa(point=point), exact)
             except Exception as e:
                 _fall_back(site, record, f"{_failure(e)} (at a denser point)")
                 return exact
             if out is None:
                 _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
-                                         f"{operating_point.max_error:.3g} (density {record.density:.2f})"
-                                         + _tried(operating_point))
+                                         f"{operating_point.max_error:.3g} (density {record.density:.2f})" + tried)
                 return exact
         if record.point is not None:
             config, operating_point = record.point, _config(record.point)

@@ -6,6 +6,7 @@ Without a GPU the kernels run on CPU through Triton's interpreter (conftest sets
 
 import logging
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -1043,7 +1044,8 @@ def test_gate_rejects_an_operating_point_over_budget(gate, caplog):
         outs = [op(q, k, v, program, config.to_json(), "graph0:site", "auto") for _ in range(2)]
     record = gate["graph0:site"]
     assert record.fallback.startswith("relative error") and "exceeds max_error 0.01" in record.fallback
-    assert record.fallback.endswith(", and so did the denser top_k 1 and top_k 2")
+    assert re.search(r", and so did the denser top_k 1 \(error [0-9.]+, density 0\.[0-9]+\) and top_k 2 "
+                     r"\(error [0-9.]+, density 0\.[0-9]+\)$", record.fallback)
     assert record.error > 0.01 and record.density < 1 and record.point is None
     assert sum("runs dense attention" in r.message for r in caplog.records) == 1
     assert SAA_CALLS == {"dense": 2}
