@@ -155,8 +155,8 @@ def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense,
                     "SAA off here", site, record.saa_ms, record.dense_ms, record.speedup)
 
 
-def _denser_point(record: SiteRecord, given: SAAConfig, run_at, exact: torch.Tensor) -> tuple[torch.Tensor | None,
-                                                                                                str]:
+def _denser_point(record: SiteRecord, given: SAAConfig, run_at,
+                  exact: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """Where the ``given`` operating point exceeded its budget on a site's first call: the output at the first
     of its denser points within the budget, run by ``run_at(point)``, recorded in ``record`` (as the site's
     point from then on), or None where none is (``record`` keeps the given point's density and error); and
@@ -239,7 +239,7 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
                 _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
                                          f"{operating_point.max_error:.3g} (density {record.density:.2f})" + tried)
                 return exact
-        if record.point is not None:
+        if record.point is not None:  # a denser point from now on: time (and graph) that one
             config, operating_point = record.point, _config(record.point)
             layout_key = (program, config, kernel, zero_empty_rows)
         if q.device.type in TIMED_DEVICES:
