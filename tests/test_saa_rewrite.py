@@ -140,6 +140,27 @@ def test_error_gate_fallback_is_in_the_report():
     torch.testing.assert_close(out, causal_sdpa(q, k, v))
 
 
+def test_a_site_at_a_denser_point_is_in_the_report():
+    """A site over budget at the given point but within it at a denser one: the report's saa column says which
+    point it runs, and its output is that point's SAA."""
+    from attncompiler.saa import saa_forward
+    from attncompiler.saa_ops import relative_error
+
+    q, k, v = qkv(s=96)
+    given = SAAConfig(**SMALL, top_k=1, tau=None, sinks=0, local_blocks=0)
+    dense = causal_sdpa(q, k, v)
+    outs = [saa_forward(q, k, v, q.shape[-1] ** -0.5, True, c)[0] for c in (given, given.denser_points()[0])]
+    given_error, denser_error = (relative_error(out, dense) for out in outs)
+    assert denser_error < given_error
+    budget = (given_error + denser_error) / 2
+    out, report = compile_and_run(causal_sdpa, q, k, v, saa=dict(SMALL, top_k=1, tau=None, sinks=0, local_blocks=0,
+                                                                 max_error=budget))
+    (site,) = report.sites
+    assert site.saa.point is not None and site.saa.error == pytest.approx(denser_error, rel=1e-4)
+    assert "saa at the denser top_k 2 (the given point's error" in report.table()
+    torch.testing.assert_close(out, outs[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("program, expected", [
     # Hugging Face eager masks without padding: finfo.min added to the masked scores
     (f"(where (le k q) (mul s 0.125) (add (mul s 0.125) {FINFO_MIN!r}))", SAAProgram(0.125, True, sentinel_fill=True)),
