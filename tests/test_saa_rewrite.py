@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import attncompiler
 from attncompiler import hf_zoo, saa_ops
 from attncompiler.reference import attention_reference
-from attncompiler.saa import SAAProgram, saa_program
+from attncompiler.saa import SAAProgram, saa_forward, saa_program
 from attncompiler.saa_config import SAAConfig
-from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS
+from attncompiler.saa_ops import SAA_CALLS, SAA_SITES, SHORT_CALLS, relative_error
 
 SMALL = dict(block_m=16, block_n=16, min_keys=0)  # SAA at every length
 DENSE_EQUIVALENT = dict(SMALL, top_k=64)  # more routed blocks than any test has: every block exact
@@ -143,9 +143,6 @@ def test_error_gate_fallback_is_in_the_report():
 def test_a_site_at_a_denser_point_is_in_the_report():
     """A site over budget at the given point but within it at a denser one: the report's saa column says which
     point it runs, and its output is that point's SAA."""
-    from attncompiler.saa import saa_forward
-    from attncompiler.saa_ops import relative_error
-
     q, k, v = qkv(s=96)
     given = SAAConfig(**SMALL, top_k=1, tau=None, sinks=0, local_blocks=0)
     dense = causal_sdpa(q, k, v)
