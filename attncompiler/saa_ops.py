@@ -206,14 +206,18 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
         _fall_back(site, record, f"score program {program} is not a scale or a causal scale")
         return _dense(q, k, v, program, kernel, zero_empty_rows)
 
-    if record.point is not None:
-        config, operating_point = record.point, _config(record.point)
     graphed = q.device.type == "cuda" and operating_point.graphs and kernel != "reference"
-    layout_key = (program, config, kernel, zero_empty_rows)
 
-    def run_saa(q=q, k=k, v=v, point=None):  # (at the site's operating point by default, once it is chosen)
-        return saa_forward(q, k, v, form.scale, form.causal, point or operating_point, bottom_right=form.bottom_right,
-                           zero_empty_rows=zero_empty_rows, kernel=kernel)
+    def site_point() -> str:
+        """The operating point the site runs (JSON): the denser one its first call chose, else the given one."""
+        return record.point or config
+
+    def layout_key() -> tuple:
+        return program, site_point(), kernel, zero_empty_rows
+
+    def run_saa(q=q, k=k, v=v, point=None):
+        return saa_forward(q, k, v, form.scale, form.causal, point or _config(site_point()),
+                           bottom_right=form.bottom_right, zero_empty_rows=zero_empty_rows, kernel=kernel)
 
     def saa_output(q, k, v):
         return run_saa(q, k, v)[0]
@@ -222,7 +226,7 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
         if first or not graphed:
             out, stats = run_saa()
         else:
-            out = GRAPHED(layout_key, (q, k, v), saa_output)
+            out = GRAPHED(layout_key(), (q, k, v), saa_output)
     except Exception as e:  # a kernel that cannot compile or launch: keep the model running
         _fall_back(site, record, _failure(e))
         return _dense(q, k, v, program, kernel, zero_empty_rows)
@@ -239,11 +243,8 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
                 _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
                                          f"{operating_point.max_error:.3g} (density {record.density:.2f})" + tried)
                 return exact
-        if record.point is not None:  # a denser point from now on: time (and graph) that one
-            config, operating_point = record.point, _config(record.point)
-            layout_key = (program, config, kernel, zero_empty_rows)
         if q.device.type in TIMED_DEVICES:
-            saa_ms, record.graphed = _saa_milliseconds(run_saa, (layout_key, (q, k, v), saa_output) if graphed
+            saa_ms, record.graphed = _saa_milliseconds(run_saa, (layout_key(), (q, k, v), saa_output) if graphed
                                                        else None, q.device)
             _time_against_dense(site, record, saa_ms,
                                 lambda: _dense_attention(q, k, v, program, kernel, zero_empty_rows), q.device)
