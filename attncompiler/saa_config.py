@@ -50,7 +50,7 @@ class SAAConfig:
     candidates: int | None = 40  # "sampled-keys": score only the max(candidates, top_k) best key blocks by
     #                              "mean-key" (and the forced ones); None: every block
     min_keys: int = 8192         # calls with fewer keys run dense attention (faster there than SAA's planning)
-    denser: int = 2              # denser points a site over max_error tries before dense attention (denser_points)
+    denser: int = 3              # denser points a site over max_error tries before dense attention (denser_points)
     graphs: bool = True          # on a GPU, replay each input layout's calls from a CUDA graph (saa_graphs)
 
     def __post_init__(self) -> None:

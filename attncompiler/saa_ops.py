@@ -10,13 +10,14 @@ computes dense attention and measures SAA's relative error against it (Frobenius
 ``max_error`` the site tries the operating point's denser points (:meth:`SAAConfig.denser_points`) on the same
 inputs and runs the first within the budget from then on. Where none is, or if SAA fails, the site runs dense
 attention from then on and the reason is logged once. On a GPU the first call also times one more SAA call and
-one more dense call (host included, as a model runs them) for the report's speedup, and warns where SAA was
-the slower. Later calls on a GPU replay, per input layout, a CUDA graph of the whole SAA call
-(:data:`GRAPHED`; the operating point's ``graphs``), so that a short call costs the host one launch rather
-than a dozen; where the first call's replay took longer than the host took to issue the call without a graph
-(the GPU bounds the call, and the graph's input copies add to it), that layout runs without one. Per-site
-measurements are kept in :data:`SAA_SITES` (short calls in :data:`SHORT_CALLS`), and every call is counted in
-:data:`SAA_CALLS` as "saa" or "dense". Forward only: SAA sites are for inference.
+one more dense call (host included, as a model runs them) for the report's speedup: where SAA was the slower,
+a site at a denser point runs dense attention from then on, and one at the given point warns. Later calls on
+a GPU replay, per input layout, a CUDA graph of the whole SAA call (:data:`GRAPHED`; the operating point's
+``graphs``), so that a short call costs the host one launch rather than a dozen; where the first call's replay
+took longer than the host took to issue the call without a graph (the GPU bounds the call, and the graph's
+input copies add to it), that layout runs without one. Per-site measurements are kept in :data:`SAA_SITES`
+(short calls in :data:`SHORT_CALLS`), and every call is counted in :data:`SAA_CALLS` as "saa" or "dense".
+Forward only: SAA sites are for inference.
 """
 
 from __future__ import annotations
@@ -146,10 +147,19 @@ def _saa_milliseconds(run_saa, graph: tuple | None, device: torch.device) -> tup
     return eager, False
 
 
-def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense, device: torch.device) -> None:
-    """Records SAA's and one (warm) dense call's times in ``record``; warns where SAA was the slower."""
+def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense, device: torch.device,
+                        given: SAAConfig) -> None:
+    """Records SAA's and one (warm) dense call's times in ``record``. Where SAA was the slower: a site at a
+    denser point than the ``given`` one falls back to dense attention (the gate chose that point, and it
+    does not pay); at the given point, a warning."""
     record.saa_ms, record.dense_ms = saa_ms, _milliseconds(run_dense, device)
-    if record.speedup < 1:
+    if record.speedup >= 1:
+        return
+    if record.point is not None:
+        _fall_back(site, record, f"relative error {record.given_error:.3g} exceeds max_error {given.max_error:.3g}, "
+                                 f"and SAA within it, at the denser {_config(record.point).routing()}, was slower "
+                                 "than dense attention")
+    else:
         log.warning("attncompiler: SAA site %s took %.3g ms against dense attention's %.3g on its first call "
                     "(%.2fx): at this length its launches cost more than it saves; raise min_keys or leave "
                     "SAA off here", site, record.saa_ms, record.dense_ms, record.speedup)
@@ -247,7 +257,8 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
             saa_ms, record.graphed = _saa_milliseconds(run_saa, (layout_key(), (q, k, v), saa_output) if graphed
                                                        else None, q.device)
             _time_against_dense(site, record, saa_ms,
-                                lambda: _dense_attention(q, k, v, program, kernel, zero_empty_rows), q.device)
+                                lambda: _dense_attention(q, k, v, program, kernel, zero_empty_rows), q.device,
+                                operating_point)
         log.info("attncompiler: SAA site %s: density %.3f, relative error %.3g, %s", site, record.density,
                  record.error, f"speedup {record.speedup:.2f}x over dense" if record.speedup else "not timed")
     SAA_CALLS["saa"] += 1

@@ -978,9 +978,11 @@ def test_saa_option_gives_an_operating_point():
 
 
 def test_denser_points_double_the_routed_blocks_and_halve_the_mass_left_out():
-    first, second = SAAConfig().denser_points()
-    assert (first.top_k, first.tau, second.top_k, second.tau) == (24, pytest.approx(0.985), 48, pytest.approx(0.9925))
-    assert first.denser == second.denser == 0 and replace(first, top_k=12, tau=0.97, denser=2) == SAAConfig()
+    first, second, third = SAAConfig().denser_points()
+    assert [(p.top_k, p.tau) for p in (first, second, third)] == [(24, pytest.approx(0.985)),
+                                                                  (48, pytest.approx(0.9925)),
+                                                                  (96, pytest.approx(0.99625))]
+    assert first.denser == third.denser == 0 and replace(first, top_k=12, tau=0.97, denser=3) == SAAConfig()
     assert [p.top_k for p in SAAConfig(top_k=0, tau=None, denser=3).denser_points()] == [1, 2, 4]
     assert [p.tau for p in SAAConfig(top_k=None, tau=0.9, denser=1).denser_points()] == [pytest.approx(0.95)]
     assert SAAConfig(denser=0).denser_points() == [] and first.routing() == "top_k 24, tau 0.985"
@@ -1035,7 +1037,7 @@ def test_calls_shorter_than_min_keys_run_dense_and_leave_the_gate_alone(gate):
 def test_gate_rejects_an_operating_point_over_budget(gate, caplog):
     q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
     program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
-    config = SAAConfig(**SMALL, top_k=0, sinks=0, local_blocks=0, centroids=1, max_error=0.01)
+    config = SAAConfig(**SMALL, top_k=0, sinks=0, local_blocks=0, centroids=1, max_error=0.01, denser=2)
     saa_out, _ = saa_forward(q, k, v, 0.125, True, config)
     dense = attention_reference(q, k, v, [], program)
     assert relative_error(saa_out, dense) > 0.01
@@ -1053,11 +1055,9 @@ def test_gate_rejects_an_operating_point_over_budget(gate, caplog):
         assert relative_error(out, dense) < 1e-5
 
 
-def test_gate_runs_the_first_denser_point_within_budget(gate):
-    """An operating point over its budget whose first denser point is within it: the site runs that point from
-    its first call on, and says so."""
-    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
-    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+def _budget_between_the_first_two_points(q, k, v, program):
+    """An operating point whose budget its first denser point meets and it does not, on these inputs: ``(config,
+    dense output, the denser point's output and stats, the given point's error, the denser point's)``."""
     given = SAAConfig(**SMALL, top_k=1, sinks=0, local_blocks=0)
     denser = given.denser_points()[0]
     dense = attention_reference(q, k, v, [], program)
@@ -1065,16 +1065,49 @@ def test_gate_runs_the_first_denser_point_within_budget(gate):
     given_error, denser_error = relative_error(given_out, dense), relative_error(denser_out, dense)
     assert denser_error < given_error
     config = replace(given, max_error=(given_error + denser_error) / 2)
+    return config, dense, denser_out, denser_stats, given_error, denser_error
+
+
+def test_gate_runs_the_first_denser_point_within_budget(gate):
+    """An operating point over its budget whose first denser point is within it: the site runs that point from
+    its first call on, and says so."""
+    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    config, _, denser_out, denser_stats, given_error, denser_error = _budget_between_the_first_two_points(
+        q, k, v, program)
     op = torch.ops.attncompiler.saa_attention
     outs = [op(q, k, v, program, config.to_json(), "graph0:site", "auto") for _ in range(2)]
     record = gate["graph0:site"]
-    assert record.fallback is None and record.point == replace(denser, max_error=config.max_error).to_json()
+    assert record.fallback is None and record.point == replace(config.denser_points()[0],
+                                                               max_error=config.max_error).to_json()
     assert record.error == pytest.approx(denser_error) and record.given_error == pytest.approx(given_error)
     assert record.density == pytest.approx(denser_stats.density) and record.density < 1
     assert record.describe().startswith(f"saa at the denser top_k 2 (the given point's error {given_error:.3g}): ")
     assert SAA_CALLS == {"saa": 2, "dense": 1}
     for out in outs:
         torch.testing.assert_close(out, denser_out, rtol=0, atol=0)
+
+
+def test_a_denser_point_slower_than_dense_leaves_the_site_dense(gate, monkeypatch):
+    """Where the first call is timed (GPUs; here the CPU too) and SAA within the budget, at a denser point, was
+    the slower, the site runs dense attention from then on and says why; the first call keeps SAA's output."""
+    import attncompiler.saa_ops as saa_ops
+
+    times = iter([2.0, 0.5])  # SAA's call at the denser point, then dense's
+    monkeypatch.setattr(saa_ops, "TIMED_DEVICES", ("cpu",))
+    monkeypatch.setattr(saa_ops, "_milliseconds", lambda call, device: next(times))
+    q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
+    config, dense, denser_out, _, given_error, _ = _budget_between_the_first_two_points(q, k, v, program)
+    op = torch.ops.attncompiler.saa_attention
+    first, second = (op(q, k, v, program, config.to_json(), "graph0:site", "auto") for _ in range(2))
+    record = gate["graph0:site"]
+    assert record.fallback == (f"relative error {given_error:.3g} exceeds max_error {config.max_error:.3g}, and SAA "
+                               "within it, at the denser top_k 2, was slower than dense attention")
+    assert record.speedup == 0.25 and record.describe().endswith("speedup 0.25x)")
+    assert SAA_CALLS == {"saa": 1, "dense": 2}
+    torch.testing.assert_close(first, denser_out, rtol=0, atol=0)
+    torch.testing.assert_close(second, dense, atol=1e-5, rtol=1e-5)
 
 
 def test_a_denser_point_that_fails_leaves_the_site_dense(gate, monkeypatch):
