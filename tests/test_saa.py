@@ -1093,10 +1093,10 @@ def test_a_denser_point_slower_than_dense_leaves_the_site_dense(gate, monkeypatc
     the slower, the site runs dense attention from then on and says why; the first call keeps SAA's output."""
     import attncompiler.saa_ops as saa_ops
 
-    times = iter([2.0, 0.5])  # SAA's call at the denser point, then dense's
-    monkeypatch.setattr(saa_ops, "TIMED_DEVICES", ("cpu",))
-    monkeypatch.setattr(saa_ops, "_milliseconds", lambda call, device: next(times))
     q, k, v = qkv(1, 2, 1, 96, 96, 64, 64)
+    monkeypatch.setattr(saa_ops, "TIMED_DEVICES", (q.device.type,))
+    monkeypatch.setattr(saa_ops, "_saa_milliseconds", lambda run_saa, graph, device: (2.0, False))
+    monkeypatch.setattr(saa_ops, "_milliseconds", lambda call, device: 0.5)  # dense's call
     program = CAUSAL_FORMS["causal"][2].format(scale=0.125)
     config, dense, denser_out, _, given_error, _ = _budget_between_the_first_two_points(q, k, v, program)
     op = torch.ops.attncompiler.saa_attention
