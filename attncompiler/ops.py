@@ -27,6 +27,7 @@ from collections import Counter
 import torch
 
 from . import backward_check
+from .failures import failure_text
 from .options import triton_interpret
 from .reference import attention_backward_reference, attention_reference, attention_reference_with_lse
 from .spec import output_shape
@@ -89,8 +90,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[
                                      zero_empty_rows=zero_empty_rows, config=config)
         except Exception as e:  # a kernel that cannot compile or launch: keep the model running
             _failed_programs.add(program)
-            log.warning("attncompiler: Triton kernel failed for %s (%s: %s); using the reference",
-                        program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("attncompiler: Triton kernel failed for %s (%s); using the reference", program,
+                        failure_text(e))
         else:
             KERNEL_CALLS["triton"] += 1
             return out, lse
@@ -170,8 +171,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                                    config=config, interpret=interpret)
         except Exception as e:  # a kernel that cannot compile or launch: keep training
             _failed_backward_programs.add(program)
-            log.warning("attncompiler: Triton backward failed for %s (%s: %s); using the reference",
-                        program, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("attncompiler: Triton backward failed for %s (%s); using the reference", program,
+                        failure_text(e))
         else:
             if kind is None or backward_check.trusted(kind) or backward_check.check(
                     kind, q, k, v, grad_out, list(operands), program, zero_empty_rows, grads):

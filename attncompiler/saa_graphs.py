@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .failures import failure_text
+
 log = logging.getLogger("attncompiler")
 
 
@@ -134,8 +136,8 @@ class GraphedCalls:
         except Exception as e:  # a call a graph cannot hold: it runs as it is from now on
             with self._lock:
                 self._eager.add(key)
-            log.warning("attncompiler: SAA calls of layout %s run without a CUDA graph: capturing raised %s: %s",
-                        key[1], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("attncompiler: SAA calls of layout %s run without a CUDA graph: capturing raised %s",
+                        key[1], failure_text(e))
             return None
         graphed = _Graph(own, graph, out)
         with self._lock:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops  # noqa: F401  (registers attncompiler::attention, the dense path)
+from .failures import failure_text
 from .saa import saa_forward, saa_program
 from .saa_config import SAAConfig
 from .saa_graphs import GraphedCalls
@@ -183,11 +184,6 @@ def _denser_point(record: SiteRecord, given: SAAConfig, run_at,
     return None, f", and so did the denser {' and '.join(over)}" if over else ""
 
 
-def _failure(e: Exception) -> str:
-    """An SAA kernel's failure, as a fallback reason: its type and first line."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def _fall_back(site: str, record: SiteRecord, reason: str) -> None:
     record.fallback = reason
     log.warning("attncompiler: SAA site %s runs dense attention: %s", site, reason)
@@ -238,7 +234,7 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
         else:
             out = GRAPHED(layout_key(), (q, k, v), saa_output)
     except Exception as e:  # a kernel that cannot compile or launch: keep the model running
-        _fall_back(site, record, _failure(e))
+        _fall_back(site, record, failure_text(e))
         return _dense(q, k, v, program, kernel, zero_empty_rows)
     if first:
         exact = _dense(q, k, v, program, kernel, zero_empty_rows)
@@ -247,7 +243,7 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
             try:
                 out, tried = _denser_point(record, operating_point, lambda point: run_saa(point=point), exact)
             except Exception as e:
-                _fall_back(site, record, f"{_failure(e)} (at a denser point)")
+                _fall_back(site, record, f"{failure_text(e)} (at a denser point)")
                 return exact
             if out is None:
                 _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "

@@ -47,6 +47,7 @@ from attncompiler.passes.score_mod import (SCORE, Binary, Const, Index, Operand,
 
 from . import report
 from .cache import BackwardEntry, Entry, LocalCache, TuningCache, current_environment
+from .failures import failure_text
 from .options import Options
 from .reference import attention_backward_reference, attention_reference
 from .spec import align, group_of, output_shape
@@ -474,7 +475,7 @@ def _check_and_time(key: str, found: list[Candidate], check: Callable[[Candidate
             if problem_text is None:
                 times[candidate] = timer(candidate, lambda r: candidate.run(rotations[r]), len(rotations))
         except Exception as e:  # a config that cannot compile or launch, a backend that cannot run
-            problem_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            problem_text = failure_text(e)
             if candidate.config is None:  # an SDPA backend without a kernel for this shape
                 log.debug("attncompiler: %s skipped for %s (%s)", candidate.name, key, problem_text)
                 continue
@@ -593,8 +594,7 @@ def sdpa_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Seq
     key = bucket_key(q, k, v, operands, program)
     _failed.add((q.device.type, key, "sdpa"))
     _sdpa_forwards[(q.device.type, q.device.index, key, zero_empty_rows)] = None
-    log.warning("attncompiler: SDPA failed for %s (%s: %s); using the Triton kernel", key, type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "")
+    log.warning("attncompiler: SDPA failed for %s (%s); using the Triton kernel", key, failure_text(error))
 
 
 def select_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: Sequence[torch.Tensor],
@@ -648,8 +648,7 @@ def _tune_and_store(tuning: TuningCache, key: str, inputs: Inputs, program: str,
         tuning.store(key, entry)
     except Exception as e:  # tuning must never fail the model: fall back to the defaults
         _failed.add((inputs[0].device.type, key))
-        log.warning("attncompiler: tuning failed for %s (%s: %s); using the default config",
-                    key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("attncompiler: tuning failed for %s (%s); using the default config", key, failure_text(e))
         return None
     log.info("attncompiler: tuned %s: %s %.4g ms%s%s", key, config_name(entry.config), entry.ms,
              f", {entry.speedup:.2f}x vs {entry.baseline}" if entry.speedup else "",
@@ -666,8 +665,8 @@ def _tune_backward_and_store(tuning: TuningCache, key: str, entry: Entry, inputs
         tuning.store(key, replace(entry, backward=backward))
     except Exception as e:  # tuning must never fail training: fall back to the default backward config
         _failed.add((inputs[0].device.type, key, "bwd"))
-        log.warning("attncompiler: backward tuning failed for %s (%s: %s); using the default config",
-                    key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("attncompiler: backward tuning failed for %s (%s); using the default config", key,
+                    failure_text(e))
         return None
     log.info("attncompiler: tuned the backward of %s: %s %.4g ms", key, config_name(backward.config), backward.ms)
     return tuning.lookup(key)

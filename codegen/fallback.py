@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from attncompiler.failures import failure_text
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -31,6 +33,5 @@ class FormFallback:
                 return preferred()
             except Exception as e:  # a form that does not compile here: the plain form still works
                 self.failed.add(key)
-                message = str(e).splitlines()[0] if str(e) else ""
-                log.warning(f"attncompiler: {what} failed (%s: %s); {self.instead}", *args, type(e).__name__, message)
+                log.warning(f"attncompiler: {what} failed (%s); {self.instead}", *args, failure_text(e))
         return plain()

@@ -3,6 +3,7 @@
 import logging
 
 from attncompiler.codegen.fallback import FormFallback
+from attncompiler.failures import failure_text
 
 
 def test_a_failing_form_is_logged_once_and_not_tried_again(caplog):
@@ -29,3 +30,8 @@ def test_a_working_form_runs_and_other_keys_keep_their_own_record():
     assert forms.run("fine", lambda: "preferred", lambda: "plain", "x") == "preferred"
     assert forms.run("broken", lambda: "preferred", lambda: "plain", "x") == "plain"
     assert forms.failed == {"broken"}
+
+
+def test_a_failure_reads_as_its_type_and_first_line():
+    assert failure_text(RuntimeError("out of resources\nat line 3")) == "RuntimeError: out of resources"
+    assert failure_text(ValueError()) == failure_text(ValueError("\n")) == "ValueError"
