@@ -157,9 +157,8 @@ def _time_against_dense(site: str, record: SiteRecord, saa_ms: float, run_dense,
     if record.speedup >= 1:
         return
     if record.point is not None:
-        _fall_back(site, record, f"relative error {record.given_error:.3g} exceeds max_error {given.max_error:.3g}, "
-                                 f"and SAA within it, at the denser {_config(record.point).routing()}, was slower "
-                                 "than dense attention")
+        _fall_back(site, record, f"{_over_budget(record.given_error, given)}, and SAA within it, at the denser "
+                                 f"{_config(record.point).routing()}, was slower than dense attention")
     else:
         log.warning("attncompiler: SAA site %s took %.3g ms against dense attention's %.3g on its first call "
                     "(%.2fx): at this length its launches cost more than it saves; raise min_keys or leave "
@@ -182,6 +181,11 @@ def _denser_point(record: SiteRecord, given: SAAConfig, run_at,
             return out, ""
         over.append(f"{point.routing()} (error {error:.3g}, density {stats.density:.2f})")
     return None, f", and so did the denser {' and '.join(over)}" if over else ""
+
+
+def _over_budget(error: float, given: SAAConfig) -> str:
+    """The fallback reason's opening: "relative error … exceeds max_error …"."""
+    return f"relative error {error:.3g} exceeds max_error {given.max_error:.3g}"
 
 
 def _fall_back(site: str, record: SiteRecord, reason: str) -> None:
@@ -246,8 +250,8 @@ def saa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program: st
                 _fall_back(site, record, f"{failure_text(e)} (at a denser point)")
                 return exact
             if out is None:
-                _fall_back(site, record, f"relative error {record.error:.3g} exceeds max_error "
-                                         f"{operating_point.max_error:.3g} (density {record.density:.2f})" + tried)
+                _fall_back(site, record, f"{_over_budget(record.error, operating_point)} "
+                                         f"(density {record.density:.2f})" + tried)
                 return exact
         if q.device.type in TIMED_DEVICES:
             saa_ms, record.graphed = _saa_milliseconds(run_saa, (layout_key(), (q, k, v), saa_output) if graphed

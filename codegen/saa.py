@@ -835,7 +835,12 @@ def routes_last_blocks_first(k: torch.Tensor, causal: bool, key_stride: int) -> 
 
 def _fits_in_l2(t: torch.Tensor, size: int, share: int) -> bool:
     """Whether ``size`` bytes fit in 1/``share`` of the L2 cache of CUDA tensor ``t``'s GPU (False off CUDA)."""
-    return t.device.type == "cuda" and share * size <= torch.cuda.get_device_properties(t.device).L2_cache_size
+    return t.device.type == "cuda" and share * size <= _l2_bytes(t.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 @triton.jit
