@@ -24,6 +24,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from attncompiler.codegen.flash import flash_forward
 from attncompiler.codegen.flash_bwd import flash_backward
+from attncompiler.failures import failure_text
 
 TOKENS, HIDDEN = 16384, 2048
 PEERS = ("attncompiler", "sdpa-flash", "sdpa-cudnn", "flex", "eager")
@@ -129,7 +130,7 @@ def measure(seq: int, head_dim: int, dtype: torch.dtype, causal: bool, backward:
                                          return_mode="median")
             results[name] = work / ms / 1e9
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            print(f"  {name}: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(f"  {name}: {failure_text(e)}", file=sys.stderr)
             results[name] = None
     return results
 

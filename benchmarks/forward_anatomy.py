@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from attncompiler.codegen import flash
+from attncompiler.failures import failure_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention import HIDDEN, TOKENS, flops, program_of  # noqa: E402
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts, total = sass_counts(compiled)
     except Exception as e:  # no cuobjdump next to Triton
-        print(f"SASS not available: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        print(f"SASS not available: {failure_text(e)}")
         return 0
     print(f"SASS: {total} instructions; " + ", ".join(f"{n} {counts[n]}" for n in SASS_CLASSES)
           + f"; waits for every product in flight (WARPGROUP.DEPBAR.LE gsb0, 0x0): {counts['full waits']}")

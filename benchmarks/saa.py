@@ -43,6 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from attncompiler.codegen.flash import flash_forward, tma_supported
 from attncompiler.codegen.saa import saa_attend
+from attncompiler.failures import failure_text
 from attncompiler.saa import saa_forward, saa_plan
 from attncompiler.saa_config import SAAConfig
 from attncompiler.saa_graphs import capture_graph
@@ -209,7 +210,7 @@ def measure(q, k, v, config: SAAConfig, sweep: bool = False, profile_plan: bool 
             result[name] = triton.testing.do_bench(lambda: fn(q, keys, values), warmup=25, rep=100,
                                                    return_mode="median")
         except (RuntimeError, ValueError) as e:
-            print(f"  {name}: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(f"  {name}: {failure_text(e)}", file=sys.stderr)
             result[name] = None
     dense = next((outputs[n] for n in ("sdpa-cudnn", "sdpa-flash", "attncompiler") if n in outputs), None)
     if "saa" in outputs and dense is not None:
@@ -235,7 +236,7 @@ def per_layer(q, k, v, config: SAAConfig) -> dict:
             replay = graph_replay(lambda: [fn(*layer) for layer in layers][-1])
             result[name] = triton.testing.do_bench(replay, warmup=10, rep=100, return_mode="median")
         except (RuntimeError, ValueError) as e:
-            print(f"  per layer, {name}: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(f"  per layer, {name}: {failure_text(e)}", file=sys.stderr)
             result[name] = None
     return result
 
